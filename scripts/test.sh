@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: fetches ONNX Runtime's library (once), then cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-ort.sh >/dev/null
+cargo test --locked "$@"

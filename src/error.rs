@@ -1,0 +1,37 @@
+//! The library's error type: every variant says where (file, pass, node, tensor) and what.
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{path}: not a readable ONNX model: {message}")]
+    NotOnnx { path: PathBuf, message: String },
+
+    #[error("{model}: tensor '{tensor}' has external data in '{location}': {message}")]
+    ExternalData { model: PathBuf, tensor: String, location: String, message: String },
+
+    #[error("tensor '{tensor}': {message}")]
+    Tensor { tensor: String, message: String },
+
+    #[error("graph, node '{node}': {message}")]
+    Graph { node: String, message: String },
+
+    #[error("refusing to write {output}: {message}")]
+    Save { output: PathBuf, message: String },
+
+    #[error("{pass}: node '{node}': {message}")]
+    Pass { pass: &'static str, node: String, message: String },
+
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

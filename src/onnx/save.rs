@@ -1,0 +1,237 @@
+//! Writing a model: inline or with external data, always atomically (temporary file, then rename),
+//! never over the files the model was read from.
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use tempfile::NamedTempFile;
+
+use super::codec::model_to_proto;
+use crate::error::{Error, Result};
+use crate::graph::{DataType, Model, Tensor};
+
+/// Protobuf cannot encode (and ONNX Runtime refuses to parse) a message of 2 GiB or more.
+pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+
+/// Tensors smaller than this stay inline when writing external data (as onnx's own converter does).
+pub const DEFAULT_SIZE_THRESHOLD: u64 = 1024;
+
+/// Large tensors start at page-aligned offsets so that runtimes can map them directly.
+const ALIGN_LARGE_AT: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Inline, unless the model would exceed protobuf's 2 GiB limit; then external data.
+    Auto,
+    Inline,
+    External,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SaveOptions {
+    pub storage: Storage,
+    /// With external data, tensors of fewer bytes stay inline.
+    pub size_threshold: u64,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions { storage: Storage::Auto, size_threshold: DEFAULT_SIZE_THRESHOLD }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub path: PathBuf,
+    pub model_bytes: u64,
+    /// The external data file and its size, when one was written.
+    pub data_file: Option<(PathBuf, u64)>,
+}
+
+/// Encodes a model with all data inline, for an in-memory ONNX Runtime session.
+pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
+    let proto = model_to_proto(model, &mut |_| Ok(None))?;
+    let len = proto.encoded_len() as u64;
+    if len > PROTOBUF_LIMIT {
+        return Err(too_large(Path::new("<memory>"), len));
+    }
+    Ok(proto.encode_to_vec())
+}
+
+pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<Saved> {
+    let path = path.as_ref();
+    let data_path = data_file_for(path)?;
+    refuse_overwriting_sources(model, path, &data_path)?;
+    let external = match options.storage {
+        Storage::Inline => false,
+        Storage::External => true,
+        Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
+    };
+    if external {
+        save_external(model, path, &data_path, options.size_threshold)
+    } else {
+        save_inline(model, path)
+    }
+}
+
+fn inline_size(model: &Model) -> Result<u64> {
+    // Cheap: tensor bytes are reference-counted slices, not copies.
+    Ok(model_to_proto(model, &mut |_| Ok(None))?.encoded_len() as u64)
+}
+
+fn save_inline(model: &Model, path: &Path) -> Result<Saved> {
+    let proto = model_to_proto(model, &mut |_| Ok(None))?;
+    let len = proto.encoded_len() as u64;
+    if len > PROTOBUF_LIMIT {
+        return Err(too_large(path, len));
+    }
+    let mut out = TempOutput::new(path)?;
+    out.write_all(&proto.encode_to_vec())?;
+    out.persist()?;
+    Ok(Saved { path: path.into(), model_bytes: len, data_file: None })
+}
+
+fn save_external(model: &Model, path: &Path, data_path: &Path, threshold: u64) -> Result<Saved> {
+    let location = file_name(data_path)?;
+    let mut data = TempOutput::new(data_path)?;
+    let mut place = |t: &Tensor| -> Result<Option<Vec<(String, String)>>> {
+        if !goes_external(t, threshold) {
+            return Ok(None);
+        }
+        let bytes = t.to_raw_bytes()?;
+        let offset = data.pad_to(alignment(bytes.len() as u64))?;
+        data.write_all(&bytes)?;
+        Ok(Some(vec![
+            ("location".into(), location.clone()),
+            ("offset".into(), offset.to_string()),
+            ("length".into(), bytes.len().to_string()),
+        ]))
+    };
+    let proto = model_to_proto(model, &mut place)?;
+    let len = proto.encoded_len() as u64;
+    if len > PROTOBUF_LIMIT {
+        return Err(too_large(path, len));
+    }
+    let data_len = data.written;
+    let mut out = TempOutput::new(path)?;
+    out.write_all(&proto.encode_to_vec())?;
+    let data_file = if data_len > 0 {
+        data.persist()?;
+        Some((data_path.to_path_buf(), data_len))
+    } else {
+        None
+    };
+    out.persist()?;
+    Ok(Saved { path: path.into(), model_bytes: len, data_file })
+}
+
+fn goes_external(t: &Tensor, threshold: u64) -> bool {
+    t.dtype != DataType::String && t.dtype.byte_size().is_some() && t.byte_len() >= threshold.max(1)
+}
+
+fn alignment(len: u64) -> u64 {
+    if len >= ALIGN_LARGE_AT {
+        PAGE
+    } else {
+        1
+    }
+}
+
+/// `model.onnx` → `model.onnx.data`, beside it.
+fn data_file_for(path: &Path) -> Result<PathBuf> {
+    let name = file_name(path)?;
+    Ok(path.with_file_name(format!("{name}.data")))
+}
+
+fn file_name(path: &Path) -> Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| Error::Save { output: path.into(), message: "the path has no file name".into() })
+}
+
+fn too_large(path: &Path, len: u64) -> Error {
+    Error::Save {
+        output: path.into(),
+        message: format!("the model is {len} bytes inline, over protobuf's 2 GiB limit; write it with external data"),
+    }
+}
+
+/// The output must not be (or write a data file over) any file the model was read from.
+fn refuse_overwriting_sources(model: &Model, path: &Path, data_path: &Path) -> Result<()> {
+    let Some(source) = &model.source else { return Ok(()) };
+    let inputs = std::iter::once(&source.path).chain(&source.external_files);
+    for input in inputs {
+        for output in [path, data_path] {
+            if same_file(input, output) {
+                return Err(Error::Save {
+                    output: output.into(),
+                    message: format!("it is the input file {} (write to another path)", input.display()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(ma), Ok(mb)) => ma.dev() == mb.dev() && ma.ino() == mb.ino(),
+        _ => false,
+    }
+}
+
+/// A file written under a temporary name in the destination's folder and renamed into place only
+/// when complete, so that a failure never leaves a half-written output.
+struct TempOutput {
+    target: PathBuf,
+    writer: BufWriter<NamedTempFile>,
+    written: u64,
+}
+
+impl TempOutput {
+    fn new(target: &Path) -> Result<Self> {
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file = tempfile::Builder::new()
+            .prefix(&format!(".{}.", file_name(target)?))
+            .suffix(".part")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
+        Ok(TempOutput { target: target.into(), writer: BufWriter::with_capacity(1 << 20, file), written: 0 })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer.write_all(bytes).map_err(|e| Error::io(&self.target, e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Pads with zeros to a multiple of `align`; returns the new position.
+    fn pad_to(&mut self, align: u64) -> Result<u64> {
+        let pad = (align - self.written % align) % align;
+        self.write_all(&vec![0u8; pad as usize])?;
+        Ok(self.written)
+    }
+
+    fn persist(self) -> Result<()> {
+        let target = self.target;
+        let file: NamedTempFile = self.writer.into_inner().map_err(|e| Error::io(&target, e.into_error()))?;
+        file.as_file().sync_all().map_err(|e| Error::io(&target, e))?;
+        set_default_permissions(file.as_file());
+        file.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+        Ok(())
+    }
+}
+
+/// Temporary files are created 0600; an output should get the usual 0644 (less the umask).
+fn set_default_permissions(file: &File) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+}

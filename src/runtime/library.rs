@@ -1,0 +1,188 @@
+//! Finding and loading the ONNX Runtime shared library, once per process.
+//!
+//! Where the library is looked for, first match wins:
+//! 1. the `--ort-lib` path, when given;
+//! 2. the `ORT_DYLIB_PATH` environment variable, when set and not empty;
+//! 3. `${ONNX_SLICE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/onnx-slice}/onnxruntime-1.31.1/libonnxruntime.so.1.31.1`,
+//!    where `scripts/setup-ort.sh` puts it.
+//!
+//! A chosen path that does not exist is an error: a mistyped `--ort-lib` must not silently fall
+//! back to another copy of ONNX Runtime.
+//!
+//! ONNX Runtime can be loaded only once per process (it owns process-wide state and `ort` keeps
+//! the first library it opened). [`init_runtime`] therefore succeeds again for the same library,
+//! and returns [`RuntimeError::AlreadyInitialised`] when asked for a different one.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use ort::environment::Environment;
+
+use super::error::RuntimeError;
+
+/// The ONNX Runtime version `scripts/setup-ort.sh` installs and the default location names.
+pub const ORT_VERSION: &str = "1.31.1";
+
+const LIBRARY_FILE_NAME: &str = "libonnxruntime.so.1.31.1";
+
+/// Where the chosen library path came from, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LibrarySource {
+    Flag,
+    EnvVar,
+    Default,
+}
+
+impl fmt::Display for LibrarySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Flag => "from --ort-lib",
+            Self::EnvVar => "from ORT_DYLIB_PATH",
+            Self::Default => "the default location",
+        })
+    }
+}
+
+/// A library path and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryLocation {
+    pub path: PathBuf,
+    pub source: LibrarySource,
+}
+
+/// The environment variables that decide where the library is looked for.
+///
+/// Kept as data so that the search can be tested without touching the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct LibrarySearchEnv {
+    pub ort_dylib_path: Option<OsString>,
+    pub onnx_slice_home: Option<OsString>,
+    pub xdg_cache_home: Option<OsString>,
+    pub home: Option<OsString>,
+}
+
+impl LibrarySearchEnv {
+    /// Reads the variables from this process; empty values count as unset, as `${VAR:-...}` does.
+    pub fn from_process() -> Self {
+        Self {
+            ort_dylib_path: non_empty_var("ORT_DYLIB_PATH"),
+            onnx_slice_home: non_empty_var("ONNX_SLICE_HOME"),
+            xdg_cache_home: non_empty_var("XDG_CACHE_HOME"),
+            home: non_empty_var("HOME"),
+        }
+    }
+}
+
+fn non_empty_var(name: &str) -> Option<OsString> {
+    std::env::var_os(name).filter(|value| !value.is_empty())
+}
+
+/// Where `scripts/setup-ort.sh` installs the library, or `None` when no home directory is known.
+pub fn default_library_path(env: &LibrarySearchEnv) -> Option<PathBuf> {
+    let onnx_slice_home = match (&env.onnx_slice_home, &env.xdg_cache_home, &env.home) {
+        (Some(home), _, _) => PathBuf::from(home),
+        (None, Some(cache), _) => Path::new(cache).join("onnx-slice"),
+        (None, None, Some(home)) => Path::new(home).join(".cache").join("onnx-slice"),
+        (None, None, None) => return None,
+    };
+    Some(onnx_slice_home.join(format!("onnxruntime-{ORT_VERSION}")).join(LIBRARY_FILE_NAME))
+}
+
+/// Picks the library path by precedence, without checking that it exists.
+pub fn choose_library(explicit: Option<&Path>, env: &LibrarySearchEnv) -> Result<LibraryLocation, RuntimeError> {
+    if let Some(path) = explicit {
+        return Ok(LibraryLocation { path: path.to_path_buf(), source: LibrarySource::Flag });
+    }
+    if let Some(path) = &env.ort_dylib_path {
+        return Ok(LibraryLocation { path: PathBuf::from(path), source: LibrarySource::EnvVar });
+    }
+    default_library_path(env)
+        .map(|path| LibraryLocation { path, source: LibrarySource::Default })
+        .ok_or(RuntimeError::NoDefaultLibraryLocation)
+}
+
+/// Picks the library path by precedence and checks that it is a file.
+///
+/// Relative paths are taken relative to the current directory (never searched for in the
+/// system's library path), so that the error names the file that was really looked at.
+pub fn locate_library(explicit: Option<&Path>, env: &LibrarySearchEnv) -> Result<LibraryLocation, RuntimeError> {
+    let chosen = choose_library(explicit, env)?;
+    let path = std::path::absolute(&chosen.path).unwrap_or_else(|_| chosen.path.clone());
+    if path.is_file() {
+        return Ok(LibraryLocation { path, source: chosen.source });
+    }
+    Err(RuntimeError::LibraryNotFound {
+        path,
+        origin: chosen.source,
+        default: default_library_path(env).filter(|_| chosen.source != LibrarySource::Default),
+    })
+}
+
+struct LoadedRuntime {
+    library: PathBuf,
+    environment: Environment,
+}
+
+static RUNTIME: OnceLock<LoadedRuntime> = OnceLock::new();
+// Serialises first loads: two threads must not both open a library and race to register it.
+static LOADING: Mutex<()> = Mutex::new(());
+
+/// Loads ONNX Runtime (once per process) and returns the path of the library in use.
+///
+/// `explicit` is the `--ort-lib` value. Calling this again with the same library is a no-op;
+/// with a different one it returns [`RuntimeError::AlreadyInitialised`].
+pub fn init_runtime(explicit: Option<&Path>) -> Result<&'static Path, RuntimeError> {
+    let location = locate_library(explicit, &LibrarySearchEnv::from_process())?;
+    let _loading = LOADING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(loaded) = RUNTIME.get() {
+        return same_library_or_error(loaded, &location.path);
+    }
+    let loaded = load_runtime(&location.path)?;
+    Ok(&RUNTIME.get_or_init(|| loaded).library)
+}
+
+/// The path of the library this process loaded, if any.
+pub fn loaded_library() -> Option<&'static Path> {
+    RUNTIME.get().map(|loaded| loaded.library.as_path())
+}
+
+/// The process's ONNX Runtime environment, loading the library from its usual place if no one
+/// has called [`init_runtime`] yet.
+pub(crate) fn environment() -> Result<Environment, RuntimeError> {
+    if let Some(loaded) = RUNTIME.get() {
+        return Ok(loaded.environment.clone());
+    }
+    init_runtime(None)?;
+    RUNTIME
+        .get()
+        .map(|loaded| loaded.environment.clone())
+        .ok_or_else(|| RuntimeError::Environment { reason: "ONNX Runtime was not initialised".into() })
+}
+
+fn load_runtime(library: &Path) -> Result<LoadedRuntime, RuntimeError> {
+    let builder = ort::init_from(library)
+        .map_err(|error| RuntimeError::LibraryLoad { path: library.to_path_buf(), reason: error.to_string() })?;
+    // Telemetry is off: onnx-slice never sends data anywhere.
+    let environment = builder
+        .with_name("onnx-slice")
+        .with_telemetry(false)
+        .build()
+        .map_err(|error| RuntimeError::Environment { reason: error.to_string() })?;
+    Ok(LoadedRuntime { library: library.to_path_buf(), environment })
+}
+
+fn same_library_or_error(loaded: &'static LoadedRuntime, requested: &Path) -> Result<&'static Path, RuntimeError> {
+    if same_file(&loaded.library, requested) {
+        return Ok(&loaded.library);
+    }
+    Err(RuntimeError::AlreadyInitialised { loaded: loaded.library.clone(), requested: requested.to_path_buf() })
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}

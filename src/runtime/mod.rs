@@ -1,0 +1,35 @@
+//! ONNX Runtime, as onnx-slice uses it: load the library once, build sessions on the CPU or
+//! CUDA execution provider, and run them with named [`TensorValue`]s.
+//!
+//! ```no_run
+//! use onnx_slice::runtime::{init_runtime, Ep, ModelSession, SessionConfig, TensorValue};
+//! # fn main() -> Result<(), onnx_slice::runtime::RuntimeError> {
+//! init_runtime(None)?; // --ort-lib, else ORT_DYLIB_PATH, else the setup-ort.sh location
+//! let config = SessionConfig { ep: Ep::Auto, intra_threads: None };
+//! let mut session = ModelSession::from_file("model.onnx".as_ref(), &config)?;
+//! if session.ep().fell_back() {
+//!     eprintln!("{}", session.ep()); // "CUDA unavailable (reason), using CPU"
+//! }
+//! let ids = TensorValue::from(ndarray::arr2(&[[1i64, 2, 3]]));
+//! let outputs = session.run(&[("input_ids", &ids)])?;
+//! # Ok(()) }
+//! ```
+//!
+//! No `ort` type appears in this module's API, so the rest of the crate does not depend on
+//! `ort`'s release-candidate interface.
+
+mod ep;
+mod error;
+mod library;
+pub mod npy;
+mod session;
+mod tensor;
+
+pub use ep::{ActiveEp, Ep, EpChoice};
+pub use error::{RuntimeError, SessionStep};
+pub use library::{
+    choose_library, default_library_path, init_runtime, loaded_library, locate_library, LibraryLocation, LibrarySearchEnv,
+    LibrarySource, ORT_VERSION,
+};
+pub use session::{ModelSession, RunOutputs, SessionConfig};
+pub use tensor::{Dim, ElementType, TensorInfo, TensorValue};

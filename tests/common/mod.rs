@@ -1,0 +1,51 @@
+//! Helpers shared by the integration tests: where the fixtures are, scratch folders.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+
+pub mod reference;
+
+pub const ARCHS: [&str; 6] = ["gpt2", "opt", "llama", "qwen2", "phi", "gpt_neox"];
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    let path = fixtures_dir().join(rel);
+    assert!(path.exists(), "missing fixture {}", path.display());
+    path
+}
+
+/// Every exported model in fixtures/: (arch, exporter, path to model.onnx).
+pub fn all_models() -> Vec<(String, String, PathBuf)> {
+    let mut models = Vec::new();
+    for arch in ARCHS {
+        let dir = fixtures_dir().join(arch);
+        let mut exporters: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("model.onnx").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        exporters.sort();
+        for exporter in exporters {
+            let path = dir.join(&exporter).join("model.onnx");
+            models.push((arch.to_string(), exporter, path));
+        }
+    }
+    assert!(models.len() >= 40, "expected the full fixture set, found {}", models.len());
+    models
+}
+
+/// Models whose weights are in an external data file.
+pub fn has_external_data(model: &Path) -> bool {
+    model.with_file_name("model.onnx.data").exists()
+}
+
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
