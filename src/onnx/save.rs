@@ -89,7 +89,7 @@ fn save_inline(model: &Model, path: &Path) -> Result<Saved> {
         return Err(too_large(path, len));
     }
     let mut out = TempOutput::new(path)?;
-    out.write_all(&proto.encode_to_vec())?;
+    out.write_message(&proto)?;
     out.persist()?;
     Ok(Saved { path: path.into(), model_bytes: len, data_file: None })
 }
@@ -117,7 +117,7 @@ fn save_external(model: &Model, path: &Path, data_path: &Path, threshold: u64) -
     }
     let data_len = data.written;
     let mut out = TempOutput::new(path)?;
-    out.write_all(&proto.encode_to_vec())?;
+    out.write_message(&proto)?;
     let data_file = if data_len > 0 {
         data.persist()?;
         Some((data_path.to_path_buf(), data_len))
@@ -213,6 +213,17 @@ impl TempOutput {
         Ok(())
     }
 
+    /// Encodes a message straight into the file: no second in-memory copy of a large model.
+    fn write_message(&mut self, message: &impl Message) -> Result<()> {
+        let mut sink = MessageSink { out: self, staged: Vec::with_capacity(SINK_STAGING), error: None };
+        message.encode_raw(&mut sink);
+        sink.flush();
+        match sink.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Pads with zeros to a multiple of `align`; returns the new position.
     fn pad_to(&mut self, align: u64) -> Result<u64> {
         let pad = (align - self.written % align) % align;
@@ -234,4 +245,79 @@ impl TempOutput {
 fn set_default_permissions(file: &File) {
     use std::os::unix::fs::PermissionsExt;
     let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+}
+
+const SINK_STAGING: usize = 64 * 1024;
+
+/// A `BufMut` over a `TempOutput`: small protobuf fields are staged, tensor bytes are written
+/// through directly. Write errors are kept and reported once encoding is over (BufMut cannot fail).
+struct MessageSink<'a> {
+    out: &'a mut TempOutput,
+    staged: Vec<u8>,
+    error: Option<Error>,
+}
+
+impl MessageSink<'_> {
+    fn flush(&mut self) {
+        let staged = std::mem::take(&mut self.staged);
+        self.write_through(&staged);
+        self.staged = staged;
+        self.staged.clear();
+    }
+
+    fn write_through(&mut self, bytes: &[u8]) {
+        if self.error.is_none() && !bytes.is_empty() {
+            if let Err(e) = self.out.write_all(bytes) {
+                self.error = Some(e);
+            }
+        }
+    }
+}
+
+// SAFETY: `chunk_mut` hands out the staging vector's spare capacity (never empty: it is flushed
+// when full) and `advance_mut` only extends the length over bytes the caller initialised there.
+unsafe impl bytes::BufMut for MessageSink<'_> {
+    fn remaining_mut(&self) -> usize {
+        isize::MAX as usize
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        let len = self.staged.len() + cnt;
+        // SAFETY: the caller initialised `cnt` bytes of the spare capacity returned by chunk_mut.
+        unsafe { self.staged.set_len(len) };
+        if self.staged.len() == self.staged.capacity() {
+            self.flush();
+        }
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.staged.len() == self.staged.capacity() {
+            self.flush();
+        }
+        bytes::buf::UninitSlice::uninit(self.staged.spare_capacity_mut())
+    }
+
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        while src.has_remaining() {
+            let chunk = src.chunk();
+            let n = chunk.len();
+            self.put_slice(chunk);
+            src.advance(n);
+        }
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        if src.len() < SINK_STAGING {
+            if self.staged.len() + src.len() > self.staged.capacity() {
+                self.flush();
+            }
+            self.staged.extend_from_slice(src);
+            return;
+        }
+        self.flush();
+        self.write_through(src);
+    }
 }
