@@ -27,6 +27,9 @@ pub enum Error {
     Pass { pass: &'static str, node: String, message: String },
 
     #[error(transparent)]
+    Detect(#[from] crate::structure::DetectError),
+
+    #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
 }
 

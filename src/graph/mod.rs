@@ -1,11 +1,13 @@
 //! The project's own model representation. Passes read and edit these types only; `crate::onnx`
 //! converts them from and to protobuf. Every field a pass has no use for is carried along
 //! untouched (`rest`), so that a model that is loaded and saved unchanged is the same file.
+mod edit;
 mod tensor;
 mod topo;
 
 use std::path::PathBuf;
 
+pub use edit::Namer;
 pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
 pub use topo::{cleanup, toposort};
 

@@ -68,15 +68,26 @@ pub fn toposort(graph: &mut Graph) -> Result<()> {
 }
 
 /// Removes nodes whose outputs nobody reads, initializers nobody reads, and value_info entries of
-/// values that no longer exist. Graph outputs are never removed.
+/// values that no longer exist. Graph outputs are never removed. Works in any node order.
 pub fn cleanup(graph: &mut Graph) {
-    let mut live: HashSet<String> = graph.outputs.iter().map(|o| o.name.clone()).collect();
+    let producer: HashMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.outputs.iter().filter(|o| !o.is_empty()).map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut live: HashSet<String> = HashSet::new();
     let mut keep = vec![false; graph.nodes.len()];
-    for (i, node) in graph.nodes.iter().enumerate().rev() {
-        let needed = node.outputs.iter().any(|o| live.contains(o));
-        if needed {
-            keep[i] = true;
-            live.extend(node_reads(node));
+    let mut pending: Vec<String> = graph.outputs.iter().map(|o| o.name.clone()).collect();
+    while let Some(value) = pending.pop() {
+        if !live.insert(value.clone()) {
+            continue;
+        }
+        if let Some(&i) = producer.get(value.as_str()) {
+            if !keep[i] {
+                keep[i] = true;
+                pending.extend(node_reads(&graph.nodes[i]));
+            }
         }
     }
     let mut keep_iter = keep.into_iter();
@@ -115,6 +126,18 @@ mod tests {
     fn toposort_reports_a_cycle() {
         let mut g = Graph { nodes: vec![node("a", &["b"], &["a"]), node("b", &["a"], &["b"])], ..Default::default() };
         assert!(matches!(toposort(&mut g), Err(Error::Graph { .. })));
+    }
+
+    #[test]
+    fn cleanup_keeps_live_nodes_in_any_order() {
+        let mut g = Graph {
+            nodes: vec![node("b", &["a"], &["b"]), node("a", &["x"], &["a"])],
+            inputs: vec![ValueInfo::untyped("x")],
+            outputs: vec![ValueInfo::untyped("b")],
+            ..Default::default()
+        };
+        cleanup(&mut g);
+        assert_eq!(g.nodes.len(), 2);
     }
 
     #[test]
