@@ -4,9 +4,14 @@
 //! ONNX Runtime.
 pub mod cli;
 pub mod error;
+pub mod fuse;
 pub mod graph;
 pub mod inspect;
 pub mod onnx;
+pub mod pattern;
+pub mod rotate;
 pub mod runtime;
+pub mod structure;
+pub mod transform;
 
 pub use error::{Error, Result};

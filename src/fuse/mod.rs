@@ -1,0 +1,187 @@
+//! Rewrites of normalization layers: every norm becomes a weightless RMSNorm over the original
+//! width D (γ and β folded into the linear layers that read it; for LayerNorm models the mean
+//! subtraction baked into everything that writes to the stream). The function is unchanged and
+//! the norm now commutes with any rotation of the stream (DESIGN §1).
+pub mod skip;
+mod weights;
+
+pub use weights::privatize_weights;
+
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+use crate::graph::{cleanup, toposort, AttrValue, DataType, Graph, Namer, Node, Tensor};
+use crate::pattern::norm::{NormKind, NormMatch};
+use crate::pattern::GraphIndex;
+use crate::rotate::math;
+use crate::structure::{Bias, Layout, Linear};
+
+const PASS: &str = "fuse-norms";
+
+/// Folds every norm of `layout` into its readers and replaces it by [`rms_over_width`] nodes.
+/// `opset` is the model's default-domain opset (ReduceSum takes its axes as an input from 13 on).
+pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> {
+    let mut namer = Namer::new(graph);
+    let mut remove: HashSet<usize> = HashSet::new();
+    let mut new_nodes = Vec::new();
+    let dtype = stream_dtype(graph, layout);
+    let inv_width = namer.fresh("onnx_slice.norm.inv_width");
+    graph.initializers.push(scalar(&inv_width, dtype, 1.0 / layout.width as f64));
+    let axes = (opset >= 13).then(|| namer.fresh("onnx_slice.norm.axes"));
+    if let Some(axes) = &axes {
+        graph.initializers.push(Tensor::from_i64(axes.clone(), vec![1], &[-1]));
+    }
+    for (i, branch) in layout.branches().enumerate() {
+        let (gamma, beta) = norm_parameters(graph, &branch.norm)?;
+        for reader in &branch.readers {
+            fold_into_reader(graph, &mut namer, reader, gamma.as_deref(), beta.as_deref())?;
+        }
+        remove.extend(branch.norm.nodes.iter().copied());
+        let eps = namer.fresh(&format!("onnx_slice.norm{i}.eps"));
+        graph.initializers.push(scalar(&eps, dtype, branch.norm.epsilon as f64));
+        let prefix = namer.fresh(&format!("onnx_slice/norm{i}"));
+        new_nodes.extend(rms_over_width(&prefix, &branch.norm.input, &branch.norm.output, &inv_width, &eps, axes.as_deref()));
+    }
+    if layout.norm_kind == NormKind::LayerNorm {
+        center_stream_writers(graph, layout)?;
+    }
+    let mut i = 0;
+    graph.nodes.retain(|_| {
+        i += 1;
+        !remove.contains(&(i - 1))
+    });
+    graph.nodes.extend(new_nodes);
+    cleanup(graph);
+    toposort(graph)
+}
+
+/// `y = x / sqrt(sum(x²)/D + eps)` over the last axis, D being the ORIGINAL stream width, so that
+/// the same nodes stay exact on a sliced stream (DESIGN §1, "norm width after slicing").
+///
+/// ```text
+/// x ─ Mul(x,x) ─ ReduceSum(-1) ─ Mul(1/D) ─ Add(eps) ─ Sqrt ─┐
+/// x ───────────────────────────────────────────────────── Div ─► y
+/// ```
+pub fn rms_over_width(prefix: &str, x: &str, y: &str, inv_width: &str, eps: &str, axes: Option<&str>) -> Vec<Node> {
+    let v = |s: &str| format!("{prefix}/{s}");
+    let mut reduce = Node::new("ReduceSum", v("ReduceSum"), vec![v("sq")], vec![v("sum")]);
+    match axes {
+        Some(axes) => reduce.inputs.push(axes.into()),
+        None => reduce.set_attr("axes", AttrValue::Ints(vec![-1])),
+    }
+    reduce.set_attr("keepdims", AttrValue::Int(1));
+    vec![
+        Node::new("Mul", v("Square"), vec![x.into(), x.into()], vec![v("sq")]),
+        reduce,
+        Node::new("Mul", v("Mean"), vec![v("sum"), inv_width.into()], vec![v("mean")]),
+        Node::new("Add", v("AddEps"), vec![v("mean"), eps.into()], vec![v("var")]),
+        Node::new("Sqrt", v("Sqrt"), vec![v("var")], vec![v("rms")]),
+        Node::new("Div", v("Div"), vec![x.into(), v("rms")], vec![y.into()]),
+    ]
+}
+
+fn stream_dtype(graph: &Graph, layout: &Layout) -> DataType {
+    layout.embeddings.first().and_then(|e| graph.initializer(&e.table)).map_or(DataType::Float, |t| t.dtype)
+}
+
+fn scalar(name: &str, dtype: DataType, value: f64) -> Tensor {
+    let t = Tensor::from_f32(name, vec![], &[value as f32]);
+    match dtype {
+        DataType::Double => Tensor::from_raw(name, dtype, vec![], bytes::Bytes::copy_from_slice(&value.to_le_bytes())),
+        DataType::Float16 => Tensor::from_raw(name, dtype, vec![], bytes::Bytes::copy_from_slice(&half::f16::from_f64(value).to_le_bytes())),
+        DataType::Bfloat16 => Tensor::from_raw(name, dtype, vec![], bytes::Bytes::copy_from_slice(&half::bf16::from_f64(value).to_le_bytes())),
+        _ => t,
+    }
+}
+
+fn norm_parameters(graph: &Graph, norm: &NormMatch) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+    let index = GraphIndex::new(graph);
+    let read = |name: &Option<String>, what: &str| -> Result<Option<Vec<f32>>> {
+        match name {
+            None => Ok(None),
+            Some(n) => index.constant_f32(n).map(Some).ok_or_else(|| Error::Pass {
+                pass: PASS,
+                node: norm.anchor.clone(),
+                message: format!("the norm's {what} '{n}' is not a readable float constant"),
+            }),
+        }
+    };
+    Ok((read(&norm.gamma, "scale")?, read(&norm.beta, "shift")?))
+}
+
+fn initializer<'g>(graph: &'g Graph, name: &str, linear: &Linear) -> Result<&'g Tensor> {
+    graph.initializer(name).ok_or_else(|| Error::Pass {
+        pass: PASS,
+        node: linear.node_name.clone(),
+        message: format!("weight '{name}' is not an initializer"),
+    })
+}
+
+/// `(γ∘n + β) W + b  =  n (diag(γ) W) + (β W + b)`
+fn fold_into_reader(graph: &mut Graph, namer: &mut Namer, reader: &Linear, gamma: Option<&[f32]>, beta: Option<&[f32]>) -> Result<()> {
+    let weight = initializer(graph, &reader.weight, reader)?.clone();
+    if let Some(beta) = beta.filter(|b| b.iter().any(|&v| v != 0.0)) {
+        let bias = bias_initializer(graph, reader).cloned();
+        let mut folded = math::fold_norm_shift(&weight, reader.layout, beta, bias.as_ref())?;
+        match bias {
+            Some(b) => {
+                folded.name = b.name.clone();
+                graph.set_initializer(folded);
+            }
+            None => add_bias(graph, namer, reader, folded),
+        }
+    }
+    if let Some(gamma) = gamma {
+        let mut scaled = math::fold_norm_scale(&weight, reader.layout, gamma)?;
+        scaled.name = weight.name.clone();
+        graph.set_initializer(scaled);
+    }
+    Ok(())
+}
+
+fn bias_initializer<'g>(graph: &'g Graph, linear: &Linear) -> Option<&'g Tensor> {
+    match &linear.bias {
+        Some(Bias::GemmC(name)) | Some(Bias::AddNode { initializer: name, .. }) => graph.initializer(name),
+        None => None,
+    }
+}
+
+/// Gives a linear layer a bias: Gemm's C input, or an Add after a MatMul (which takes over the
+/// MatMul's output name, so every reader of the layer stays as it was).
+fn add_bias(graph: &mut Graph, namer: &mut Namer, linear: &Linear, mut bias: Tensor) {
+    bias.name = namer.fresh(&format!("{}.bias", linear.weight));
+    let Some(i) = graph.node_index_producing(&linear.output) else { return };
+    if graph.nodes[i].is("Gemm") {
+        graph.nodes[i].inputs.truncate(2);
+        graph.nodes[i].inputs.push(bias.name.clone());
+    } else {
+        let unbiased = namer.fresh(&format!("{}.unbiased", linear.output));
+        graph.nodes[i].outputs[0] = unbiased.clone();
+        let name = namer.fresh(&format!("{}/AddBias", linear.node_name));
+        graph.nodes.push(Node::new("Add", name, vec![unbiased, bias.name.clone()], vec![linear.output.clone()]));
+    }
+    graph.initializers.push(bias);
+}
+
+/// Multiplies everything written to the stream by `M = I − (1/D) 1 1ᵀ`: the stream becomes
+/// zero-mean, and LayerNorm equals RMSNorm on it.
+fn center_stream_writers(graph: &mut Graph, layout: &Layout) -> Result<()> {
+    for embedding in &layout.embeddings {
+        let table = graph.initializer(&embedding.table).cloned().ok_or_else(|| Error::Pass {
+            pass: PASS,
+            node: embedding.output.clone(),
+            message: format!("embedding table '{}' is not an initializer", embedding.table),
+        })?;
+        graph.set_initializer(math::center_rows(&table)?);
+    }
+    for writer in layout.segments.iter().flat_map(|s| s.writers.iter()) {
+        let weight = initializer(graph, &writer.weight, writer)?;
+        let centered = math::center_out_axis(weight, writer.layout)?;
+        graph.set_initializer(centered);
+        if let Some(bias) = bias_initializer(graph, writer) {
+            let centered = math::center_bias(bias)?;
+            graph.set_initializer(centered);
+        }
+    }
+    Ok(())
+}

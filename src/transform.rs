@@ -1,0 +1,107 @@
+//! The exact rewrite, start to end: decompose fused Skip*Norm ops, find the transformer, give every
+//! weight its own initializer, fold the norms into RMSNorm form, and (optionally) rotate and slice
+//! the stream with one basis per stream point.
+use faer::Mat;
+
+use crate::error::{Error, Result};
+use crate::fuse::{self, privatize_weights};
+use crate::graph::Model;
+use crate::rotate::{self, math};
+use crate::structure::{self, Layout};
+
+/// How the basis at each stream point is chosen (without calibration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orientation {
+    /// Keep the stream as it is (only the norms are rewritten).
+    Identity,
+    /// A different Haar-random orthogonal matrix at each point, from `seed`.
+    Random { seed: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Dimensions {
+    /// Fraction of the stream width to remove.
+    pub ratio: f64,
+    /// Sliced widths are rounded down to a multiple of this.
+    pub round_to: usize,
+    /// Slice the last stream point too (changes the head's input width).
+    pub slice_head: bool,
+}
+
+impl Default for Dimensions {
+    fn default() -> Self {
+        Dimensions { ratio: 0.0, round_to: 8, slice_head: false }
+    }
+}
+
+impl Dimensions {
+    /// `k = floor((1 − r)·D)` rounded down to a multiple of `round_to` (at least `round_to`, at
+    /// most D).
+    pub fn sliced_width(&self, width: usize) -> usize {
+        let k = ((1.0 - self.ratio) * width as f64).floor() as usize;
+        let round = self.round_to.max(1);
+        if k >= width {
+            return width;
+        }
+        ((k / round) * round).clamp(round.min(width), width)
+    }
+
+    /// The width at every stream point of a layout.
+    pub fn widths(&self, layout: &Layout) -> Vec<usize> {
+        let points = layout.stream_points().len();
+        (0..points)
+            .map(|p| if p + 1 == points && !self.slice_head { layout.width } else { self.sliced_width(layout.width) })
+            .collect()
+    }
+}
+
+/// What the rewrite found and did.
+#[derive(Debug, Clone)]
+pub struct Rewritten {
+    pub layout: Layout,
+    pub widths: Vec<usize>,
+    pub weight_copies: usize,
+    pub skip_norms_decomposed: usize,
+}
+
+/// Finds the transformer and rewrites its norms (no rotation yet): the model computes the same
+/// function afterwards.
+pub fn fuse(model: &mut Model) -> Result<Rewritten> {
+    let skip_norms_decomposed = fuse::skip::decompose_skip_norms_in_model(model)?;
+    let tied_head = structure::detect(&model.graph)?.tied_head;
+    let weight_copies = privatize_weights(&mut model.graph)?;
+    let mut layout = structure::detect(&model.graph)?;
+    layout.tied_head = tied_head;
+    let opset = model.opset_version("").unwrap_or(1);
+    fuse::fuse_norms(&mut model.graph, &layout, opset)?;
+    let widths = vec![layout.width; layout.stream_points().len()];
+    Ok(Rewritten { layout, widths, weight_copies, skip_norms_decomposed })
+}
+
+/// Fuses, then rotates every stream point by its basis and keeps the first k columns.
+pub fn rotate(model: &mut Model, orientation: Orientation, dims: &Dimensions) -> Result<Rewritten> {
+    let mut rewritten = fuse(model)?;
+    let widths = dims.widths(&rewritten.layout);
+    let bases = bases(&rewritten.layout, orientation, &widths)?;
+    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &bases)?;
+    rewritten.widths = widths;
+    Ok(rewritten)
+}
+
+fn bases(layout: &Layout, orientation: Orientation, widths: &[usize]) -> Result<Vec<Mat<f64>>> {
+    let d = layout.width;
+    if widths.iter().any(|&k| k == 0 || k > d) {
+        return Err(Error::Pass { pass: "rotate", node: "(graph)".into(), message: format!("widths {widths:?} do not fit D = {d}") });
+    }
+    Ok(widths
+        .iter()
+        .enumerate()
+        .map(|(p, &k)| {
+            let q = match orientation {
+                Orientation::Identity => Mat::<f64>::identity(d, d),
+                Orientation::Random { seed } => math::random_orthogonal(d, seed.wrapping_add(p as u64)),
+            };
+            math::orthonormal_columns(q.as_ref(), k)
+        })
+        .collect())
+}
