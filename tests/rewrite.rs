@@ -62,3 +62,26 @@ fn fusing_and_rotating_by_random_orthogonal_matrices_keeps_the_logits() {
         transform::rotate(m, Orientation::Random { seed: 7 }, &Dimensions::default()).unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+#[test]
+fn sliced_models_run_with_the_same_output_shapes() {
+    let mut failures = Vec::new();
+    for (arch, exporter, path) in all_models() {
+        let reference = Reference::for_exporter(&arch, &exporter);
+        let original = onnx::load(&path).unwrap();
+        let dir = path.parent().unwrap();
+        let expected = logits_of(&original, dir, &reference);
+        let mut sliced = original.clone();
+        let dims = Dimensions { ratio: 0.25, ..Dimensions::default() };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            transform::rotate(&mut sliced, Orientation::Random { seed: 3 }, &dims).unwrap_or_else(|e| panic!("{e}"));
+            logits_of(&sliced, dir, &reference)
+        }));
+        match result {
+            Ok(got) if got.shape() == expected.shape() => {}
+            Ok(got) => failures.push(format!("{arch}/{exporter}: logits {:?}, expected {:?}", got.shape(), expected.shape())),
+            Err(e) => failures.push(format!("{arch}/{exporter}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -7,7 +7,7 @@ pub mod math;
 use faer::Mat;
 
 use crate::error::{Error, Result};
-use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor};
+use crate::graph::{cleanup, toposort, Graph, Namer, Node, Tensor};
 use crate::pattern::GraphIndex;
 use crate::structure::{Bias, Layout, Linear, StreamReshape};
 
@@ -45,6 +45,8 @@ pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>]) 
     }
     let widths: Vec<usize> = bases.iter().map(|q| q.ncols()).collect();
     if widths.iter().any(|&k| k != layout.width) {
+        // Every stream Reshape, also at points that keep the full width: their shapes may be
+        // computed from a sliced point's tensor.
         for reshape in &layout.stream_reshapes {
             set_stream_width(graph, &mut namer, reshape, layout.width, widths[reshape.point])?;
         }
@@ -96,20 +98,39 @@ fn insert_shortcut(graph: &mut Graph, namer: &mut Namer, segment: usize, add_out
     Ok(())
 }
 
-/// Points a Reshape of a stream tensor at a shape whose last entry is the sliced width. The
-/// shape constant (or the Concat building it) may be shared with other Reshapes, even with ones
-/// inside attention whose D must stay: it is copied, never edited in place.
+/// Points a Reshape of a stream tensor at a shape whose last entry is its point's width. The shape
+/// is often computed at run time from the shape of ANOTHER stream tensor (an earlier point, of
+/// another width), so the last entry is always set to the constant width. The shape constant (or
+/// the Concat building it) may be shared with other Reshapes, even ones inside attention whose D
+/// must stay: it is copied, never edited in place.
 fn set_stream_width(graph: &mut Graph, namer: &mut Namer, reshape: &StreamReshape, width: usize, k: usize) -> Result<()> {
     let Some(i) = graph.node_index_producing(&reshape.output) else { return Ok(()) };
     let shape = graph.nodes[i].inputs.get(1).cloned().unwrap_or_default();
-    if let Some(new_shape) = resized_constant(graph, namer, &shape, width, k) {
-        graph.nodes[i].inputs[1] = new_shape;
-        return Ok(());
+    let fail = |why: &str| Error::Pass { pass: PASS, node: graph.nodes[i].name.clone(), message: format!("cannot give this stream Reshape the width {k}: {why}") };
+    let index = GraphIndex::new(graph);
+    if let Some(values) = index.constant_i64(&shape) {
+        return match resized_last(&values, width, k) {
+            Some(values) => {
+                let name = namer.fresh(&format!("{shape}_width{k}"));
+                graph.initializers.push(Tensor::from_i64(name.clone(), vec![values.len() as i64], &values));
+                graph.nodes[i].inputs[1] = name;
+                Ok(())
+            }
+            None => Err(fail("its constant shape does not end with the stream width")),
+        };
     }
-    let concat = GraphIndex::new(graph).producer_index(&shape).filter(|&c| graph.nodes[c].is("Concat"));
-    let Some(c) = concat else { return Ok(()) };
-    let Some(last) = graph.nodes[c].inputs.last().cloned() else { return Ok(()) };
-    let Some(new_last) = resized_constant(graph, namer, &last, width, k) else { return Ok(()) };
+    let Some(c) = index.producer_index(&shape).filter(|&c| graph.nodes[c].is("Concat")) else {
+        replace_last_dim(graph, namer, i, &shape, k);
+        return Ok(());
+    };
+    let last = graph.nodes[c].inputs.last().cloned().unwrap_or_default();
+    let last_values = match index.constant_i64(&last) {
+        Some(values) => resized_last(&values, width, k).ok_or_else(|| fail("the last piece of its shape is not the stream width"))?,
+        None if index.producer(&last).is_some_and(|n| n.is("Unsqueeze")) => vec![k as i64],
+        None => return Err(fail("the last piece of its shape is computed in a way onnx-slice does not follow")),
+    };
+    let new_last = namer.fresh(&format!("{last}_width{k}"));
+    graph.initializers.push(Tensor::from_i64(new_last.clone(), vec![last_values.len() as i64], &last_values));
     let mut copy = graph.nodes[c].clone();
     copy.name = namer.fresh(&format!("{}_width{k}", copy.name));
     copy.outputs = vec![namer.fresh(&format!("{shape}_width{k}"))];
@@ -121,18 +142,33 @@ fn set_stream_width(graph: &mut Graph, namer: &mut Namer, reshape: &StreamReshap
     Ok(())
 }
 
-/// A copy of an integer shape constant whose last entry D becomes k; `None` when it is not a
-/// constant or its last entry is not D (-1 and 0 need no change).
-fn resized_constant(graph: &mut Graph, namer: &mut Namer, name: &str, width: usize, k: usize) -> Option<String> {
-    let tensor = GraphIndex::new(graph).constant(name).filter(|t| t.dtype == DataType::Int64)?;
-    let mut values = tensor.to_i64().ok()?;
-    if values.last() != Some(&(width as i64)) {
+/// `Reshape(x, shape)` → `Reshape(x, Concat(shape[:-1], [k]))` for a shape computed at run time.
+fn replace_last_dim(graph: &mut Graph, namer: &mut Namer, reshape: usize, shape: &str, k: usize) {
+    let base = format!("{shape}_width{k}");
+    let constants = [("starts", 0), ("ends", -1), ("axes", 0), ("last", k as i64)].map(|(what, v)| {
+        let name = namer.fresh(&format!("{base}/{what}"));
+        graph.initializers.push(Tensor::from_i64(name.clone(), vec![1], &[v]));
+        name
+    });
+    let [starts, ends, axes, last] = constants;
+    let leading = namer.fresh(&format!("{base}/leading"));
+    let resized = namer.fresh(&base);
+    let mut concat = Node::new("Concat", namer.fresh(&format!("{base}/Concat")), vec![leading.clone(), last], vec![resized.clone()]);
+    concat.set_attr("axis", crate::graph::AttrValue::Int(0));
+    graph.nodes.push(Node::new("Slice", namer.fresh(&format!("{base}/Slice")), vec![shape.into(), starts, ends, axes], vec![leading]));
+    graph.nodes.push(concat);
+    graph.nodes[reshape].inputs[1] = resized;
+}
+
+/// A shape whose last entry, the stream width D (or already k), becomes k.
+fn resized_last(values: &[i64], width: usize, k: usize) -> Option<Vec<i64>> {
+    let last = *values.last()?;
+    if last != width as i64 && last != k as i64 {
         return None;
     }
+    let mut values = values.to_vec();
     *values.last_mut()? = k as i64;
-    let new_name = namer.fresh(&format!("{name}_width{k}"));
-    graph.initializers.push(Tensor::from_i64(new_name.clone(), tensor.dims.clone(), &values));
-    Some(new_name)
+    Some(values)
 }
 
 /// Declared shapes of stream tensors are wrong once the stream is sliced: drop them (ONNX
