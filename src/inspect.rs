@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::graph::{Model, ValueInfo};
+use crate::pattern::norm::{NormKind, NormMatch};
+use crate::structure::{Layout, Linear};
+use crate::transform::Rewritten;
 
 #[derive(Debug, Serialize)]
 pub struct ModelSummary {
@@ -128,5 +131,181 @@ pub fn group_thousands(n: u64) -> String {
         }
         out.push(c);
     }
+    out
+}
+
+/// The transformer as detection sees it, or why detection failed.
+#[derive(Debug, Serialize)]
+pub struct LayoutSummary {
+    pub found: Option<LayoutView>,
+    pub error: Option<String>,
+    /// With `--explain`: every rejected normalization candidate and why.
+    pub rejected_norm_candidates: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayoutView {
+    pub width: usize,
+    pub norm_kind: String,
+    pub blocks: usize,
+    pub embeddings: Vec<String>,
+    pub segments: Vec<SegmentView>,
+    pub final_norm: String,
+    pub head: Vec<String>,
+    pub tied_head: bool,
+    pub skip_norms_decomposed: usize,
+    /// Reshapes of stream tensors whose shape carries D (rewritten when slicing).
+    pub stream_shape_constants: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SegmentView {
+    pub kind: &'static str,
+    pub input: String,
+    pub norms: Vec<String>,
+    pub readers: Vec<String>,
+    pub writers: Vec<String>,
+    pub output: String,
+}
+
+/// Detects the transformer on a copy of the model (Skip*Normalization ops decomposed first).
+pub fn describe_layout(model: &Model, explain: bool) -> LayoutSummary {
+    let mut copy = model.clone();
+    let decomposed = crate::fuse::skip::decompose_skip_norms_in_model(&mut copy);
+    let rejected = if explain {
+        crate::pattern::norm::explain_norms(&crate::pattern::GraphIndex::new(&copy.graph))
+    } else {
+        Vec::new()
+    };
+    let result = decomposed.and_then(|n| Ok((n, crate::structure::detect(&copy.graph)?)));
+    match result {
+        Ok((decomposed, layout)) => LayoutSummary {
+            found: Some(layout_view(&copy, &layout, decomposed)),
+            error: None,
+            rejected_norm_candidates: rejected,
+        },
+        Err(e) => LayoutSummary { found: None, error: Some(e.to_string()), rejected_norm_candidates: rejected },
+    }
+}
+
+fn layout_view(model: &Model, layout: &Layout, skip_norms_decomposed: usize) -> LayoutView {
+    let graph = &model.graph;
+    let linear = |l: &Linear| {
+        let shape = graph.initializer(&l.weight).map(|t| format!("{:?}", t.dims)).unwrap_or_default();
+        let bias = if l.bias.is_some() { " +bias" } else { "" };
+        format!("{} {shape}{bias}", l.weight)
+    };
+    let norm = |n: &NormMatch| {
+        let op = graph.nodes.iter().find(|node| node.name == n.anchor || node.outputs.contains(&n.output)).map(|n| n.op_type.as_str());
+        let form = match op {
+            Some(op @ ("LayerNormalization" | "RMSNormalization" | "SimplifiedLayerNormalization")) => op.to_string(),
+            _ => format!("decomposed {}", kind_name(n.kind)),
+        };
+        format!("{form} (eps {:e}) on {}", n.epsilon, n.input)
+    };
+    LayoutView {
+        width: layout.width,
+        norm_kind: kind_name(layout.norm_kind).into(),
+        blocks: layout.block_count(),
+        embeddings: layout
+            .embeddings
+            .iter()
+            .map(|e| format!("{:?} {}{}", e.role, e.table, if e.through_transpose.is_some() { " (transposed)" } else { "" }))
+            .collect(),
+        segments: layout
+            .segments
+            .iter()
+            .map(|s| SegmentView {
+                kind: if s.is_parallel() { "parallel block" } else { "sequential half-block" },
+                input: s.input.clone(),
+                norms: s.branches.iter().map(|b| norm(&b.norm)).collect(),
+                readers: s.branches.iter().flat_map(|b| b.readers.iter()).map(linear).collect(),
+                writers: s.writers.iter().map(linear).collect(),
+                output: s.output.clone(),
+            })
+            .collect(),
+        final_norm: norm(&layout.head.norm),
+        head: layout.head.readers.iter().map(linear).collect(),
+        tied_head: layout.tied_head,
+        skip_norms_decomposed,
+        stream_shape_constants: layout.stream_reshapes.iter().map(|r| format!("{} (point {})", r.output, r.point)).collect(),
+    }
+}
+
+fn kind_name(kind: NormKind) -> &'static str {
+    match kind {
+        NormKind::LayerNorm => "LayerNorm",
+        NormKind::RmsNorm => "RMSNorm",
+    }
+}
+
+impl std::fmt::Display for LayoutSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "transformer:")?;
+        match (&self.found, &self.error) {
+            (Some(l), _) => write!(f, "{l}")?,
+            (None, Some(e)) => writeln!(f, "  not found: {e}")?,
+            (None, None) => {}
+        }
+        if !self.rejected_norm_candidates.is_empty() {
+            writeln!(f, "  rejected normalization candidates:")?;
+            for line in &self.rejected_norm_candidates {
+                writeln!(f, "    {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for LayoutView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  stream width D: {}    norms: {}    blocks: {}    tied head: {}", self.width, self.norm_kind, self.blocks, self.tied_head)?;
+        for e in &self.embeddings {
+            writeln!(f, "  embedding {e}")?;
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            writeln!(f, "  segment {i} ({}): {} → {}", s.kind, s.input, s.output)?;
+            for n in &s.norms {
+                writeln!(f, "    norm    {n}")?;
+            }
+            for r in &s.readers {
+                writeln!(f, "    reader  {r}")?;
+            }
+            for w in &s.writers {
+                writeln!(f, "    writer  {w}")?;
+            }
+        }
+        writeln!(f, "  final norm {}", self.final_norm)?;
+        for h in &self.head {
+            writeln!(f, "  head      {h}")?;
+        }
+        if self.skip_norms_decomposed > 0 {
+            writeln!(f, "  fused Skip*Normalization ops (decomposed before rewriting): {}", self.skip_norms_decomposed)?;
+        }
+        writeln!(f, "  stream shape constants: {}", if self.stream_shape_constants.is_empty() { "none".into() } else { self.stream_shape_constants.join(", ") })
+    }
+}
+
+/// The stderr summary of a slicing run.
+pub fn slicing_summary(rewritten: &Rewritten, before: &ModelSummary, after: &ModelSummary, saved: &crate::onnx::Saved) -> String {
+    let widths: Vec<String> = rewritten.widths.iter().map(usize::to_string).collect();
+    let bytes = |s: &ModelSummary| s.parameters_by_dtype.values().map(|t| t.bytes).sum::<u64>();
+    let mut out = format!(
+        "stream width {} → [{}] at {} stream points ({} blocks)\nparameters {} → {} ({:+.1} %), bytes {} → {}\nwrote {}",
+        rewritten.layout.width,
+        widths.join(", "),
+        rewritten.widths.len(),
+        rewritten.layout.block_count(),
+        group_thousands(before.parameter_count),
+        group_thousands(after.parameter_count),
+        100.0 * (after.parameter_count as f64 / before.parameter_count.max(1) as f64 - 1.0),
+        group_thousands(bytes(before)),
+        group_thousands(bytes(after)),
+        saved.path.display(),
+    );
+    if let Some((data, len)) = &saved.data_file {
+        out.push_str(&format!(" and {} ({} bytes)", data.display(), group_thousands(*len)));
+    }
+    out.push('\n');
     out
 }

@@ -105,3 +105,22 @@ fn bases(layout: &Layout, orientation: Orientation, widths: &[usize]) -> Result<
         })
         .collect())
 }
+
+/// Records what was done in the model's metadata_props (replacing earlier onnx-slice entries).
+pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimensions, orientation: Orientation) {
+    model.metadata.retain(|(k, _)| !k.starts_with("onnx_slice."));
+    let widths: Vec<String> = rewritten.widths.iter().map(usize::to_string).collect();
+    let orientation = match orientation {
+        Orientation::Identity => "identity".to_string(),
+        Orientation::Random { seed } => format!("random (seed {seed})"),
+    };
+    for (key, value) in [
+        ("onnx_slice.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("onnx_slice.ratio", dims.ratio.to_string()),
+        ("onnx_slice.stream_width", rewritten.layout.width.to_string()),
+        ("onnx_slice.widths", widths.join(",")),
+        ("onnx_slice.orientation", orientation),
+    ] {
+        model.metadata.push((key.to_string(), value));
+    }
+}
