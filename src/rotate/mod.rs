@@ -4,12 +4,12 @@
 //! applied to stream tensors get the new widths.
 pub mod math;
 
-use faer::Mat;
+use faer::{Mat, MatRef};
 
 use crate::error::{Error, Result};
 use crate::graph::{cleanup, toposort, Graph, Namer, Node, Tensor};
 use crate::pattern::GraphIndex;
-use crate::structure::{Bias, Layout, Linear, StreamReshape};
+use crate::structure::{Bias, Layout, StreamReshape};
 
 const PASS: &str = "rotate";
 
@@ -23,38 +23,134 @@ pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>]) 
             message: format!("expected {points} bases of {} rows and at most as many columns", layout.width),
         });
     }
-    let mut namer = Namer::new(graph);
-    for embedding in &layout.embeddings {
-        let table = weight(graph, &embedding.table, &embedding.output)?;
-        graph.set_initializer(named(math::rotate_table(table, bases[0].as_ref())?, &embedding.table));
+    let mut editor = StreamEditor::new(graph, layout);
+    editor.rotate_embeddings(bases[0].as_ref())?;
+    for (i, pair) in bases.windows(2).enumerate() {
+        editor.rotate_readers(i, pair[0].as_ref())?;
+        editor.rotate_writers(i, pair[1].as_ref())?;
+        editor.set_shortcut(i, math::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
     }
-    for (i, segment) in layout.segments.iter().enumerate() {
-        let (from, to) = (&bases[i], &bases[i + 1]);
-        for reader in segment.branches.iter().flat_map(|b| b.readers.iter()) {
-            rotate_reader(graph, reader, from)?;
+    editor.rotate_readers(points - 1, bases[points - 1].as_ref())?;
+    if bases.iter().any(|q| q.ncols() != layout.width) {
+        for (point, q) in bases.iter().enumerate() {
+            editor.set_point_width(point, q.ncols())?;
         }
-        for writer in &segment.writers {
-            rotate_writer(graph, writer, to)?;
-        }
-        let first_add = &segment.residual_adds[0];
-        insert_shortcut(graph, &mut namer, i, &first_add.output, first_add.skip_input, math::shortcut(from.as_ref(), to.as_ref()))?;
     }
-    let last = &bases[points - 1];
-    for reader in &layout.head.readers {
-        rotate_reader(graph, reader, last)?;
-    }
-    let widths: Vec<usize> = bases.iter().map(|q| q.ncols()).collect();
-    if widths.iter().any(|&k| k != layout.width) {
-        // Every stream Reshape, also at points that keep the full width: their shapes may be
-        // computed from a sliced point's tensor.
-        for reshape in &layout.stream_reshapes {
-            set_stream_width(graph, &mut namer, reshape, layout.width, widths[reshape.point])?;
-        }
-        forget_stream_shapes(graph, layout);
-    }
-    cleanup(graph);
-    toposort(graph)
+    editor.finish()
 }
+
+/// Rotation and slicing one step at a time (calibration decides each point's basis only after
+/// running the segment before it). Segment `i` goes from point `i` to point `i + 1`; "segment"
+/// `segments.len()` is the head.
+pub struct StreamEditor<'a> {
+    graph: &'a mut Graph,
+    layout: &'a Layout,
+    namer: Namer,
+    widths: Vec<usize>,
+}
+
+impl<'a> StreamEditor<'a> {
+    pub fn new(graph: &'a mut Graph, layout: &'a Layout) -> Self {
+        let namer = Namer::new(graph);
+        let widths = vec![layout.width; layout.stream_points().len()];
+        StreamEditor { graph, layout, namer, widths }
+    }
+
+    pub fn graph(&self) -> &Graph {
+        self.graph
+    }
+
+    /// `E ← E Q_0` for the token and position tables.
+    pub fn rotate_embeddings(&mut self, q: MatRef<'_, f64>) -> Result<()> {
+        for embedding in &self.layout.embeddings {
+            let table = weight(self.graph, &embedding.table, &embedding.output)?;
+            let rotated = named(math::rotate_table(table, q)?, &embedding.table);
+            self.graph.set_initializer(rotated);
+        }
+        Ok(())
+    }
+
+    /// `W ← Q_aᵀ W` for every linear reading the norms of segment `segment` (or the head).
+    pub fn rotate_readers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
+        let layout = self.layout;
+        let branches = match layout.segments.get(segment) {
+            Some(s) => s.branches.as_slice(),
+            None => std::slice::from_ref(&layout.head),
+        };
+        for reader in branches.iter().flat_map(|b| b.readers.iter()) {
+            let w = weight(self.graph, &reader.weight, &reader.node_name)?;
+            let rotated = named(math::rotate_reader(w, reader.layout, q)?, &reader.weight);
+            self.graph.set_initializer(rotated);
+        }
+        Ok(())
+    }
+
+    /// `W ← W Q_b`, `b ← b Q_b` for the linears writing the residual branch of `segment`.
+    pub fn rotate_writers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
+        for writer in &self.layout.segments[segment].writers {
+            let w = weight(self.graph, &writer.weight, &writer.node_name)?;
+            let rotated = named(math::rotate_writer(w, writer.layout, q)?, &writer.weight);
+            self.graph.set_initializer(rotated);
+            if let Some(Bias::GemmC(b) | Bias::AddNode { initializer: b, .. }) = &writer.bias {
+                let bias = weight(self.graph, b, &writer.node_name)?;
+                let rotated = named(math::rotate_bias(bias, q)?, b);
+                self.graph.set_initializer(rotated);
+            }
+        }
+        Ok(())
+    }
+
+    /// The skip path of `segment` gets `MatMul(skip, S)` before its residual Add (inserted once,
+    /// then its matrix replaced).
+    pub fn set_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<()> {
+        let add = &self.layout.segments[segment].residual_adds[0];
+        let add_index = self.graph.node_index_producing(&add.output).ok_or_else(|| Error::Pass {
+            pass: PASS,
+            node: add.output.clone(),
+            message: "the residual Add is gone".into(),
+        })?;
+        let skip = self.graph.nodes[add_index].inputs[add.skip_input].clone();
+        let existing = self.graph.node_index_producing(&skip).filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE));
+        match existing {
+            Some(i) => {
+                let matrix = self.graph.nodes[i].inputs[1].clone();
+                self.graph.set_initializer(math::mat_to_tensor(matrix, s));
+            }
+            None => {
+                let matrix = self.namer.fresh(&format!("onnx_slice.shortcut{segment}"));
+                let rotated = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}/output"));
+                self.graph.initializers.push(math::mat_to_tensor(matrix.clone(), s));
+                let name = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}"));
+                self.graph.nodes.push(Node::new("MatMul", name, vec![skip, matrix], vec![rotated.clone()]));
+                self.graph.nodes[add_index].inputs[add.skip_input] = rotated;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every stream Reshape at `point` the width `k` (explicitly, also when k = D: a shape
+    /// computed from another point's tensor would carry that point's width).
+    pub fn set_point_width(&mut self, point: usize, k: usize) -> Result<()> {
+        self.widths[point] = k;
+        let layout = self.layout;
+        for reshape in layout.stream_reshapes.iter().filter(|r| r.point == point) {
+            set_stream_width(self.graph, &mut self.namer, reshape, layout.width, k)?;
+        }
+        Ok(())
+    }
+
+    /// Drops declared shapes that slicing made wrong, removes dead nodes, sorts.
+    pub fn finish(self) -> Result<()> {
+        if self.widths.iter().any(|&k| k != self.layout.width) {
+            forget_stream_shapes(self.graph, self.layout);
+        }
+        cleanup(self.graph);
+        toposort(self.graph)
+    }
+}
+
+/// Name prefix of the MatMul nodes on the residual skip paths.
+pub const SHORTCUT_NODE: &str = "onnx_slice/shortcut";
 
 fn weight<'g>(graph: &'g Graph, name: &str, node: &str) -> Result<&'g Tensor> {
     graph.initializer(name).ok_or_else(|| Error::Pass { pass: PASS, node: node.into(), message: format!("'{name}' is not an initializer") })
@@ -63,39 +159,6 @@ fn weight<'g>(graph: &'g Graph, name: &str, node: &str) -> Result<&'g Tensor> {
 fn named(mut t: Tensor, name: &str) -> Tensor {
     t.name = name.into();
     t
-}
-
-fn rotate_reader(graph: &mut Graph, reader: &Linear, q: &Mat<f64>) -> Result<()> {
-    let w = weight(graph, &reader.weight, &reader.node_name)?;
-    graph.set_initializer(named(math::rotate_reader(w, reader.layout, q.as_ref())?, &reader.weight));
-    Ok(())
-}
-
-fn rotate_writer(graph: &mut Graph, writer: &Linear, q: &Mat<f64>) -> Result<()> {
-    let w = weight(graph, &writer.weight, &writer.node_name)?;
-    graph.set_initializer(named(math::rotate_writer(w, writer.layout, q.as_ref())?, &writer.weight));
-    if let Some(Bias::GemmC(b) | Bias::AddNode { initializer: b, .. }) = &writer.bias {
-        let bias = weight(graph, b, &writer.node_name)?;
-        graph.set_initializer(named(math::rotate_bias(bias, q.as_ref())?, b));
-    }
-    Ok(())
-}
-
-/// `Add(skip, branch)` becomes `Add(MatMul(skip, S), branch)`.
-fn insert_shortcut(graph: &mut Graph, namer: &mut Namer, segment: usize, add_output: &str, skip_input: usize, s: Mat<f64>) -> Result<()> {
-    let add = graph.node_index_producing(add_output).ok_or_else(|| Error::Pass {
-        pass: PASS,
-        node: add_output.into(),
-        message: "the residual Add is gone".into(),
-    })?;
-    let matrix = namer.fresh(&format!("onnx_slice.shortcut{segment}"));
-    let rotated = namer.fresh(&format!("onnx_slice/shortcut{segment}/output"));
-    let skip = graph.nodes[add].inputs[skip_input].clone();
-    graph.initializers.push(math::mat_to_tensor(matrix.clone(), s.as_ref()));
-    let name = namer.fresh(&format!("onnx_slice/shortcut{segment}"));
-    graph.nodes.push(Node::new("MatMul", name, vec![skip, matrix], vec![rotated.clone()]));
-    graph.nodes[add].inputs[skip_input] = rotated;
-    Ok(())
 }
 
 /// Points a Reshape of a stream tensor at a shape whose last entry is its point's width. The shape
