@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-ort.sh >/dev/null
+scripts/setup-check.sh >/dev/null
 cargo test --locked "$@"

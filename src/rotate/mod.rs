@@ -144,6 +144,7 @@ impl<'a> StreamEditor<'a> {
         if self.widths.iter().any(|&k| k != self.layout.width) {
             forget_stream_shapes(self.graph, self.layout);
         }
+        forget_constant_shapes(self.graph);
         cleanup(self.graph);
         toposort(self.graph)
     }
@@ -244,5 +245,16 @@ fn forget_stream_shapes(graph: &mut Graph, layout: &Layout) {
         values.insert(&segment.output);
     }
     values.extend(layout.stream_reshapes.iter().map(|r| r.output.as_str()));
+    values.extend(layout.embeddings.iter().map(|e| e.output.as_str()));
     graph.value_info.retain(|v| !values.contains(v.name.as_str()));
+}
+
+/// value_info entries for initializers and Constant outputs say nothing the tensors themselves
+/// don't, and after rotation they would say it wrong (some exporters even declare them wrong):
+/// the tensors' own dims are the truth.
+fn forget_constant_shapes(graph: &mut Graph) {
+    let mut constants: std::collections::HashSet<&str> = graph.initializers.iter().map(|t| t.name.as_str()).collect();
+    constants.extend(graph.nodes.iter().filter(|n| n.is("Constant")).flat_map(|n| n.outputs.iter().map(String::as_str)));
+    let constants: std::collections::HashSet<String> = constants.into_iter().map(String::from).collect();
+    graph.value_info.retain(|v| !constants.contains(&v.name));
 }

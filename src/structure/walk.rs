@@ -133,7 +133,16 @@ impl<'g> Walker<'_, 'g> {
                 best = Some((rows, emb));
             }
         }
-        best.map(|(_, e)| e).ok_or_else(|| no_node("a Gather from a [vocab, D] weight table indexed by the token ids input"))
+        let expected = "a Gather from a [vocab, D] weight table indexed by the token ids input";
+        best.map(|(_, e)| e).ok_or_else(|| {
+            let reads_ids = graph.nodes.iter().find(|n| n.inputs.iter().any(|i| id_inputs.contains(i.as_str())));
+            let reads_input = || graph.nodes.iter().find(|n| n.inputs.iter().any(|i| graph.inputs.iter().any(|v| v.name == *i)));
+            match (reads_ids, reads_input()) {
+                (Some(n), _) => stop(n, format!("{expected} (this node reads the integer inputs)")),
+                (None, Some(n)) => stop(n, format!("{expected}; the graph has no integer (token ids) input, this node reads its inputs")),
+                (None, None) => no_node(expected),
+            }
+        })
     }
 
     fn gather_embedding(&self, node: &Node, role: EmbeddingRole) -> Option<Embedding> {
