@@ -26,6 +26,11 @@ pub enum Error {
     #[error("{pass}: node '{node}': {message}")]
     Pass { pass: &'static str, node: String, message: String },
 
+    /// Calibration or evaluation data (text, token ids, tokenizer) that cannot be used; the
+    /// message names the file and says what to do.
+    #[error("{message}")]
+    Calibration { message: String },
+
     #[error(transparent)]
     Detect(#[from] crate::structure::DetectError),
 

@@ -2,13 +2,17 @@
 //!
 //! Data flow: `onnx` (load) → `graph` (own IR) → … → `onnx` (save); `runtime` runs models in
 //! ONNX Runtime.
+pub mod calibrate;
 pub mod cli;
 pub mod error;
+pub mod eval;
 pub mod fuse;
 pub mod graph;
 pub mod inspect;
 pub mod onnx;
 pub mod pattern;
+pub mod pca;
+pub mod report;
 pub mod rotate;
 pub mod runtime;
 pub mod structure;
