@@ -1,0 +1,547 @@
+//! Perplexity by the reference method (DESIGN §7, TransformerCompression's `evaluate_ppl`):
+//! windows of token ids, each run through the model on its own (no context carried over), the mean
+//! negative log-likelihood of every next token per window, averaged over windows, exponentiated:
+//!
+//! ```text
+//! ppl = exp( mean_w  mean_{t : ids[w][t+1] ≠ ignore}  −log softmax(logits[w][t])[ids[w][t+1]] )
+//! ```
+//!
+//! The log-softmax is computed in f64 from the model's f32 (or f16) logits.
+//! Windows come from text ([`text_windows`]: the documents joined with `"\n\n"`, tokenized with the
+//! tokenizer's default special tokens, cut into non-overlapping windows, the last partial one
+//! dropped) or from a `.npy` array of token ids, one window per row.
+//!
+//! Models are fed by [`InputPlan`]: `input_ids`, an all-ones `attention_mask`, `position_ids`
+//! `0..L` when the model has that input, and an empty past (`[b, kv_heads, 0, head_dim]`) for
+//! KV-cache exports (optimum `_past`, onnxruntime-genai).
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use half::f16;
+use ndarray::{Array2, ArrayD, ArrayView2, Axis, IxDyn};
+
+use crate::calibrate::data::{find_tokenizer, join_documents, load_tokenizer, plain_tokenizer, position_limit, token_rows};
+use crate::runtime::npy::read_npy;
+use crate::runtime::{init_runtime, Dim, ElementType, Ep, ModelSession, SessionConfig, TensorInfo, TensorValue};
+use crate::{Error, Result};
+
+/// The result of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perplexity {
+    /// exp(mean_nll).
+    pub value: f64,
+    /// Windows that counted (a window whose every target is ignored does not).
+    pub windows: usize,
+    /// Predicted tokens that counted (targets equal to the ignored id excluded).
+    pub tokens: usize,
+    /// The mean over windows of each window's mean NLL, in nats.
+    pub mean_nll: f64,
+}
+
+/// How to fill a model's inputs for a batch of token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputPlan {
+    ids: Feed,
+    mask: Option<Feed>,
+    positions: Option<Feed>,
+    past: Vec<PastInput>,
+    /// Boolean inputs set to false (optimum's merged decoders' `use_cache_branch`).
+    flags: Vec<String>,
+    /// The output holding the logits.
+    pub logits: String,
+    /// A batch size fixed by the model, if any.
+    pub fixed_batch: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Feed {
+    name: String,
+    element_type: ElementType,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct PastInput {
+    name: String,
+    element_type: ElementType,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl InputPlan {
+    /// Works out the feed from the session's declared inputs. `model_path` (the `.onnx` file) is
+    /// where `genai_config.json` / `config.json` are looked for when a past input's head count or
+    /// head size is symbolic.
+    pub fn for_session(session: &ModelSession, model_path: Option<&Path>) -> Result<Self> {
+        let label = session.label();
+        let config = ModelConfig::beside(model_path);
+        let mut plan = InputPlan {
+            ids: Feed { name: String::new(), element_type: ElementType::I64 },
+            mask: None,
+            positions: None,
+            past: Vec::new(),
+            flags: Vec::new(),
+            logits: logits_output(session.outputs()),
+            fixed_batch: None,
+        };
+        let mut found_ids = false;
+        for input in session.inputs() {
+            match input.name.as_str() {
+                "input_ids" => {
+                    plan.ids = integer_feed(label, input)?;
+                    plan.fixed_batch = match input.dims.first() {
+                        Some(Dim::Fixed(n)) if *n > 0 => usize::try_from(*n).ok(),
+                        _ => None,
+                    };
+                    found_ids = true;
+                }
+                "attention_mask" => plan.mask = Some(integer_feed(label, input)?),
+                "position_ids" => plan.positions = Some(integer_feed(label, input)?),
+                "use_cache_branch" if input.element_type == ElementType::Bool => plan.flags.push(input.name.clone()),
+                name if name.contains("past") && matches!(input.element_type, ElementType::F32 | ElementType::F16) => {
+                    plan.past.push(past_input(label, input, session.outputs(), &config)?);
+                }
+                name => {
+                    return Err(eval_error(format!(
+                        "{label}: input `{name}` ({input}) is not one onnx-slice knows how to fill; it feeds input_ids, \
+                         attention_mask, position_ids, past_key_values.* and use_cache_branch"
+                    )))
+                }
+            }
+        }
+        if !found_ids {
+            return Err(eval_error(format!("{label} has no `input_ids` input; its inputs are: {}", input_names(session))));
+        }
+        Ok(plan)
+    }
+
+    /// Whether the model takes a past (KV cache).
+    pub fn has_past(&self) -> bool {
+        !self.past.is_empty()
+    }
+
+    /// The inputs for token ids `[b, L]` and their mask (1 = real token; all ones when `None`).
+    /// Position ids follow Hugging Face: `cumsum(mask) − 1`, and 1 at padding.
+    pub fn feed(&self, ids: &Array2<i64>, mask: Option<&Array2<i64>>) -> Result<Vec<(String, TensorValue)>> {
+        let (batch, length) = ids.dim();
+        let ones;
+        let mask = match mask {
+            Some(mask) => mask,
+            None => {
+                ones = Array2::<i64>::ones((batch, length));
+                &ones
+            }
+        };
+        let mut inputs = vec![(self.ids.name.clone(), integer_tensor(ids, &self.ids.element_type))];
+        if let Some(feed) = &self.mask {
+            inputs.push((feed.name.clone(), integer_tensor(mask, &feed.element_type)));
+        }
+        if let Some(feed) = &self.positions {
+            inputs.push((feed.name.clone(), integer_tensor(&position_ids(mask), &feed.element_type)));
+        }
+        for past in &self.past {
+            let shape = IxDyn(&[batch, past.heads, 0, past.head_dim]);
+            let empty = match past.element_type {
+                ElementType::F16 => TensorValue::F16(ArrayD::<f16>::from_shape_vec(shape, Vec::new()).expect("empty past")),
+                _ => TensorValue::F32(ArrayD::<f32>::from_shape_vec(shape, Vec::new()).expect("empty past")),
+            };
+            inputs.push((past.name.clone(), empty));
+        }
+        for flag in &self.flags {
+            inputs.push((flag.clone(), TensorValue::Bool(ArrayD::from_elem(IxDyn(&[1]), false))));
+        }
+        Ok(inputs)
+    }
+
+    /// Runs the model on `ids [b, L]` and returns the logits `[b, L, V]` as f32.
+    pub fn logits(&self, session: &mut ModelSession, ids: &Array2<i64>, mask: Option<&Array2<i64>>) -> Result<ArrayD<f32>> {
+        let inputs = self.feed(ids, mask)?;
+        let named: Vec<(&str, &TensorValue)> = inputs.iter().map(|(name, value)| (name.as_str(), value)).collect();
+        let mut outputs = session.run_for(&named, &[self.logits.as_str()])?;
+        let logits = outputs.remove(&self.logits).expect("run_for returns the output it was asked for");
+        let logits = match logits {
+            TensorValue::F32(array) => array,
+            TensorValue::F16(array) => array.mapv(f32::from),
+            other => {
+                return Err(eval_error(format!(
+                    "{}: output `{}` is {}, expected float logits",
+                    session.label(),
+                    self.logits,
+                    other.describe()
+                )))
+            }
+        };
+        let (batch, length) = ids.dim();
+        if logits.ndim() != 3 || logits.shape()[0] != batch || logits.shape()[1] != length {
+            return Err(eval_error(format!(
+                "{}: output `{}` has shape {:?} for input_ids [{batch}, {length}]; expected [{batch}, {length}, vocab]",
+                session.label(),
+                self.logits,
+                logits.shape()
+            )));
+        }
+        Ok(logits)
+    }
+}
+
+fn input_names(session: &ModelSession) -> String {
+    session.inputs().iter().map(|input| input.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn logits_output(outputs: &[TensorInfo]) -> String {
+    outputs
+        .iter()
+        .find(|output| output.name == "logits")
+        .or_else(|| outputs.first())
+        .map(|output| output.name.clone())
+        .unwrap_or_else(|| "logits".to_string())
+}
+
+fn integer_feed(label: &str, input: &TensorInfo) -> Result<Feed> {
+    match input.element_type {
+        ElementType::I64 | ElementType::I32 => Ok(Feed { name: input.name.clone(), element_type: input.element_type.clone() }),
+        _ => Err(eval_error(format!("{label}: input {input} must be int64 or int32"))),
+    }
+}
+
+fn integer_tensor(values: &Array2<i64>, element_type: &ElementType) -> TensorValue {
+    match element_type {
+        // Token ids and positions fit in i32 for every model that declares an int32 input.
+        ElementType::I32 => TensorValue::I32(values.mapv(|v| v as i32).into_dyn()),
+        _ => TensorValue::I64(values.clone().into_dyn()),
+    }
+}
+
+fn position_ids(mask: &Array2<i64>) -> Array2<i64> {
+    let mut positions = Array2::<i64>::zeros(mask.dim());
+    for (mut out, row) in positions.rows_mut().into_iter().zip(mask.rows()) {
+        let mut count = 0;
+        for (position, &real) in out.iter_mut().zip(row) {
+            count += i64::from(real != 0);
+            *position = if real != 0 { count - 1 } else { 1 };
+        }
+    }
+    positions
+}
+
+/// A past input `[batch, kv_heads, past_length, head_dim]`.
+fn past_input(label: &str, input: &TensorInfo, outputs: &[TensorInfo], config: &ModelConfig) -> Result<PastInput> {
+    if input.dims.len() != 4 {
+        return Err(eval_error(format!(
+            "{label}: past input {input} is not 4-D [batch, heads, past_length, head_dim]; onnx-slice cannot feed it"
+        )));
+    }
+    let present = present_output(&input.name, outputs);
+    let resolve = |axis: usize, from_config: Option<usize>, what: &str| -> Result<usize> {
+        let declared = |dims: &[Dim]| match dims.get(axis) {
+            Some(Dim::Fixed(n)) if *n > 0 => usize::try_from(*n).ok(),
+            _ => None,
+        };
+        declared(&input.dims).or_else(|| present.and_then(|output| declared(&output.dims))).or(from_config).ok_or_else(|| {
+            eval_error(format!(
+                "{label}: the {what} of past input {input} is symbolic, and neither a present output nor a \
+                     genai_config.json / config.json beside the model gives it"
+            ))
+        })
+    };
+    Ok(PastInput {
+        name: input.name.clone(),
+        element_type: input.element_type.clone(),
+        heads: resolve(1, config.kv_heads, "key/value head count")?,
+        head_dim: resolve(3, config.head_dim, "head size")?,
+    })
+}
+
+/// `present.N.key` for `past_key_values.N.key` (optimum and genai naming).
+fn present_output<'a>(past: &str, outputs: &'a [TensorInfo]) -> Option<&'a TensorInfo> {
+    let present = past.replacen("past_key_values", "present", 1);
+    outputs.iter().find(|output| output.name == present)
+}
+
+/// Attention shapes from the configuration files beside a model.
+#[derive(Debug, Default)]
+struct ModelConfig {
+    kv_heads: Option<usize>,
+    head_dim: Option<usize>,
+}
+
+impl ModelConfig {
+    fn beside(model_path: Option<&Path>) -> Self {
+        let Some(dir) = model_path.and_then(Path::parent) else { return Self::default() };
+        let read = |name: &str| -> Option<serde_json::Value> { serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok() };
+        let number = |value: &serde_json::Value, key: &str| value.get(key).and_then(serde_json::Value::as_u64).map(|v| v as usize);
+        let mut config = Self::default();
+        if let Some(decoder) = read("genai_config.json").and_then(|genai| genai.get("model")?.get("decoder").cloned()) {
+            config.head_dim = number(&decoder, "head_size");
+            config.kv_heads = number(&decoder, "num_key_value_heads");
+        }
+        if let Some(hf) = read("config.json") {
+            let heads = number(&hf, "num_attention_heads");
+            let hidden = number(&hf, "hidden_size");
+            let head_dim = number(&hf, "head_dim").or_else(|| Some(hidden? / heads.filter(|&h| h > 0)?));
+            config.head_dim = config.head_dim.or(head_dim);
+            config.kv_heads = config.kv_heads.or_else(|| number(&hf, "num_key_value_heads").or(heads));
+        }
+        config
+    }
+}
+
+/// Perplexity of `windows` (token id rows of equal length), `batch` windows per run.
+/// `progress(done, total)` is called after every run. The model's configuration files are looked
+/// for beside `session.label()` when that is a file (sessions built with
+/// [`ModelSession::from_file`]).
+pub fn perplexity(
+    session: &mut ModelSession,
+    windows: &[Vec<i64>],
+    ignore: Option<i64>,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Perplexity> {
+    let label = PathBuf::from(session.label());
+    let plan = InputPlan::for_session(session, Some(label.as_path()).filter(|path| path.is_file()))?;
+    perplexity_with_plan(session, &plan, windows, ignore, batch, progress)
+}
+
+/// [`perplexity`] with a given [`InputPlan`].
+pub fn perplexity_with_plan(
+    session: &mut ModelSession,
+    plan: &InputPlan,
+    windows: &[Vec<i64>],
+    ignore: Option<i64>,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Perplexity> {
+    let length = windows.first().map_or(0, Vec::len);
+    if length < 2 {
+        return Err(eval_error(format!("perplexity needs windows of at least 2 tokens, got {length}")));
+    }
+    if let Some(bad) = windows.iter().position(|window| window.len() != length) {
+        return Err(eval_error(format!(
+            "window {bad} has {} tokens, the first has {length}: all windows must have the same length",
+            windows[bad].len()
+        )));
+    }
+    let batch = batch.max(1).min(plan.fixed_batch.unwrap_or(usize::MAX));
+    let mut window_means = Vec::with_capacity(windows.len());
+    let mut tokens = 0;
+    for (index, chunk) in windows.chunks(batch).enumerate() {
+        let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
+        let ids = Array2::from_shape_vec((chunk.len(), length), flat).expect("windows have equal lengths");
+        let logits = plan.logits(session, &ids, None)?;
+        for (row, window) in logits.axis_iter(Axis(0)).zip(chunk) {
+            let row = row.into_dimensionality::<ndarray::Ix2>().expect("logits are [b, L, V]");
+            let (sum, count) = window_nll(row, window, ignore)?;
+            if count > 0 {
+                window_means.push(sum / count as f64);
+                tokens += count;
+            }
+        }
+        progress((index * batch + chunk.len()).min(windows.len()), windows.len());
+    }
+    if window_means.is_empty() {
+        return Err(eval_error("no window has a target token that is not ignored"));
+    }
+    let mean_nll = window_means.iter().sum::<f64>() / window_means.len() as f64;
+    Ok(Perplexity { value: mean_nll.exp(), windows: window_means.len(), tokens, mean_nll })
+}
+
+/// Sum and count of `−log softmax(logits[t])[ids[t+1]]` over `t` whose target is not `ignore`,
+/// in f64. `logits` is `[L, V]`, `ids` has L tokens.
+pub fn window_nll(logits: ArrayView2<'_, f32>, ids: &[i64], ignore: Option<i64>) -> Result<(f64, usize)> {
+    let (length, vocab) = logits.dim();
+    let targets: Vec<(usize, usize)> = (0..length.saturating_sub(1).min(ids.len().saturating_sub(1)))
+        .filter(|&t| Some(ids[t + 1]) != ignore)
+        .map(|t| {
+            usize::try_from(ids[t + 1])
+                .ok()
+                .filter(|&target| target < vocab)
+                .map(|target| (t, target))
+                .ok_or_else(|| eval_error(format!("token id {} is outside the model's vocabulary of {vocab}", ids[t + 1])))
+        })
+        .collect::<Result<_>>()?;
+    let mut nll = vec![0.0f64; targets.len()];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(targets.len().max(1));
+    let per_thread = targets.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        for (out, jobs) in nll.chunks_mut(per_thread).zip(targets.chunks(per_thread)) {
+            let logits = &logits;
+            scope.spawn(move || {
+                for (slot, &(t, target)) in out.iter_mut().zip(jobs) {
+                    *slot = token_nll(logits.row(t), target);
+                }
+            });
+        }
+    });
+    Ok((nll.iter().sum(), nll.len()))
+}
+
+/// `logsumexp(row) − row[target]` in f64.
+fn token_nll(row: ndarray::ArrayView1<'_, f32>, target: usize) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+    let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    max + sum.ln() - f64::from(row[target])
+}
+
+/// Evaluation windows from text: the documents of all texts joined with `"\n\n"`, tokenized once
+/// with the tokenizer's default special tokens (as `tokenizer(text)` does in the reference), cut
+/// into `seqlen`-token windows; the last partial window is dropped.
+pub fn text_windows(tokenizer: &tokenizers::Tokenizer, texts: &[String], seqlen: usize) -> Result<Vec<Vec<i64>>> {
+    if seqlen < 2 {
+        return Err(eval_error(format!("the evaluation window must be at least 2 tokens, got {seqlen}")));
+    }
+    let tokenizer = plain_tokenizer(tokenizer)?;
+    let joined = join_documents(texts);
+    let encoding = tokenizer
+        .encode_fast(joined.as_str(), true)
+        .map_err(|error| eval_error(format!("tokenizing the evaluation text failed: {error}")))?;
+    let ids = encoding.get_ids();
+    if ids.len() < seqlen {
+        return Err(eval_error(format!(
+            "the evaluation text has {} tokens, fewer than one window of {seqlen}: give more text or a smaller --seqlen",
+            ids.len()
+        )));
+    }
+    Ok(ids.chunks_exact(seqlen).map(|window| window.iter().map(|&id| i64::from(id)).collect()).collect())
+}
+
+fn eval_error(message: impl Into<String>) -> Error {
+    Error::Calibration { message: message.into() }
+}
+
+/// `onnx-slice eval`: the perplexity of a model on text or token ids.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// The model (.onnx).
+    pub model: PathBuf,
+    /// Evaluation text (UTF-8; paragraphs separated by blank lines are documents). Repeatable.
+    #[arg(long = "text", value_name = "FILE", required_unless_present = "ids", conflicts_with = "ids")]
+    pub text: Vec<PathBuf>,
+    /// Token ids [N, L] (int64/int32 .npy): each row is one window; --seqlen does not apply.
+    #[arg(long, value_name = "FILE.npy")]
+    pub ids: Option<PathBuf>,
+    /// The tokenizer.json to use with --text (default: tokenizer.json beside the model).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Window length in tokens for --text.
+    #[arg(long, default_value_t = 512)]
+    pub seqlen: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long, value_name = "N")]
+    pub max_windows: Option<usize>,
+    /// Windows per model run.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Leave targets equal to this token id out of the mean (e.g. the padding id).
+    #[arg(long, value_name = "ID")]
+    pub ignore_id: Option<i64>,
+    /// Execution provider: cpu, cuda or auto (CUDA when available, else CPU).
+    #[arg(long, default_value = "cpu")]
+    pub ep: Ep,
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, else the setup-ort.sh location).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `onnx-slice eval`.
+pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
+    let (mut windows, mut source) = load_windows(args)?;
+    if let Some(max) = args.max_windows {
+        if max == 0 {
+            anyhow::bail!("--max-windows must be at least 1");
+        }
+        if max < windows.len() {
+            source = format!("{source}, the first {max} windows");
+            windows.truncate(max);
+        }
+    }
+    let length = windows.first().map_or(0, Vec::len);
+    warn_about_position_limit(&args.model, length);
+    init_runtime(args.ort_lib.as_deref())?;
+    let config = SessionConfig { ep: args.ep, intra_threads: None };
+    let mut session = ModelSession::from_file(&args.model, &config)?;
+    if session.ep().fell_back() {
+        eprintln!("note: {}", session.ep());
+    }
+    let bar = indicatif::ProgressBar::new(windows.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("evaluating {bar:30} {pos}/{len} windows [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let result = perplexity(&mut session, &windows, args.ignore_id, args.batch, &mut |done, _| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    let result = result?;
+    let seconds = start.elapsed().as_secs_f64();
+    let ep = session.ep().active.to_string();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let json = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "source": source,
+            "perplexity": result.value,
+            "mean_nll": result.mean_nll,
+            "windows": result.windows,
+            "window_tokens": length,
+            "tokens": result.tokens,
+            "ignore_id": args.ignore_id,
+            "ep": ep,
+            "seconds": seconds,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
+    } else {
+        writeln!(out, "model       {}", args.model.display())?;
+        writeln!(out, "data        {source}")?;
+        writeln!(out, "perplexity  {:.4}", result.value)?;
+        writeln!(out, "mean NLL    {:.6} nats/token", result.mean_nll)?;
+        writeln!(out, "windows     {} × {length} tokens", result.windows)?;
+        let ignored = args.ignore_id.map_or(String::new(), |id| format!(" (targets = {id} ignored)"));
+        writeln!(out, "tokens      {} predicted{ignored}", result.tokens)?;
+        writeln!(out, "time        {seconds:.1} s on {ep}")?;
+    }
+    Ok(())
+}
+
+fn load_windows(args: &EvalArgs) -> anyhow::Result<(Vec<Vec<i64>>, String)> {
+    if let Some(path) = &args.ids {
+        let array = read_npy(path).with_context(|| format!("reading token ids from {}", path.display()))?;
+        let rows = token_rows(array, path)?;
+        let source = format!("{} ({} rows × {} tokens)", path.display(), rows.len(), rows[0].len());
+        return Ok((rows, source));
+    }
+    if args.text.is_empty() {
+        anyhow::bail!("give the evaluation data with --text FILE or --ids FILE.npy");
+    }
+    let tokenizer_path = find_tokenizer(&args.model, args.tokenizer.as_deref())?;
+    let tokenizer = load_tokenizer(&tokenizer_path)?;
+    let texts = args
+        .text
+        .iter()
+        .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading evaluation text {}", path.display())))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    let windows = text_windows(&tokenizer, &texts, args.seqlen)?;
+    let names: Vec<String> = args.text.iter().map(|path| path.display().to_string()).collect();
+    let source =
+        format!("{} ({} windows × {} tokens, tokenizer {})", names.join(", "), windows.len(), args.seqlen, tokenizer_path.display());
+    Ok((windows, source))
+}
+
+/// A warning (not an error: a rotary model's configured limit is not a hard one) when the windows
+/// are longer than the model's position limit.
+fn warn_about_position_limit(model: &Path, length: usize) {
+    let Ok(loaded) = crate::onnx::load(model) else { return };
+    if let Some(limit) = position_limit(&loaded) {
+        if length > limit {
+            eprintln!(
+                "warning: windows of {length} tokens are longer than the {limit} positions {} supports; the numbers \
+                 will be meaningless or the run will fail",
+                model.display()
+            );
+        }
+    }
+}
