@@ -5,8 +5,19 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::calibrate::data::{self, CalibrationSet};
+use crate::calibrate::{slice_with_pca, CalibrationOptions, Calibrated};
+use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
+use crate::report::Report;
+use crate::runtime::{init_runtime, Ep, SessionConfig};
 use crate::transform::{self, Dimensions, Orientation};
 
 #[derive(Parser)]
@@ -55,6 +66,43 @@ struct SliceArgs {
     /// Keep every tensor inside the model file.
     #[arg(long)]
     inline: bool,
+    /// Calibration text file (UTF-8, documents separated by blank lines). Repeatable. Default: a
+    /// built-in English Wikipedia sample.
+    #[arg(long, value_name = "FILE", conflicts_with = "calib_ids")]
+    calib: Vec<PathBuf>,
+    /// Calibration token ids instead of text: an int64 (or int32) [N, L] .npy file.
+    #[arg(long, value_name = "FILE.npy")]
+    calib_ids: Option<PathBuf>,
+    /// tokenizer.json for the calibration text (default: beside the model).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Number of calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence (capped by the model's position limit where it has one).
+    #[arg(long, default_value_t = 2048)]
+    calib_seqlen: usize,
+    /// Calibration sequences per ONNX Runtime run.
+    #[arg(long, default_value_t = 4)]
+    calib_batch: usize,
+    /// Seed for choosing calibration windows.
+    #[arg(long, default_value_t = 42)]
+    calib_seed: u64,
+    /// Write every basis Q and its eigenvalues to this .safetensors file.
+    #[arg(long, value_name = "FILE")]
+    save_rotations: Option<PathBuf>,
+    /// Write a JSON report (widths, parameters, bytes, calibration tokens, time per phase).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Execution provider for calibration: cpu, cuda or auto.
+    #[arg(long, default_value = "cpu")]
+    ep: Ep,
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, else the setup-ort.sh location).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+    /// No progress bars or summary.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -70,6 +118,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Rewrite a model with its data inline or in an external data file, changing nothing else.
     Convert(ConvertArgs),
+    /// Perplexity of a model on a text (or token ids), by the reference method.
+    Eval(crate::eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -104,6 +154,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Convert(args)) => run_convert(args),
+        Some(Command::Eval(args)) => crate::eval::run_eval_command(&args),
         None => run_slice(cli.slice),
     };
     match result {
@@ -133,23 +184,11 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
-    let (Some(input), Some(output), Some(ratio)) = (args.model, args.output, args.ratio) else {
+    let started = Instant::now();
+    let (Some(input), Some(output)) = (args.model.clone(), args.output.clone()) else {
         bail!("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)");
     };
-    if !(0.0..1.0).contains(&ratio) {
-        bail!("--ratio must be at least 0 and less than 1, got {ratio}");
-    }
-    if args.round_to == 0 {
-        bail!("--round-to must be at least 1");
-    }
-    let orientation = match args.orientation {
-        OrientationArg::Random => Orientation::Random { seed: args.seed },
-        OrientationArg::Identity => Orientation::Identity,
-        OrientationArg::Pca => bail!(
-            "--orientation pca needs calibration through ONNX Runtime, which onnx-slice cannot do yet; \
-             --orientation random or identity give a valid model without calibration (its quality is not the point)"
-        ),
-    };
+    let dims = slice_dimensions(&args)?;
     let storage = match (args.external_data, args.inline) {
         (true, _) => Storage::External,
         (_, true) => Storage::Inline,
@@ -157,13 +196,109 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     };
     let mut model = onnx::load(&input)?;
     let before = inspect::summarize(&model);
-    let dims = Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head };
-    let rewritten = transform::rotate(&mut model, orientation, &dims).with_context(|| format!("rewriting {}", input.display()))?;
-    transform::record_in_metadata(&mut model, &rewritten, &dims, orientation);
+    let (rewritten, orientation, calibration) = match args.orientation {
+        OrientationArg::Pca => {
+            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims)?;
+            let description = format!("pca ({} calibration tokens)", calibrated.tokens);
+            (calibrated.rewritten.clone(), description, Some(calibrated))
+        }
+        other => {
+            let orientation = match other {
+                OrientationArg::Random => Orientation::Random { seed: args.seed },
+                _ => Orientation::Identity,
+            };
+            let rewritten = transform::rotate(&mut model, orientation, &dims).with_context(|| format!("rewriting {}", input.display()))?;
+            (rewritten, orientation.to_string(), None)
+        }
+    };
+    transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
+    let saving = Instant::now();
     let saved = onnx::save(&model, &output, &SaveOptions { storage, ..Default::default() })?;
+    let save_seconds = saving.elapsed().as_secs_f64();
     let after = inspect::summarize(&model);
-    eprint!("{}", inspect::slicing_summary(&rewritten, &before, &after, &saved));
+    if !args.quiet {
+        eprint!("{}", inspect::slicing_summary(&rewritten, &before, &after, &saved));
+    }
+    if let Some(path) = &args.report {
+        let report = Report::new(&input, &saved, &rewritten, &dims, &orientation, &before, &after, calibration.as_ref(), save_seconds, started);
+        write_json(path, &report)?;
+    }
     Ok(())
+}
+
+fn slice_dimensions(args: &SliceArgs) -> anyhow::Result<Dimensions> {
+    let Some(ratio) = args.ratio else { bail!("--ratio is required") };
+    if !(0.0..1.0).contains(&ratio) {
+        bail!("--ratio must be at least 0 and less than 1, got {ratio}");
+    }
+    if args.round_to == 0 {
+        bail!("--round-to must be at least 1");
+    }
+    Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head })
+}
+
+fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions) -> anyhow::Result<Calibrated> {
+    if args.calib_samples == 0 || args.calib_seqlen == 0 || args.calib_batch == 0 {
+        bail!("--calib-samples, --calib-seqlen and --calib-batch must be at least 1");
+    }
+    init_runtime(args.ort_lib.as_deref())?;
+    let set = calibration_set(args, input, model)?;
+    let progress = progress_bar(args.quiet, "calibrating");
+    let options = CalibrationOptions {
+        dims: *dims,
+        batch: args.calib_batch,
+        session: SessionConfig { ep: args.ep, intra_threads: None },
+        model_dir: input.parent().map(Path::to_path_buf),
+    };
+    let calibrated = slice_with_pca(model, &set, &options, &progress).with_context(|| format!("slicing {}", input.display()))?;
+    progress.finish_and_clear();
+    if let Some(path) = &args.save_rotations {
+        let points: Vec<(String, &crate::pca::Basis, usize)> = calibrated
+            .bases
+            .iter()
+            .zip(&calibrated.rewritten.widths)
+            .enumerate()
+            .map(|(p, (basis, &k))| (format!("point{p}"), basis, k))
+            .collect();
+        crate::pca::save_rotations(path, &points)?;
+    }
+    Ok(calibrated)
+}
+
+fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Result<CalibrationSet> {
+    let limit = data::position_limit(model);
+    let seqlen = limit.map_or(args.calib_seqlen, |l| args.calib_seqlen.min(l));
+    if let Some(ids) = &args.calib_ids {
+        let set = CalibrationSet::from_npy(ids, Some(args.calib_samples))?;
+        return Ok(if set.seqlen() > seqlen { set.truncated(seqlen) } else { set });
+    }
+    let texts: Vec<String> = if args.calib.is_empty() {
+        vec![data::default_calibration_text().to_string()]
+    } else {
+        args.calib
+            .iter()
+            .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading calibration text {}", p.display())))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let tokenizer = data::load_tokenizer(&data::find_tokenizer(input, args.tokenizer.as_deref())?)?;
+    Ok(CalibrationSet::from_texts(&texts, &tokenizer, args.calib_samples, seqlen, args.calib_seed)?)
+}
+
+/// A progress bar on stderr, hidden with --quiet or when stderr is not a terminal.
+pub fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}/{eta}").unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {

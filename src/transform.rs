@@ -106,14 +106,20 @@ fn bases(layout: &Layout, orientation: Orientation, widths: &[usize]) -> Result<
         .collect())
 }
 
+impl std::fmt::Display for Orientation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Orientation::Identity => write!(f, "identity"),
+            Orientation::Random { seed } => write!(f, "random (seed {seed})"),
+        }
+    }
+}
+
 /// Records what was done in the model's metadata_props (replacing earlier onnx-slice entries).
-pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimensions, orientation: Orientation) {
+pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimensions, orientation: &str) {
     model.metadata.retain(|(k, _)| !k.starts_with("onnx_slice."));
     let widths: Vec<String> = rewritten.widths.iter().map(usize::to_string).collect();
-    let orientation = match orientation {
-        Orientation::Identity => "identity".to_string(),
-        Orientation::Random { seed } => format!("random (seed {seed})"),
-    };
+    let orientation = orientation.to_string();
     for (key, value) in [
         ("onnx_slice.version", env!("CARGO_PKG_VERSION").to_string()),
         ("onnx_slice.ratio", dims.ratio.to_string()),

@@ -23,6 +23,13 @@ impl ValueInfo {
         v
     }
 
+    /// A tensor declaration with an element type and no shape (any rank).
+    pub fn tensor_of_rank_unknown(name: impl Into<String>, dtype: DataType) -> Self {
+        let mut v = Self::tensor(name, dtype, &[]);
+        v.clear_shape();
+        v
+    }
+
     fn tensor_type(&self) -> Option<&proto::type_proto::Tensor> {
         match self.rest.0.r#type.as_ref()?.value.as_ref()? {
             TypeValue::TensorType(t) => Some(t),

@@ -1,0 +1,312 @@
+//! Calibration through ONNX Runtime: SliceGPT's sequential algorithm (DESIGN §2), one segment of
+//! the stream at a time. Each segment runs once over the calibration set with its readers already
+//! rotated and sliced by its input point's basis and its writers not yet rotated, so it produces
+//! the next point's stream in the original basis; the PCA of that gives the next basis, and
+//! projecting it gives exactly the stream the next segment reads.
+pub mod data;
+mod segment;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use faer::{Mat, MatRef};
+use indicatif::ProgressBar;
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::graph::{Dim, Model};
+use crate::pca::{principal_basis, Basis, Covariance};
+use crate::rotate::{math, StreamEditor};
+use crate::runtime::{ModelSession, SessionConfig, TensorValue};
+use crate::structure::Layout;
+use crate::transform::{self, Dimensions, Rewritten};
+use data::CalibrationSet;
+
+const PASS: &str = "calibrate";
+
+/// SliceGPT's damping of the covariance diagonal (relative to its mean).
+pub const DAMPING: f64 = 0.01;
+
+pub struct CalibrationOptions {
+    pub dims: Dimensions,
+    pub batch: usize,
+    pub session: SessionConfig,
+    /// Folder of the model file (external data of the segments' weights, genai_config.json).
+    pub model_dir: Option<PathBuf>,
+}
+
+/// The result: the rewritten model's layout and widths, and the basis chosen at every point.
+pub struct Calibrated {
+    pub rewritten: Rewritten,
+    pub bases: Vec<Basis>,
+    pub tokens: u64,
+    /// Where the calibration tokens came from.
+    pub source: String,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Timings {
+    pub fuse_seconds: f64,
+    pub runtime_seconds: f64,
+    pub pca_seconds: f64,
+    pub rotate_seconds: f64,
+}
+
+/// Fuses the norms, then chooses, rotates and slices every stream point by PCA of calibration
+/// activations. `progress` advances once per (segment, batch).
+pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &CalibrationOptions, progress: &ProgressBar) -> Result<Calibrated> {
+    let mut timings = Timings::default();
+    let started = Instant::now();
+    let mut rewritten = transform::fuse(model)?;
+    timings.fuse_seconds = started.elapsed().as_secs_f64();
+    let layout = rewritten.layout.clone();
+    let widths = options.dims.widths(&layout);
+    let batches: Vec<Batch> = set.batches(options.batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect();
+    progress.set_length((batches.len() * (layout.segments.len() + 1)) as u64);
+    let shell = Model { graph: Default::default(), ..model.clone() };
+    let past = PastShapes::of(model, options.model_dir.as_deref())?;
+
+    let mut run = Runner { shell: &shell, layout: &layout, options, batches: &batches, past: &past, progress, timings: &mut timings, ranks: Vec::new() };
+    let (cov, mut stream) = run.segment(&model.graph, None, None, &widths)?;
+    run.ranks = run.probe_ranks(&model.graph)?;
+    let mut bases = vec![run.basis(&cov)?];
+    let mut editor = StreamEditor::new(&mut model.graph, &layout);
+    let rotate_started = Instant::now();
+    let mut q_in = bases[0].columns(widths[0]);
+    editor.rotate_embeddings(q_in.as_ref())?;
+    editor.set_point_width(0, widths[0])?;
+    project(&mut stream, q_in.as_ref())?;
+    run.timings.rotate_seconds += rotate_started.elapsed().as_secs_f64();
+    for i in 0..layout.segments.len() {
+        let step = Instant::now();
+        editor.rotate_readers(i, q_in.as_ref())?;
+        editor.set_shortcut(i, q_in.transpose())?;
+        editor.set_point_width(i + 1, layout.width)?;
+        run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+        let mut current = widths.clone();
+        current[i + 1..].fill(layout.width);
+        let (cov, mut next) = run.segment(editor.graph(), Some(i), Some(&stream), &current)?;
+        let basis = run.basis(&cov)?;
+        let step = Instant::now();
+        let q_out = basis.columns(widths[i + 1]);
+        editor.rotate_writers(i, q_out.as_ref())?;
+        editor.set_shortcut(i, math::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref())?;
+        editor.set_point_width(i + 1, widths[i + 1])?;
+        project(&mut next, q_out.as_ref())?;
+        run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+        stream = next;
+        q_in = q_out;
+        bases.push(basis);
+    }
+    let step = Instant::now();
+    editor.rotate_readers(layout.segments.len(), q_in.as_ref())?;
+    editor.finish()?;
+    timings.rotate_seconds += step.elapsed().as_secs_f64();
+    rewritten.widths = widths;
+    let tokens = batches.iter().map(|b| b.real_tokens()).sum();
+    Ok(Calibrated { rewritten, bases, tokens, source: set.source.clone(), timings })
+}
+
+/// One calibration batch: token ids, attention mask, and the inputs derived from them.
+struct Batch {
+    ids: ArrayD<i64>,
+    mask: ArrayD<i64>,
+    positions: ArrayD<i64>,
+    rows: Vec<bool>,
+}
+
+impl Batch {
+    fn new(ids: ArrayD<i64>, mask: ArrayD<i64>) -> Self {
+        // Hugging Face's positions for left padding: cumulative count of real tokens − 1, 1 at pads.
+        let mut positions = mask.clone();
+        for mut row in positions.axis_iter_mut(Axis(0)) {
+            let mut seen = 0;
+            for p in row.iter_mut() {
+                let real = *p != 0;
+                seen += real as i64;
+                *p = if real { seen - 1 } else { 1 };
+            }
+        }
+        let rows = mask.iter().map(|&m| m != 0).collect();
+        Batch { ids, mask, positions, rows }
+    }
+
+    fn real_tokens(&self) -> u64 {
+        self.rows.iter().filter(|&&r| r).count() as u64
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        (self.ids.shape()[0], self.ids.shape()[1])
+    }
+}
+
+/// Empty KV-cache inputs: the shape of each `past_key_values.*` input with sequence length 0.
+struct PastShapes {
+    inputs: Vec<(String, Vec<Dim>)>,
+    head_size: Option<usize>,
+}
+
+impl PastShapes {
+    fn of(model: &Model, dir: Option<&Path>) -> Result<Self> {
+        let inputs = model
+            .graph
+            .inputs
+            .iter()
+            .filter(|v| v.name.starts_with("past_key_values") || v.name.starts_with("past_key") || v.name.starts_with("past_value"))
+            .map(|v| (v.name.clone(), v.shape().unwrap_or_default()))
+            .collect();
+        let head_size = dir.and_then(|d| std::fs::read_to_string(d.join("genai_config.json")).ok()).and_then(|text| {
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            json["model"]["decoder"]["head_size"].as_u64().map(|v| v as usize)
+        });
+        Ok(PastShapes { inputs, head_size })
+    }
+
+    fn empty(&self, name: &str, batch: usize) -> Result<TensorValue> {
+        let dims = self.inputs.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone()).unwrap_or_default();
+        let fail = || Error::Pass { pass: PASS, node: name.into(), message: format!("cannot tell the shape of an empty KV cache from {dims:?}") };
+        let [_, heads, _, head] = dims.as_slice() else { return Err(fail()) };
+        let heads = match heads {
+            Dim::Fixed(h) => *h as usize,
+            _ => return Err(fail()),
+        };
+        let head = match head {
+            Dim::Fixed(h) => *h as usize,
+            _ => self.head_size.ok_or_else(fail)?,
+        };
+        Ok(TensorValue::F32(ArrayD::zeros(IxDyn(&[batch, heads, 0, head]))))
+    }
+}
+
+struct Runner<'a> {
+    shell: &'a Model,
+    layout: &'a Layout,
+    options: &'a CalibrationOptions,
+    batches: &'a [Batch],
+    past: &'a PastShapes,
+    progress: &'a ProgressBar,
+    timings: &'a mut Timings,
+    /// Rank of the stream tensor at each point's cut.
+    ranks: Vec<usize>,
+}
+
+impl Runner<'_> {
+    /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
+    /// the covariance of its output stream and the output itself (original basis, full width).
+    fn segment(&mut self, graph: &crate::graph::Graph, point: Option<usize>, stream: Option<&[ArrayD<f32>]>, widths: &[usize]) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
+        let started = Instant::now();
+        let model = Model { graph: graph.clone(), ..self.shell.clone() };
+        let sub = segment::segment_model(&model, self.layout, point, widths, &self.ranks)?;
+        let mut session = self.session(&sub)?;
+        let input_name = point.map(|p| segment::stream_cut(graph, self.layout, p));
+        let output_name = sub.graph.outputs[0].name.clone();
+        let mut cov = Covariance::new(self.layout.width);
+        let mut outputs = Vec::with_capacity(self.batches.len());
+        let mut pca_time = Duration::ZERO;
+        for (b, batch) in self.batches.iter().enumerate() {
+            let feeds = self.feeds(&sub, batch, input_name.as_deref(), stream.map(|s| &s[b]))?;
+            let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
+            let mut result = session.run_for(&named, &[output_name.as_str()])?;
+            let y = result.remove(&output_name).and_then(|v| v.into_f32().ok()).ok_or_else(|| Error::Pass {
+                pass: PASS,
+                node: output_name.clone(),
+                message: "the stream is not a float32 tensor".into(),
+            })?;
+            let pca_started = Instant::now();
+            let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
+            cov.add_rows(&rows, Some(&batch.rows));
+            pca_time += pca_started.elapsed();
+            outputs.push(y);
+            self.progress.inc(1);
+        }
+        self.timings.pca_seconds += pca_time.as_secs_f64();
+        self.timings.runtime_seconds += (started.elapsed() - pca_time).as_secs_f64();
+        Ok((cov, outputs))
+    }
+
+    fn session(&self, model: &Model) -> Result<ModelSession> {
+        let bytes = crate::onnx::to_bytes(model)?;
+        Ok(ModelSession::from_bytes(&bytes, self.options.model_dir.as_deref(), &self.options.session)?)
+    }
+
+    /// The rank of the stream tensor at every point's cut (2 where an exporter flattened the
+    /// stream to `[B·S, D]`), from one run of the unrotated model on a few tokens.
+    fn probe_ranks(&mut self, graph: &crate::graph::Graph) -> Result<Vec<usize>> {
+        let mut probe = Model { graph: graph.clone(), ..self.shell.clone() };
+        let cuts: Vec<String> = (0..self.layout.stream_points().len()).map(|p| segment::stream_cut(graph, self.layout, p)).collect();
+        probe.graph.outputs = cuts.iter().map(|c| crate::graph::ValueInfo::tensor_of_rank_unknown(c, crate::graph::DataType::Float)).collect();
+        crate::graph::cleanup(&mut probe.graph);
+        let mut session = self.session(&probe)?;
+        let batch = &self.batches[0];
+        let (ids, mask) = (batch.ids.slice_axis(Axis(0), (0..1).into()).to_owned(), batch.mask.slice_axis(Axis(0), (0..1).into()).to_owned());
+        let small = Batch::new(ids, mask);
+        let feeds = self.feeds(&probe, &small, None, None)?;
+        let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session.run_for(&named, &cuts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        Ok(cuts.iter().map(|c| outputs.get(c).map_or(3, |v| v.shape().len())).collect())
+    }
+
+    /// The inputs a (sub-)model declares, filled for one batch.
+    fn feeds(&self, model: &Model, batch: &Batch, stream_input: Option<&str>, stream: Option<&ArrayD<f32>>) -> Result<Vec<(String, TensorValue)>> {
+        let mut feeds = Vec::new();
+        for input in &model.graph.inputs {
+            let value = match input.name.as_str() {
+                name if Some(name) == stream_input => TensorValue::F32(stream.cloned().unwrap_or_default()),
+                "input_ids" => TensorValue::I64(batch.ids.clone()),
+                "attention_mask" => TensorValue::I64(batch.mask.clone()),
+                "position_ids" => TensorValue::I64(batch.positions.clone()),
+                name if self.past.inputs.iter().any(|(n, _)| n == name) => self.past.empty(name, batch.shape().0)?,
+                other => {
+                    return Err(Error::Pass {
+                        pass: PASS,
+                        node: other.into(),
+                        message: "the model has an input onnx-slice does not know how to fill for calibration".into(),
+                    })
+                }
+            };
+            feeds.push((input.name.clone(), value));
+        }
+        Ok(feeds)
+    }
+
+    fn basis(&mut self, cov: &Covariance) -> Result<Basis> {
+        let started = Instant::now();
+        let basis = principal_basis(cov, DAMPING)?;
+        self.timings.pca_seconds += started.elapsed().as_secs_f64();
+        Ok(basis)
+    }
+}
+
+/// The stream as contiguous rows of width D, one per token of the batch.
+fn standard_rows(y: &ArrayD<f32>, width: usize, tokens: usize, name: &str) -> Result<Vec<f32>> {
+    if y.shape().last() != Some(&width) || y.len() != tokens * width {
+        return Err(Error::Pass {
+            pass: PASS,
+            node: name.into(),
+            message: format!("stream tensor of shape {:?}, expected {tokens} tokens of width {width}", y.shape()),
+        });
+    }
+    Ok(y.as_standard_layout().iter().copied().collect())
+}
+
+/// `y ← y Q` over the last axis, for every cached batch.
+fn project(stream: &mut [ArrayD<f32>], q: MatRef<'_, f64>) -> Result<()> {
+    let q32: Mat<f32> = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f32);
+    for y in stream.iter_mut() {
+        let shape = y.shape().to_vec();
+        let d = *shape.last().unwrap_or(&0);
+        let rows = y.len() / d.max(1);
+        let data: Vec<f32> = y.as_standard_layout().iter().copied().collect();
+        let x = faer::MatRef::from_row_major_slice(&data, rows, d);
+        let out: Mat<f32> = x * &q32;
+        let mut new_shape = shape.clone();
+        if let Some(last) = new_shape.last_mut() {
+            *last = q.ncols();
+        }
+        let values: Vec<f32> = (0..rows).flat_map(|r| (0..q.ncols()).map(move |c| (r, c))).map(|(r, c)| out[(r, c)]).collect();
+        *y = ArrayD::from_shape_vec(IxDyn(&new_shape), values)
+            .map_err(|e| Error::Pass { pass: PASS, node: "(stream)".into(), message: format!("projecting the stream: {e}") })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! One segment of the stream as a model of its own: its input stream point becomes a graph input,
+//! its output stream point the only graph output, and everything not needed for that is dropped.
+//! Running these one after the other costs about one forward pass of the whole model.
+use crate::error::{Error, Result};
+use crate::graph::{cleanup, toposort, AttrValue, DataType, Graph, Model, Namer, Node, Tensor, ValueInfo};
+use crate::structure::Layout;
+
+const PASS: &str = "calibrate";
+
+/// The model computing stream point `point + 1` from point `point` (or, for `point == None`,
+/// point 0 from the model's inputs, or every point when `probe` lists them). `widths[q]` is the
+/// current width of the stream at point q and `ranks[q]` the rank of its tensor at the cut.
+pub fn segment_model(model: &Model, layout: &Layout, point: Option<usize>, widths: &[usize], ranks: &[usize]) -> Result<Model> {
+    let mut sub = model.clone();
+    let graph = &mut sub.graph;
+    let output = match point {
+        Some(p) => stream_cut(graph, layout, p + 1),
+        None => stream_cut(graph, layout, 0),
+    };
+    graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(&output, DataType::Float)];
+    if let Some(p) = point {
+        let input = stream_cut(graph, layout, p);
+        let upstream: Vec<(String, usize, usize)> = std::iter::once((layout.embeddings[0].output.clone(), ranks[0], widths[0]))
+            .chain((0..p).map(|q| (stream_cut(graph, layout, q), ranks[q], widths[q])))
+            .filter(|(v, _, _)| *v != input)
+            .collect();
+        cut_at(graph, &input);
+        detach_upstream_shapes(graph, layout, &upstream);
+    }
+    cleanup(graph);
+    drop_unused_inputs(graph);
+    check_self_contained(graph, layout, point)?;
+    toposort(graph)?;
+    Ok(sub)
+}
+
+/// Where the stream is cut at point `p`: the point's value before any reshape or cast the
+/// exporter applied to it (right after the residual Add). Exporters take `Shape()` of that
+/// earliest form for later reshapes (OPT), so it must be the segment boundary.
+pub fn stream_cut(graph: &Graph, layout: &Layout, p: usize) -> String {
+    let index = crate::pattern::GraphIndex::new(graph);
+    let mut value = layout.stream_points()[p].to_string();
+    while let Some(node) = index.producer(&value) {
+        let transparent = crate::pattern::is_value_preserving(node) || (node.domain.is_empty() && matches!(node.op_type.as_str(), "Reshape" | "Flatten"));
+        if !transparent {
+            break;
+        }
+        value = node.inputs[0].clone();
+    }
+    value
+}
+
+/// `value` stops being computed and becomes a graph input.
+fn cut_at(graph: &mut Graph, value: &str) {
+    for node in &mut graph.nodes {
+        for out in node.outputs.iter_mut().filter(|o| *o == value) {
+            *out = format!("{value}.upstream");
+        }
+    }
+    graph.inputs.push(ValueInfo::tensor_of_rank_unknown(value, DataType::Float));
+}
+
+/// Exporters take `Shape()` of earlier stream tensors (the token embeddings for attention masks,
+/// an earlier block's output for reshapes). Keeping those would pull earlier segments (and the
+/// embedding table) into this one, so each becomes what it is: the token ids' shape `[B, S]` (or
+/// `[B·S]` for a flattened stream) followed by that point's width.
+fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(String, usize, usize)]) {
+    let token = &layout.embeddings[0].output;
+    let Some(ids) = graph.nodes.iter().find(|n| n.outputs.first() == Some(token)).and_then(|g| g.inputs.get(1).cloned()) else { return };
+    let mut namer = Namer::new(graph);
+    let mut leading: [Option<String>; 2] = [None, None];
+    for i in 0..graph.nodes.len() {
+        let node = &graph.nodes[i];
+        let whole_shape = node.attr_int("start").unwrap_or(0) == 0 && node.attr("end").is_none();
+        if !node.is("Shape") || !whole_shape {
+            continue;
+        }
+        let Some((_, rank, width)) = upstream.iter().find(|(v, _, _)| node.inputs.first() == Some(v)) else { continue };
+        let flat = match rank {
+            3 => 0,
+            2 => 1,
+            _ => continue,
+        };
+        let lead = match &leading[flat] {
+            Some(l) => l.clone(),
+            None => {
+                let l = leading_dims(graph, &mut namer, &ids, flat == 1);
+                leading[flat] = Some(l.clone());
+                l
+            }
+        };
+        let width_name = namer.fresh("onnx_slice.calibration.width");
+        graph.initializers.push(Tensor::from_i64(width_name.clone(), vec![1], &[*width as i64]));
+        let output = graph.nodes[i].outputs[0].clone();
+        let mut concat = Node::new("Concat", graph.nodes[i].name.clone(), vec![lead, width_name], vec![output]);
+        concat.set_attr("axis", AttrValue::Int(0));
+        graph.nodes[i] = concat;
+    }
+}
+
+/// `Shape(ids)` = `[B, S]`, or `[B·S]` for a flattened stream.
+fn leading_dims(graph: &mut Graph, namer: &mut Namer, ids: &str, flat: bool) -> String {
+    let shape = namer.fresh("onnx_slice/calibration/ids_shape");
+    graph.nodes.push(Node::new("Shape", namer.fresh("onnx_slice/calibration/IdsShape"), vec![ids.into()], vec![shape.clone()]));
+    if !flat {
+        return shape;
+    }
+    let mut constant = |v: i64| {
+        let name = namer.fresh("onnx_slice.calibration.index");
+        graph.initializers.push(Tensor::from_i64(name.clone(), vec![1], &[v]));
+        name
+    };
+    let (zero, one, two) = (constant(0), constant(1), constant(2));
+    let batch = namer.fresh("onnx_slice/calibration/batch");
+    let seq = namer.fresh("onnx_slice/calibration/seq");
+    let tokens = namer.fresh("onnx_slice/calibration/tokens");
+    graph.nodes.push(Node::new("Slice", namer.fresh("onnx_slice/calibration/SliceB"), vec![shape.clone(), zero.clone(), one.clone(), zero.clone()], vec![batch.clone()]));
+    graph.nodes.push(Node::new("Slice", namer.fresh("onnx_slice/calibration/SliceS"), vec![shape, one, two, zero], vec![seq.clone()]));
+    graph.nodes.push(Node::new("Mul", namer.fresh("onnx_slice/calibration/Tokens"), vec![batch, seq], vec![tokens.clone()]));
+    tokens
+}
+
+fn drop_unused_inputs(graph: &mut Graph) {
+    let used: std::collections::HashSet<&str> = graph.nodes.iter().flat_map(|n| n.inputs.iter().map(String::as_str)).collect();
+    let outputs: std::collections::HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    let keep: Vec<bool> = graph.inputs.iter().map(|v| used.contains(v.name.as_str()) || outputs.contains(v.name.as_str())).collect();
+    let mut keep = keep.into_iter();
+    graph.inputs.retain(|_| keep.next().unwrap_or(true));
+}
+
+/// A segment must not need the work of earlier segments (that would make calibration quadratic
+/// in depth, and feed it unsliced activations).
+fn check_self_contained(graph: &Graph, layout: &Layout, point: Option<usize>) -> Result<()> {
+    let Some(p) = point else { return Ok(()) };
+    let present: std::collections::HashSet<&str> = graph.nodes.iter().flat_map(|n| n.outputs.iter().map(String::as_str)).collect();
+    for (i, segment) in layout.segments.iter().enumerate().filter(|(i, _)| *i != p) {
+        if let Some(linear) = segment.writers.iter().chain(segment.branches.iter().flat_map(|b| b.readers.iter())).find(|l| present.contains(l.output.as_str())) {
+            return Err(Error::Pass {
+                pass: PASS,
+                node: linear.node_name.clone(),
+                message: format!("segment {p} of the stream depends on the linear layer '{}' of segment {i}; onnx-slice cannot run the segments separately", linear.output),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! `--report FILE.json`: what a slicing run did, for CI jobs that gate model size.
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::calibrate::{Calibrated, Timings};
+use crate::inspect::ModelSummary;
+use crate::onnx::Saved;
+use crate::transform::{Dimensions, Rewritten};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub input: String,
+    pub output: String,
+    pub external_data: Option<String>,
+    pub ratio: f64,
+    pub round_to: usize,
+    pub slice_head: bool,
+    pub orientation: String,
+    /// D, the original residual stream width.
+    pub stream_width: usize,
+    /// k at every stream point (embeddings first, the head's input last).
+    pub widths: Vec<usize>,
+    pub blocks: usize,
+    pub parameters_before: u64,
+    pub parameters_after: u64,
+    /// Of `parameters_after`: the k_a×k_b matrices on the residual skip paths.
+    pub shortcut_parameters: u64,
+    pub weight_bytes_before: u64,
+    pub weight_bytes_after: u64,
+    /// Bytes written: the model file and its external data file.
+    pub file_bytes_after: u64,
+    pub calibration_tokens: u64,
+    pub calibration_source: Option<String>,
+    pub seconds: Seconds,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Seconds {
+    #[serde(flatten)]
+    pub phases: Timings,
+    pub save: f64,
+    pub total: f64,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        input: &Path,
+        saved: &Saved,
+        rewritten: &Rewritten,
+        dims: &Dimensions,
+        orientation: &str,
+        before: &ModelSummary,
+        after: &ModelSummary,
+        calibration: Option<&Calibrated>,
+        save_seconds: f64,
+        started: Instant,
+    ) -> Self {
+        let bytes = |s: &ModelSummary| s.parameters_by_dtype.values().map(|t| t.bytes).sum();
+        let shortcut_parameters = shortcut_parameters(&rewritten.widths);
+        Report {
+            input: input.display().to_string(),
+            output: saved.path.display().to_string(),
+            external_data: saved.data_file.as_ref().map(|(p, _)| p.display().to_string()),
+            ratio: dims.ratio,
+            round_to: dims.round_to,
+            slice_head: dims.slice_head,
+            orientation: orientation.to_string(),
+            stream_width: rewritten.layout.width,
+            widths: rewritten.widths.clone(),
+            blocks: rewritten.layout.block_count(),
+            parameters_before: before.parameter_count,
+            parameters_after: after.parameter_count,
+            shortcut_parameters,
+            weight_bytes_before: bytes(before),
+            weight_bytes_after: bytes(after),
+            file_bytes_after: saved.model_bytes + saved.data_file.as_ref().map_or(0, |(_, n)| *n),
+            calibration_tokens: calibration.map_or(0, |c| c.tokens),
+            calibration_source: calibration.map(|c| c.source.clone()),
+            seconds: Seconds {
+                phases: calibration.map(|c| c.timings.clone()).unwrap_or_default(),
+                save: save_seconds,
+                total: started.elapsed().as_secs_f64(),
+            },
+        }
+    }
+}
+
+/// One `k_p × k_{p+1}` matrix per segment, on its skip path.
+fn shortcut_parameters(widths: &[usize]) -> u64 {
+    widths.windows(2).map(|w| (w[0] * w[1]) as u64).sum()
+}
