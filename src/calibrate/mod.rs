@@ -48,6 +48,9 @@ pub struct Calibrated {
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Timings {
     pub fuse_seconds: f64,
+    /// Cutting segment models out of the graph and creating their ONNX Runtime sessions.
+    pub session_seconds: f64,
+    /// Running the segments over the calibration set.
     pub runtime_seconds: f64,
     pub pca_seconds: f64,
     pub rotate_seconds: f64,
@@ -199,6 +202,8 @@ impl Runner<'_> {
         let model = Model { graph: graph.clone(), ..self.shell.clone() };
         let sub = segment::segment_model(&model, self.layout, point, widths, &self.ranks)?;
         let mut session = self.session(&sub)?;
+        let setup = started.elapsed();
+        self.timings.session_seconds += setup.as_secs_f64();
         let input_name = point.map(|p| segment::stream_cut(graph, self.layout, p));
         let output_name = sub.graph.outputs[0].name.clone();
         let mut cov = Covariance::new(self.layout.width);
@@ -215,13 +220,13 @@ impl Runner<'_> {
             })?;
             let pca_started = Instant::now();
             let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
-            cov.add_rows(&rows, Some(&batch.rows));
+            cov.add_rows(rows.as_slice().unwrap_or(&[]), Some(&batch.rows));
             pca_time += pca_started.elapsed();
             outputs.push(y);
             self.progress.inc(1);
         }
         self.timings.pca_seconds += pca_time.as_secs_f64();
-        self.timings.runtime_seconds += (started.elapsed() - pca_time).as_secs_f64();
+        self.timings.runtime_seconds += (started.elapsed() - pca_time - setup).as_secs_f64();
         Ok((cov, outputs))
     }
 
@@ -238,8 +243,11 @@ impl Runner<'_> {
         probe.graph.outputs = cuts.iter().map(|c| crate::graph::ValueInfo::tensor_of_rank_unknown(c, crate::graph::DataType::Float)).collect();
         crate::graph::cleanup(&mut probe.graph);
         let mut session = self.session(&probe)?;
+        // A few tokens of one sequence: only the ranks of the tensors matter here.
         let batch = &self.batches[0];
-        let (ids, mask) = (batch.ids.slice_axis(Axis(0), (0..1).into()).to_owned(), batch.mask.slice_axis(Axis(0), (0..1).into()).to_owned());
+        let tokens = batch.shape().1.min(8);
+        let first = |a: &ArrayD<i64>| a.slice_axis(Axis(0), (0..1).into()).slice_axis(Axis(1), (0..tokens).into()).to_owned();
+        let (ids, mask) = (first(&batch.ids), first(&batch.mask));
         let small = Batch::new(ids, mask);
         let feeds = self.feeds(&probe, &small, None, None)?;
         let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
@@ -279,7 +287,7 @@ impl Runner<'_> {
 }
 
 /// The stream as contiguous rows of width D, one per token of the batch.
-fn standard_rows(y: &ArrayD<f32>, width: usize, tokens: usize, name: &str) -> Result<Vec<f32>> {
+fn standard_rows<'y>(y: &'y ArrayD<f32>, width: usize, tokens: usize, name: &str) -> Result<ndarray::CowArray<'y, f32, IxDyn>> {
     if y.shape().last() != Some(&width) || y.len() != tokens * width {
         return Err(Error::Pass {
             pass: PASS,
@@ -287,25 +295,35 @@ fn standard_rows(y: &ArrayD<f32>, width: usize, tokens: usize, name: &str) -> Re
             message: format!("stream tensor of shape {:?}, expected {tokens} tokens of width {width}", y.shape()),
         });
     }
-    Ok(y.as_standard_layout().iter().copied().collect())
+    Ok(y.as_standard_layout())
 }
 
 /// `y ← y Q` over the last axis, for every cached batch.
 fn project(stream: &mut [ArrayD<f32>], q: MatRef<'_, f64>) -> Result<()> {
     let q32: Mat<f32> = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f32);
+    let k = q.ncols();
     for y in stream.iter_mut() {
-        let shape = y.shape().to_vec();
-        let d = *shape.last().unwrap_or(&0);
-        let rows = y.len() / d.max(1);
-        let data: Vec<f32> = y.as_standard_layout().iter().copied().collect();
-        let x = faer::MatRef::from_row_major_slice(&data, rows, d);
-        let out: Mat<f32> = x * &q32;
-        let mut new_shape = shape.clone();
-        if let Some(last) = new_shape.last_mut() {
-            *last = q.ncols();
+        let mut shape = y.shape().to_vec();
+        let d = shape.last().copied().unwrap_or(0);
+        if d != q.nrows() {
+            return Err(Error::Pass { pass: PASS, node: "(stream)".into(), message: format!("stream of width {d}, basis of {} rows", q.nrows()) });
         }
-        let values: Vec<f32> = (0..rows).flat_map(|r| (0..q.ncols()).map(move |c| (r, c))).map(|(r, c)| out[(r, c)]).collect();
-        *y = ArrayD::from_shape_vec(IxDyn(&new_shape), values)
+        let rows = y.len() / d.max(1);
+        let input = y.as_standard_layout();
+        let data = input.as_slice().unwrap_or(&[]);
+        let mut out = vec![0f32; rows * k];
+        faer::linalg::matmul::matmul(
+            faer::MatMut::from_row_major_slice_mut(&mut out, rows, k),
+            faer::Accum::Replace,
+            faer::MatRef::from_row_major_slice(data, rows, d),
+            q32.as_ref(),
+            1.0,
+            faer::get_global_parallelism(),
+        );
+        if let Some(last) = shape.last_mut() {
+            *last = k;
+        }
+        *y = ArrayD::from_shape_vec(IxDyn(&shape), out)
             .map_err(|e| Error::Pass { pass: PASS, node: "(stream)".into(), message: format!("projecting the stream: {e}") })?;
     }
     Ok(())

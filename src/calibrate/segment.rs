@@ -13,6 +13,8 @@ const PASS: &str = "calibrate";
 pub fn segment_model(model: &Model, layout: &Layout, point: Option<usize>, widths: &[usize], ranks: &[usize]) -> Result<Model> {
     let mut sub = model.clone();
     let graph = &mut sub.graph;
+    // Declared shapes go stale as points are sliced one by one; ONNX Runtime infers them.
+    graph.value_info.clear();
     let output = match point {
         Some(p) => stream_cut(graph, layout, p + 1),
         None => stream_cut(graph, layout, 0),

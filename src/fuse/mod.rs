@@ -94,7 +94,10 @@ fn scalar(name: &str, dtype: DataType, value: f64) -> Tensor {
     }
 }
 
-fn norm_parameters(graph: &Graph, norm: &NormMatch) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+/// A norm's γ and β, each absent when the norm has none.
+type ScaleShift = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+fn norm_parameters(graph: &Graph, norm: &NormMatch) -> Result<ScaleShift> {
     let index = GraphIndex::new(graph);
     let read = |name: &Option<String>, what: &str| -> Result<Option<Vec<f32>>> {
         match name {
