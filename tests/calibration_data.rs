@@ -129,24 +129,6 @@ fn special_tokens_of_the_post_processor_start_every_sample() {
     assert!(error.to_string().contains("no room for text"), "{error}");
 }
 
-/// A NumPy `.npy` file (format 1.0) as `np.save` writes it.
-fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-    let shape_text = match shape {
-        [n] => format!("({n},)"),
-        dims => format!("({})", dims.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(data);
-    std::fs::write(path, bytes).unwrap();
-}
-
 fn i64_bytes(values: &[i64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -156,7 +138,7 @@ fn npy_ids_round_trip() {
     let dir = scratch();
     let path = dir.path().join("ids.npy");
     let values: Vec<i64> = (0..15).map(|v| v * 7 + 1).collect();
-    write_npy(&path, "<i8", &[3, 5], &i64_bytes(&values));
+    common::write_npy(&path, "<i8", &[3, 5], &i64_bytes(&values));
     let set = CalibrationSet::from_npy(&path, None).unwrap();
     assert_eq!(set.ids, vec![values[0..5].to_vec(), values[5..10].to_vec(), values[10..15].to_vec()]);
     assert_eq!(set.mask, vec![vec![1; 5]; 3]);
@@ -182,7 +164,7 @@ fn npy_ids_round_trip() {
 
     let path32 = dir.path().join("ids32.npy");
     let values32: Vec<u8> = (0..8i32).flat_map(|v| (v + 100).to_le_bytes()).collect();
-    write_npy(&path32, "<i4", &[2, 4], &values32);
+    common::write_npy(&path32, "<i4", &[2, 4], &values32);
     let set32 = CalibrationSet::from_npy(&path32, None).unwrap();
     assert_eq!(set32.ids, vec![vec![100, 101, 102, 103], vec![104, 105, 106, 107]]);
 }
@@ -191,17 +173,17 @@ fn npy_ids_round_trip() {
 fn npy_with_the_wrong_type_or_rank_is_refused() {
     let dir = scratch();
     let floats = dir.path().join("floats.npy");
-    write_npy(&floats, "<f4", &[2, 2], &[0u8; 16]);
+    common::write_npy(&floats, "<f4", &[2, 2], &[0u8; 16]);
     let message = CalibrationSet::from_npy(&floats, None).unwrap_err().to_string();
     assert!(message.contains("int64 or int32") && message.contains("float32") && message.contains("floats.npy"), "{message}");
 
     let flat = dir.path().join("flat.npy");
-    write_npy(&flat, "<i8", &[4], &i64_bytes(&[1, 2, 3, 4]));
+    common::write_npy(&flat, "<i8", &[4], &i64_bytes(&[1, 2, 3, 4]));
     let message = CalibrationSet::from_npy(&flat, None).unwrap_err().to_string();
     assert!(message.contains("2-D") && message.contains("[4]"), "{message}");
 
     let negative = dir.path().join("negative.npy");
-    write_npy(&negative, "<i8", &[1, 2], &i64_bytes(&[1, -5]));
+    common::write_npy(&negative, "<i8", &[1, 2], &i64_bytes(&[1, -5]));
     assert!(CalibrationSet::from_npy(&negative, None).unwrap_err().to_string().contains("-5"));
 
     let missing = CalibrationSet::from_npy(&dir.path().join("missing.npy"), None).unwrap_err().to_string();

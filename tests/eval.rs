@@ -226,17 +226,8 @@ fn parse(args: &[&str]) -> Result<EvalArgs, clap::Error> {
 }
 
 fn write_ids(path: &Path, rows: &[Vec<i64>]) {
-    let shape = format!("({}, {})", rows.len(), rows[0].len());
-    let mut header = format!("{{'descr': '<i8', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(rows.iter().flatten().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(path, bytes).unwrap();
+    let data: Vec<u8> = rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+    common::write_npy(path, "<i8", &[rows.len(), rows[0].len()], &data);
 }
 
 #[test]

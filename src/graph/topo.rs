@@ -27,15 +27,20 @@ fn free_values(graph: &Graph) -> HashSet<String> {
     free
 }
 
-/// Sorts nodes so that every node comes after the producers of what it reads, keeping the
-/// original order wherever the dependencies allow (so an already sorted graph is left as it is).
-pub fn toposort(graph: &mut Graph) -> Result<()> {
-    let producer: HashMap<&str, usize> = graph
+/// Which node (by index) produces each value.
+fn producers(graph: &Graph) -> HashMap<&str, usize> {
+    graph
         .nodes
         .iter()
         .enumerate()
         .flat_map(|(i, n)| n.outputs.iter().filter(|o| !o.is_empty()).map(move |o| (o.as_str(), i)))
-        .collect();
+        .collect()
+}
+
+/// Sorts nodes so that every node comes after the producers of what it reads, keeping the
+/// original order wherever the dependencies allow (so an already sorted graph is left as it is).
+pub fn toposort(graph: &mut Graph) -> Result<()> {
+    let producer = producers(graph);
     let n = graph.nodes.len();
     let mut waiting_on = vec![0usize; n];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -70,12 +75,7 @@ pub fn toposort(graph: &mut Graph) -> Result<()> {
 /// Removes nodes whose outputs nobody reads, initializers nobody reads, and value_info entries of
 /// values that no longer exist. Graph outputs are never removed. Works in any node order.
 pub fn cleanup(graph: &mut Graph) {
-    let producer: HashMap<&str, usize> = graph
-        .nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.outputs.iter().filter(|o| !o.is_empty()).map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = producers(graph);
     let mut live: HashSet<String> = HashSet::new();
     let mut keep = vec![false; graph.nodes.len()];
     let mut pending: Vec<String> = graph.outputs.iter().map(|o| o.name.clone()).collect();
