@@ -59,3 +59,22 @@ fn a_model_over_two_gib_is_written_with_external_data_and_runs() {
     let value = outputs.remove("value").unwrap().into_f32().unwrap();
     assert_eq!(value.iter().copied().collect::<Vec<_>>(), probes.iter().map(|&(_, v)| v).collect::<Vec<_>>());
 }
+
+#[test]
+fn an_intermediate_tensor_can_be_read_as_an_extra_output() {
+    let path = fixture("llama/optimum/model.onnx");
+    let reference = Reference::for_exporter("llama", "optimum");
+    let mut model = onnx::load(&path).unwrap();
+    // The first block's input: the token embeddings, which reference.npz holds as hidden_states_0.
+    let embeddings = model.graph.nodes.iter().find(|n| n.is("Gather") && n.inputs[0].contains("embed_tokens")).unwrap().outputs[0].clone();
+    model.graph.expose_output(&embeddings);
+    runtime();
+    let bytes = onnx::to_bytes(&model).unwrap();
+    let mut session = onnx_slice::runtime::ModelSession::from_bytes(&bytes, None, &cpu()).unwrap();
+    let inputs = reference.inputs_for(&session);
+    let mut outputs = session.run_for(&as_named(&inputs), &[embeddings.as_str(), "logits"]).unwrap();
+    let hidden = outputs.remove(&embeddings).unwrap().into_f32().unwrap();
+    let npz = onnx_slice::runtime::npy::Npz::read(&fixture("llama/reference.npz")).unwrap();
+    let expected = npz.array("hidden_states_0").cloned().and_then(|a| a.into_f32()).unwrap();
+    assert!(max_abs_diff(&hidden, &expected) <= 1e-5, "embeddings differ from torch's hidden_states_0");
+}
