@@ -248,7 +248,7 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
         dims: *dims,
         batch: args.calib_batch,
         session: SessionConfig { ep: args.ep, intra_threads: None },
-        model_dir: input.parent().map(Path::to_path_buf),
+        model_path: Some(input.to_path_buf()),
     };
     let calibrated = slice_with_pca(model, &set, &options, &progress).with_context(|| format!("slicing {}", input.display()))?;
     progress.finish_and_clear();

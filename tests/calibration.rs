@@ -29,7 +29,7 @@ fn calibrate(path: &std::path::Path, arch: &str, ratio: f64) -> Model {
         dims: Dimensions { ratio, ..Dimensions::default() },
         batch,
         session: cpu(),
-        model_dir: path.parent().map(|p| p.to_path_buf()),
+        model_path: Some(path.to_path_buf()),
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden()).unwrap_or_else(|e| panic!("{e}"));
     model

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use faer::{Mat, MatRef};
 use indicatif::ProgressBar;
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::error::{Error, Result};
-use crate::graph::{Dim, Model};
+use crate::eval::InputPlan;
+use crate::graph::Model;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::{math, StreamEditor};
 use crate::runtime::{ModelSession, SessionConfig, TensorValue};
@@ -31,8 +32,9 @@ pub struct CalibrationOptions {
     pub dims: Dimensions,
     pub batch: usize,
     pub session: SessionConfig,
-    /// Folder of the model file (external data of the segments' weights, genai_config.json).
-    pub model_dir: Option<PathBuf>,
+    /// The model file: its folder holds the segments' external data and the config files that
+    /// give an empty KV cache's shape.
+    pub model_path: Option<PathBuf>,
 }
 
 /// The result: the rewritten model's layout and widths, and the basis chosen at every point.
@@ -65,14 +67,12 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     timings.fuse_seconds = started.elapsed().as_secs_f64();
     let layout = rewritten.layout.clone();
     let widths = options.dims.widths(&layout);
-    let batches: Vec<Batch> = set.batches(options.batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect();
+    let batches = set.batches(options.batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect::<Result<Vec<_>>>()?;
     progress.set_length((batches.len() * (layout.segments.len() + 1)) as u64);
     let shell = Model { graph: Default::default(), ..model.clone() };
-    let past = PastShapes::of(model, options.model_dir.as_deref())?;
 
-    let mut run = Runner { shell: &shell, layout: &layout, options, batches: &batches, past: &past, progress, timings: &mut timings, ranks: Vec::new() };
+    let mut run = Runner::probe(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
     let (cov, mut stream) = run.segment(&model.graph, None, None, &widths)?;
-    run.ranks = run.probe_ranks(&model.graph)?;
     let mut bases = vec![run.basis(&cov)?];
     let mut editor = StreamEditor::new(&mut model.graph, &layout);
     let rotate_started = Instant::now();
@@ -111,74 +111,25 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     Ok(Calibrated { rewritten, bases, tokens, source: set.source.clone(), timings })
 }
 
-/// One calibration batch: token ids, attention mask, and the inputs derived from them.
+/// One calibration batch: token ids `[b, L]`, their attention mask, and which tokens are real.
 struct Batch {
-    ids: ArrayD<i64>,
-    mask: ArrayD<i64>,
-    positions: ArrayD<i64>,
+    ids: Array2<i64>,
+    mask: Array2<i64>,
     rows: Vec<bool>,
 }
 
 impl Batch {
-    fn new(ids: ArrayD<i64>, mask: ArrayD<i64>) -> Self {
-        // Hugging Face's positions for left padding: cumulative count of real tokens − 1, 1 at pads.
-        let mut positions = mask.clone();
-        for mut row in positions.axis_iter_mut(Axis(0)) {
-            let mut seen = 0;
-            for p in row.iter_mut() {
-                let real = *p != 0;
-                seen += real as i64;
-                *p = if real { seen - 1 } else { 1 };
-            }
-        }
+    fn new(ids: ArrayD<i64>, mask: ArrayD<i64>) -> Result<Self> {
+        let matrix = |a: ArrayD<i64>| {
+            a.into_dimensionality::<Ix2>()
+                .map_err(|e| Error::Pass { pass: PASS, node: "(calibration data)".into(), message: format!("token ids must be [batch, length]: {e}") })
+        };
         let rows = mask.iter().map(|&m| m != 0).collect();
-        Batch { ids, mask, positions, rows }
+        Ok(Batch { ids: matrix(ids)?, mask: matrix(mask)?, rows })
     }
 
     fn real_tokens(&self) -> u64 {
         self.rows.iter().filter(|&&r| r).count() as u64
-    }
-
-    fn shape(&self) -> (usize, usize) {
-        (self.ids.shape()[0], self.ids.shape()[1])
-    }
-}
-
-/// Empty KV-cache inputs: the shape of each `past_key_values.*` input with sequence length 0.
-struct PastShapes {
-    inputs: Vec<(String, Vec<Dim>)>,
-    head_size: Option<usize>,
-}
-
-impl PastShapes {
-    fn of(model: &Model, dir: Option<&Path>) -> Result<Self> {
-        let inputs = model
-            .graph
-            .inputs
-            .iter()
-            .filter(|v| v.name.starts_with("past_key_values") || v.name.starts_with("past_key") || v.name.starts_with("past_value"))
-            .map(|v| (v.name.clone(), v.shape().unwrap_or_default()))
-            .collect();
-        let head_size = dir.and_then(|d| std::fs::read_to_string(d.join("genai_config.json")).ok()).and_then(|text| {
-            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-            json["model"]["decoder"]["head_size"].as_u64().map(|v| v as usize)
-        });
-        Ok(PastShapes { inputs, head_size })
-    }
-
-    fn empty(&self, name: &str, batch: usize) -> Result<TensorValue> {
-        let dims = self.inputs.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone()).unwrap_or_default();
-        let fail = || Error::Pass { pass: PASS, node: name.into(), message: format!("cannot tell the shape of an empty KV cache from {dims:?}") };
-        let [_, heads, _, head] = dims.as_slice() else { return Err(fail()) };
-        let heads = match heads {
-            Dim::Fixed(h) => *h as usize,
-            _ => return Err(fail()),
-        };
-        let head = match head {
-            Dim::Fixed(h) => *h as usize,
-            _ => self.head_size.ok_or_else(fail)?,
-        };
-        Ok(TensorValue::F32(ArrayD::zeros(IxDyn(&[batch, heads, 0, head]))))
     }
 }
 
@@ -187,21 +138,51 @@ struct Runner<'a> {
     layout: &'a Layout,
     options: &'a CalibrationOptions,
     batches: &'a [Batch],
-    past: &'a PastShapes,
     progress: &'a ProgressBar,
     timings: &'a mut Timings,
+    /// How the model's own inputs (ids, mask, positions, empty KV cache) are filled.
+    plan: InputPlan,
     /// Rank of the stream tensor at each point's cut.
     ranks: Vec<usize>,
 }
 
-impl Runner<'_> {
+impl<'a> Runner<'a> {
+    /// Runs the unrotated model once on a few tokens to learn how to fill its inputs and the
+    /// rank of the stream tensor at every point's cut (2 where an exporter flattened the stream
+    /// to `[B·S, D]`).
+    fn probe(
+        shell: &'a Model,
+        graph: &crate::graph::Graph,
+        layout: &'a Layout,
+        options: &'a CalibrationOptions,
+        batches: &'a [Batch],
+        progress: &'a ProgressBar,
+        timings: &'a mut Timings,
+    ) -> Result<Self> {
+        let mut probe = Model { graph: graph.clone(), ..shell.clone() };
+        let cuts: Vec<String> = (0..layout.stream_points().len()).map(|p| segment::stream_cut(graph, layout, p)).collect();
+        probe.graph.outputs = cuts.iter().map(|c| crate::graph::ValueInfo::tensor_of_rank_unknown(c, crate::graph::DataType::Float)).collect();
+        crate::graph::cleanup(&mut probe.graph);
+        let mut session = session_for(&probe, options)?;
+        let plan = InputPlan::for_session(&session, options.model_path.as_deref())?;
+        // A few tokens of one sequence: only the ranks of the tensors matter here.
+        let batch = batches.first().ok_or_else(|| Error::Pass { pass: PASS, node: "(calibration data)".into(), message: "no calibration batches".into() })?;
+        let tokens = batch.ids.ncols().min(8);
+        let first = |a: &Array2<i64>| a.slice(ndarray::s![0..1, 0..tokens]).to_owned();
+        let feeds = plan.feed(&first(&batch.ids), Some(&first(&batch.mask)))?;
+        let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session.run_for(&named, &cuts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let ranks = cuts.iter().map(|c| outputs.get(c).map_or(3, |v| v.shape().len())).collect();
+        Ok(Runner { shell, layout, options, batches, progress, timings, plan, ranks })
+    }
+
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
     /// the covariance of its output stream and the output itself (original basis, full width).
     fn segment(&mut self, graph: &crate::graph::Graph, point: Option<usize>, stream: Option<&[ArrayD<f32>]>, widths: &[usize]) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
         let started = Instant::now();
         let model = Model { graph: graph.clone(), ..self.shell.clone() };
         let sub = segment::segment_model(&model, self.layout, point, widths, &self.ranks)?;
-        let mut session = self.session(&sub)?;
+        let mut session = session_for(&sub, self.options)?;
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
         let input_name = point.map(|p| segment::stream_cut(graph, self.layout, p));
@@ -230,50 +211,23 @@ impl Runner<'_> {
         Ok((cov, outputs))
     }
 
-    fn session(&self, model: &Model) -> Result<ModelSession> {
-        let bytes = crate::onnx::to_bytes(model)?;
-        Ok(ModelSession::from_bytes(&bytes, self.options.model_dir.as_deref(), &self.options.session)?)
-    }
-
-    /// The rank of the stream tensor at every point's cut (2 where an exporter flattened the
-    /// stream to `[B·S, D]`), from one run of the unrotated model on a few tokens.
-    fn probe_ranks(&mut self, graph: &crate::graph::Graph) -> Result<Vec<usize>> {
-        let mut probe = Model { graph: graph.clone(), ..self.shell.clone() };
-        let cuts: Vec<String> = (0..self.layout.stream_points().len()).map(|p| segment::stream_cut(graph, self.layout, p)).collect();
-        probe.graph.outputs = cuts.iter().map(|c| crate::graph::ValueInfo::tensor_of_rank_unknown(c, crate::graph::DataType::Float)).collect();
-        crate::graph::cleanup(&mut probe.graph);
-        let mut session = self.session(&probe)?;
-        // A few tokens of one sequence: only the ranks of the tensors matter here.
-        let batch = &self.batches[0];
-        let tokens = batch.shape().1.min(8);
-        let first = |a: &ArrayD<i64>| a.slice_axis(Axis(0), (0..1).into()).slice_axis(Axis(1), (0..tokens).into()).to_owned();
-        let (ids, mask) = (first(&batch.ids), first(&batch.mask));
-        let small = Batch::new(ids, mask);
-        let feeds = self.feeds(&probe, &small, None, None)?;
-        let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let outputs = session.run_for(&named, &cuts.iter().map(String::as_str).collect::<Vec<_>>())?;
-        Ok(cuts.iter().map(|c| outputs.get(c).map_or(3, |v| v.shape().len())).collect())
-    }
-
-    /// The inputs a (sub-)model declares, filled for one batch.
+    /// The inputs a segment model declares: the model's own, filled by the plan, and the stream.
     fn feeds(&self, model: &Model, batch: &Batch, stream_input: Option<&str>, stream: Option<&ArrayD<f32>>) -> Result<Vec<(String, TensorValue)>> {
+        let mut own = self.plan.feed(&batch.ids, Some(&batch.mask))?;
         let mut feeds = Vec::new();
         for input in &model.graph.inputs {
-            let value = match input.name.as_str() {
-                name if Some(name) == stream_input => TensorValue::F32(stream.cloned().unwrap_or_default()),
-                "input_ids" => TensorValue::I64(batch.ids.clone()),
-                "attention_mask" => TensorValue::I64(batch.mask.clone()),
-                "position_ids" => TensorValue::I64(batch.positions.clone()),
-                name if self.past.inputs.iter().any(|(n, _)| n == name) => self.past.empty(name, batch.shape().0)?,
-                other => {
-                    return Err(Error::Pass {
-                        pass: PASS,
-                        node: other.into(),
-                        message: "the model has an input onnx-slice does not know how to fill for calibration".into(),
-                    })
-                }
+            if Some(input.name.as_str()) == stream_input {
+                feeds.push((input.name.clone(), TensorValue::F32(stream.cloned().unwrap_or_default())));
+                continue;
+            }
+            let Some(i) = own.iter().position(|(name, _)| *name == input.name) else {
+                return Err(Error::Pass {
+                    pass: PASS,
+                    node: input.name.clone(),
+                    message: "the model has an input onnx-slice does not know how to fill for calibration".into(),
+                });
             };
-            feeds.push((input.name.clone(), value));
+            feeds.push(own.swap_remove(i));
         }
         Ok(feeds)
     }
@@ -284,6 +238,12 @@ impl Runner<'_> {
         self.timings.pca_seconds += started.elapsed().as_secs_f64();
         Ok(basis)
     }
+}
+
+fn session_for(model: &Model, options: &CalibrationOptions) -> Result<ModelSession> {
+    let bytes = crate::onnx::to_bytes(model)?;
+    let dir = options.model_path.as_deref().and_then(Path::parent);
+    Ok(ModelSession::from_bytes(&bytes, dir, &options.session)?)
 }
 
 /// The stream as contiguous rows of width D, one per token of the batch.
