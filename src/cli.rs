@@ -189,11 +189,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         bail!("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)");
     };
     let dims = slice_dimensions(&args)?;
-    let storage = match (args.external_data, args.inline) {
-        (true, _) => Storage::External,
-        (_, true) => Storage::Inline,
-        _ => Storage::Auto,
-    };
+    let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
@@ -296,6 +292,15 @@ pub fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
     bar
 }
 
+/// `--external-data` / `--inline` / neither (external only over protobuf's 2 GiB limit).
+fn storage_of(external_data: bool, inline: bool) -> Storage {
+    match (external_data, inline) {
+        (true, _) => Storage::External,
+        (_, true) => Storage::Inline,
+        _ => Storage::Auto,
+    }
+}
+
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
@@ -305,11 +310,7 @@ fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
     if args.output.as_os_str().is_empty() {
         bail!("the output path is empty");
     }
-    let storage = match (args.external_data, args.inline) {
-        (true, _) => Storage::External,
-        (_, true) => Storage::Inline,
-        _ => Storage::Auto,
-    };
+    let storage = storage_of(args.external_data, args.inline);
     let model = onnx::load(&args.input)?;
     let options = SaveOptions { storage, size_threshold: args.size_threshold };
     let saved = onnx::save(&model, &args.output, &options).with_context(|| format!("converting {}", args.input.display()))?;

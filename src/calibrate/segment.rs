@@ -43,8 +43,7 @@ pub fn stream_cut(graph: &Graph, layout: &Layout, p: usize) -> String {
     let index = crate::pattern::GraphIndex::new(graph);
     let mut value = layout.stream_points()[p].to_string();
     while let Some(node) = index.producer(&value) {
-        let transparent = crate::pattern::is_value_preserving(node) || (node.domain.is_empty() && matches!(node.op_type.as_str(), "Reshape" | "Flatten"));
-        if !transparent {
+        if !crate::pattern::is_stream_transparent(node) {
             break;
         }
         value = node.inputs[0].clone();

@@ -150,6 +150,12 @@ pub fn is_matrix_transpose(node: &Node) -> bool {
     node.is("Transpose") && node.domain.is_empty() && matches!(node.attr_ints("perm"), None | Some([1, 0]))
 }
 
+/// Ops that pass the stream (or a normalized stream) on with its last axis intact: the
+/// value-preserving ones, and the reshapes exporters apply (`[B, S, D]` ⇄ `[B·S, D]`).
+pub fn is_stream_transparent(node: &Node) -> bool {
+    is_value_preserving(node) || (node.domain.is_empty() && matches!(node.op_type.as_str(), "Reshape" | "Flatten"))
+}
+
 /// Identity, and Cast to a float type (exporters wrap fp32 norms in Cast to float32 and back).
 pub fn is_value_preserving(node: &Node) -> bool {
     match node.op_type.as_str() {

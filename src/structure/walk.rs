@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::{Bias, Branch, Embedding, EmbeddingRole, Layout, Linear, ResidualAdd, Segment, StreamReshape, WeightLayout};
 use crate::graph::{DataType, Graph, Node};
 use crate::pattern::norm::{find_norms, NormMatch};
-use crate::pattern::{is_matrix_transpose, is_value_preserving, GraphIndex};
+use crate::pattern::{is_matrix_transpose, is_stream_transparent, GraphIndex};
 
 /// Where detection stopped and what it expected there.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -46,10 +46,6 @@ struct Walker<'a, 'g> {
     point: usize,
 }
 
-/// Ops that pass the stream (or a normalized stream) on with its last axis intact.
-fn is_stream_transparent(node: &Node) -> bool {
-    is_value_preserving(node) || (node.domain.is_empty() && matches!(node.op_type.as_str(), "Reshape" | "Flatten"))
-}
 
 /// Shape ops read only a tensor's shape, never its values.
 fn reads_values(node: &Node) -> bool {
