@@ -142,8 +142,8 @@ struct Runner<'a> {
     timings: &'a mut Timings,
     /// How the model's own inputs (ids, mask, positions, empty KV cache) are filled.
     plan: InputPlan,
-    /// Rank of the stream tensor at each point's cut.
-    ranks: Vec<usize>,
+    /// Where the stream is cut at each point.
+    cuts: Vec<segment::Cut>,
 }
 
 impl<'a> Runner<'a> {
@@ -160,7 +160,7 @@ impl<'a> Runner<'a> {
         timings: &'a mut Timings,
     ) -> Result<Self> {
         let mut probe = Model { graph: graph.clone(), ..shell.clone() };
-        let cuts: Vec<String> = (0..layout.stream_points().len()).map(|p| segment::stream_cut(graph, layout, p)).collect();
+        let cuts = segment::stream_cuts(graph, layout);
         probe.graph.outputs = cuts.iter().map(|c| crate::graph::ValueInfo::tensor_of_rank_unknown(c, crate::graph::DataType::Float)).collect();
         crate::graph::cleanup(&mut probe.graph);
         let mut session = session_for(&probe, options)?;
@@ -172,8 +172,8 @@ impl<'a> Runner<'a> {
         let feeds = plan.feed(&first(&batch.ids), Some(&first(&batch.mask)))?;
         let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let outputs = session.run_for(&named, &cuts.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let ranks = cuts.iter().map(|c| outputs.get(c).map_or(3, |v| v.shape().len())).collect();
-        Ok(Runner { shell, layout, options, batches, progress, timings, plan, ranks })
+        let cuts = cuts.into_iter().map(|value| segment::Cut { rank: outputs.get(&value).map_or(3, |v| v.shape().len()), value }).collect();
+        Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts })
     }
 
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
@@ -181,11 +181,11 @@ impl<'a> Runner<'a> {
     fn segment(&mut self, graph: &crate::graph::Graph, point: Option<usize>, stream: Option<&[ArrayD<f32>]>, widths: &[usize]) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
         let started = Instant::now();
         let model = Model { graph: graph.clone(), ..self.shell.clone() };
-        let sub = segment::segment_model(&model, self.layout, point, widths, &self.ranks)?;
+        let sub = segment::segment_model(model, self.layout, point, widths, &self.cuts)?;
         let mut session = session_for(&sub, self.options)?;
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
-        let input_name = point.map(|p| segment::stream_cut(graph, self.layout, p));
+        let input_name = point.map(|p| self.cuts[p].value.clone());
         let output_name = sub.graph.outputs[0].name.clone();
         let mut cov = Covariance::new(self.layout.width);
         let mut outputs = Vec::with_capacity(self.batches.len());

@@ -7,26 +7,30 @@ use crate::structure::Layout;
 
 const PASS: &str = "calibrate";
 
+/// Where the stream is cut at one point, and the rank of the tensor there (2 where an exporter
+/// flattened the stream to `[B·S, D]`).
+#[derive(Debug, Clone)]
+pub struct Cut {
+    pub value: String,
+    pub rank: usize,
+}
+
 /// The model computing stream point `point + 1` from point `point` (or, for `point == None`,
-/// point 0 from the model's inputs, or every point when `probe` lists them). `widths[q]` is the
-/// current width of the stream at point q and `ranks[q]` the rank of its tensor at the cut.
-pub fn segment_model(model: &Model, layout: &Layout, point: Option<usize>, widths: &[usize], ranks: &[usize]) -> Result<Model> {
-    let mut sub = model.clone();
+/// point 0 from the model's inputs). `widths[q]` is the current width of the stream at point q
+/// and `cuts[q]` where the stream is cut there.
+pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widths: &[usize], cuts: &[Cut]) -> Result<Model> {
     let graph = &mut sub.graph;
     // Declared shapes go stale as points are sliced one by one; ONNX Runtime infers them.
     graph.value_info.clear();
-    let output = match point {
-        Some(p) => stream_cut(graph, layout, p + 1),
-        None => stream_cut(graph, layout, 0),
-    };
-    graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(&output, DataType::Float)];
+    let output = &cuts[point.map_or(0, |p| p + 1)].value;
+    graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(output, DataType::Float)];
     if let Some(p) = point {
-        let input = stream_cut(graph, layout, p);
-        let upstream: Vec<(String, usize, usize)> = std::iter::once((layout.embeddings[0].output.clone(), ranks[0], widths[0]))
-            .chain((0..p).map(|q| (stream_cut(graph, layout, q), ranks[q], widths[q])))
-            .filter(|(v, _, _)| *v != input)
+        let input = &cuts[p].value;
+        let upstream: Vec<(String, usize, usize)> = std::iter::once((layout.embeddings[0].output.clone(), cuts[0].rank, widths[0]))
+            .chain((0..p).map(|q| (cuts[q].value.clone(), cuts[q].rank, widths[q])))
+            .filter(|(v, _, _)| v != input)
             .collect();
-        cut_at(graph, &input);
+        cut_at(graph, input);
         detach_upstream_shapes(graph, layout, &upstream);
     }
     cleanup(graph);
@@ -36,19 +40,26 @@ pub fn segment_model(model: &Model, layout: &Layout, point: Option<usize>, width
     Ok(sub)
 }
 
-/// Where the stream is cut at point `p`: the point's value before any reshape or cast the
+/// Where the stream is cut at every point: the point's value before any reshape or cast the
 /// exporter applied to it (right after the residual Add). Exporters take `Shape()` of that
-/// earliest form for later reshapes (OPT), so it must be the segment boundary.
-pub fn stream_cut(graph: &Graph, layout: &Layout, p: usize) -> String {
+/// earliest form for later reshapes (OPT), so it must be the segment boundary. Rotation never
+/// renames these values, so they are found once.
+pub fn stream_cuts(graph: &Graph, layout: &Layout) -> Vec<String> {
     let index = crate::pattern::GraphIndex::new(graph);
-    let mut value = layout.stream_points()[p].to_string();
-    while let Some(node) = index.producer(&value) {
-        if !crate::pattern::is_stream_transparent(node) {
-            break;
-        }
-        value = node.inputs[0].clone();
-    }
-    value
+    layout
+        .stream_points()
+        .iter()
+        .map(|point| {
+            let mut value = point.to_string();
+            while let Some(node) = index.producer(&value) {
+                if !crate::pattern::is_stream_transparent(node) {
+                    break;
+                }
+                value = node.inputs[0].clone();
+            }
+            value
+        })
+        .collect()
 }
 
 /// `value` stops being computed and becomes a graph input.
