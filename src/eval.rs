@@ -23,6 +23,7 @@ use half::f16;
 use ndarray::{Array2, ArrayD, ArrayView2, Axis, IxDyn};
 
 use crate::calibrate::data::{find_tokenizer, join_documents, load_tokenizer, plain_tokenizer, position_limit, token_rows};
+use crate::graph::Graph;
 use crate::runtime::npy::read_npy;
 use crate::runtime::{init_runtime, Dim, ElementType, Ep, ModelSession, SessionConfig, TensorInfo, TensorValue};
 use crate::{Error, Result};
@@ -74,7 +75,18 @@ impl InputPlan {
     /// where `genai_config.json` / `config.json` are looked for when a past input's head count or
     /// head size is symbolic.
     pub fn for_session(session: &ModelSession, model_path: Option<&Path>) -> Result<Self> {
-        let label = session.label();
+        Self::for_interface(session.label(), session.inputs(), session.outputs(), model_path)
+    }
+
+    /// The same plan from the graph's declared inputs and outputs, without building a session
+    /// (ONNX Runtime reports exactly these declarations; inputs with an initializer are constants).
+    pub fn for_graph(graph: &Graph, label: &str, model_path: Option<&Path>) -> Result<Self> {
+        let inputs: Vec<TensorInfo> = graph.inputs.iter().filter(|v| graph.initializer(&v.name).is_none()).map(TensorInfo::declared).collect();
+        let outputs: Vec<TensorInfo> = graph.outputs.iter().map(TensorInfo::declared).collect();
+        Self::for_interface(label, &inputs, &outputs, model_path)
+    }
+
+    fn for_interface(label: &str, inputs: &[TensorInfo], outputs: &[TensorInfo], model_path: Option<&Path>) -> Result<Self> {
         let config = ModelConfig::beside(model_path);
         let mut plan = InputPlan {
             ids: Feed { name: String::new(), element_type: ElementType::I64 },
@@ -82,11 +94,11 @@ impl InputPlan {
             positions: None,
             past: Vec::new(),
             flags: Vec::new(),
-            logits: logits_output(session.outputs()),
+            logits: logits_output(outputs),
             fixed_batch: None,
         };
         let mut found_ids = false;
-        for input in session.inputs() {
+        for input in inputs {
             match input.name.as_str() {
                 "input_ids" => {
                     plan.ids = integer_feed(label, input)?;
@@ -100,7 +112,7 @@ impl InputPlan {
                 "position_ids" => plan.positions = Some(integer_feed(label, input)?),
                 "use_cache_branch" if input.element_type == ElementType::Bool => plan.flags.push(input.name.clone()),
                 name if name.contains("past") && matches!(input.element_type, ElementType::F32 | ElementType::F16) => {
-                    plan.past.push(past_input(label, input, session.outputs(), &config)?);
+                    plan.past.push(past_input(label, input, outputs, &config)?);
                 }
                 name => {
                     return Err(eval_error(format!(
@@ -111,7 +123,7 @@ impl InputPlan {
             }
         }
         if !found_ids {
-            return Err(eval_error(format!("{label} has no `input_ids` input; its inputs are: {}", input_names(session))));
+            return Err(eval_error(format!("{label} has no `input_ids` input; its inputs are: {}", input_names(inputs))));
         }
         Ok(plan)
     }
@@ -185,8 +197,8 @@ impl InputPlan {
     }
 }
 
-fn input_names(session: &ModelSession) -> String {
-    session.inputs().iter().map(|input| input.name.as_str()).collect::<Vec<_>>().join(", ")
+fn input_names(inputs: &[TensorInfo]) -> String {
+    inputs.iter().map(|input| input.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 fn logits_output(outputs: &[TensorInfo]) -> String {

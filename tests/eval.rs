@@ -312,3 +312,14 @@ fn smollm2_text_perplexity() {
     let args = [model.as_str(), "--text", text.as_str(), "--seqlen", "512", "--max-windows", windows.as_str()];
     run_eval_command(&parse(&args).unwrap()).unwrap();
 }
+
+#[test]
+fn the_plan_from_the_graph_declarations_equals_the_plan_from_a_session_on_every_fixture() {
+    for (arch, exporter, path) in common::all_models() {
+        let model = onnx_slice::onnx::load(&path).unwrap();
+        let session = open(&path, &cpu());
+        let from_session = InputPlan::for_session(&session, Some(&path)).unwrap();
+        let from_graph = InputPlan::for_graph(&model.graph, "model", Some(&path)).unwrap();
+        assert_eq!(from_graph, from_session, "{arch}/{exporter}");
+    }
+}

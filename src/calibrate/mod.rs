@@ -71,7 +71,7 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     progress.set_length((batches.len() * (layout.segments.len() + 1)) as u64);
     let shell = Model { graph: Default::default(), ..model.clone() };
 
-    let mut run = Runner::probe(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
+    let mut run = Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
     let (cov, mut stream) = run.segment(&model.graph, None, None, &widths)?;
     let mut bases = vec![run.basis(&cov)?];
     let mut editor = StreamEditor::new(&mut model.graph, &layout);
@@ -147,10 +147,9 @@ struct Runner<'a> {
 }
 
 impl<'a> Runner<'a> {
-    /// Runs the unrotated model once on a few tokens to learn how to fill its inputs and the
-    /// rank of the stream tensor at every point's cut (2 where an exporter flattened the stream
-    /// to `[B·S, D]`).
-    fn probe(
+    /// The model's inputs are planned from its declarations; the stream's cuts are found here,
+    /// their ranks as the segments run.
+    fn new(
         shell: &'a Model,
         graph: &crate::graph::Graph,
         layout: &'a Layout,
@@ -159,20 +158,9 @@ impl<'a> Runner<'a> {
         progress: &'a ProgressBar,
         timings: &'a mut Timings,
     ) -> Result<Self> {
-        let mut probe = Model { graph: graph.clone(), ..shell.clone() };
-        let cuts = segment::stream_cuts(graph, layout);
-        probe.graph.outputs = cuts.iter().map(|c| crate::graph::ValueInfo::tensor_of_rank_unknown(c, crate::graph::DataType::Float)).collect();
-        crate::graph::cleanup(&mut probe.graph);
-        let mut session = session_for(&probe, options)?;
-        let plan = InputPlan::for_session(&session, options.model_path.as_deref())?;
-        // A few tokens of one sequence: only the ranks of the tensors matter here.
-        let batch = batches.first().ok_or_else(|| Error::Pass { pass: PASS, node: "(calibration data)".into(), message: "no calibration batches".into() })?;
-        let tokens = batch.ids.ncols().min(8);
-        let first = |a: &Array2<i64>| a.slice(ndarray::s![0..1, 0..tokens]).to_owned();
-        let feeds = plan.feed(&first(&batch.ids), Some(&first(&batch.mask)))?;
-        let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let outputs = session.run_for(&named, &cuts.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let cuts = cuts.into_iter().map(|value| segment::Cut { rank: outputs.get(&value).map_or(3, |v| v.shape().len()), value }).collect();
+        let label = options.model_path.as_deref().map_or_else(|| "the model".to_string(), |p| p.display().to_string());
+        let plan = InputPlan::for_graph(graph, &label, options.model_path.as_deref())?;
+        let cuts = segment::stream_cuts(graph, layout).into_iter().map(|value| segment::Cut { value, rank: None }).collect();
         Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts })
     }
 
@@ -199,6 +187,7 @@ impl<'a> Runner<'a> {
                 node: output_name.clone(),
                 message: "the stream is not a float32 tensor".into(),
             })?;
+            self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.ndim());
             let pca_started = Instant::now();
             let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
             cov.add_rows(rows.as_slice().unwrap_or(&[]), Some(&batch.rows));

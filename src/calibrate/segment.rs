@@ -8,11 +8,11 @@ use crate::structure::Layout;
 const PASS: &str = "calibrate";
 
 /// Where the stream is cut at one point, and the rank of the tensor there (2 where an exporter
-/// flattened the stream to `[B·S, D]`).
+/// flattened the stream to `[B·S, D]`), known once the segment ending there has run.
 #[derive(Debug, Clone)]
 pub struct Cut {
     pub value: String,
-    pub rank: usize,
+    pub rank: Option<usize>,
 }
 
 /// The model computing stream point `point + 1` from point `point` (or, for `point == None`,
@@ -26,7 +26,7 @@ pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widt
     graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(output, DataType::Float)];
     if let Some(p) = point {
         let input = &cuts[p].value;
-        let upstream: Vec<(String, usize, usize)> = std::iter::once((layout.embeddings[0].output.clone(), cuts[0].rank, widths[0]))
+        let upstream: Vec<(String, Option<usize>, usize)> = std::iter::once((layout.embeddings[0].output.clone(), cuts[0].rank, widths[0]))
             .chain((0..p).map(|q| (cuts[q].value.clone(), cuts[q].rank, widths[q])))
             .filter(|(v, _, _)| v != input)
             .collect();
@@ -76,7 +76,7 @@ fn cut_at(graph: &mut Graph, value: &str) {
 /// an earlier block's output for reshapes). Keeping those would pull earlier segments (and the
 /// embedding table) into this one, so each becomes what it is: the token ids' shape `[B, S]` (or
 /// `[B·S]` for a flattened stream) followed by that point's width.
-fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(String, usize, usize)]) {
+fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(String, Option<usize>, usize)]) {
     let token = &layout.embeddings[0].output;
     let Some(ids) = graph.nodes.iter().find(|n| n.outputs.first() == Some(token)).and_then(|g| g.inputs.get(1).cloned()) else { return };
     let mut namer = Namer::new(graph);
@@ -89,8 +89,8 @@ fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(Strin
         }
         let Some((_, rank, width)) = upstream.iter().find(|(v, _, _)| node.inputs.first() == Some(v)) else { continue };
         let flat = match rank {
-            3 => 0,
-            2 => 1,
+            Some(3) => 0,
+            Some(2) => 1,
             _ => continue,
         };
         let lead = match &leading[flat] {

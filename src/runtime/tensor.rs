@@ -145,6 +145,33 @@ impl fmt::Display for TensorInfo {
     }
 }
 
+impl TensorInfo {
+    /// What ONNX Runtime reports for a graph input or output with this declaration.
+    pub fn declared(value: &crate::graph::ValueInfo) -> TensorInfo {
+        TensorInfo {
+            name: value.name.clone(),
+            element_type: value.elem_type().map_or_else(|| ElementType::Other("undeclared".into()), element_type_of_data),
+            dims: value.shape().unwrap_or_default(),
+        }
+    }
+}
+
+fn element_type_of_data(dtype: crate::graph::DataType) -> ElementType {
+    use crate::graph::DataType;
+    match dtype {
+        DataType::Float => ElementType::F32,
+        DataType::Float16 => ElementType::F16,
+        DataType::Bfloat16 => ElementType::Bf16,
+        DataType::Double => ElementType::F64,
+        DataType::Int64 => ElementType::I64,
+        DataType::Int32 => ElementType::I32,
+        DataType::Int8 => ElementType::I8,
+        DataType::Uint8 => ElementType::U8,
+        DataType::Bool => ElementType::Bool,
+        other => ElementType::Other(other.name()),
+    }
+}
+
 pub(crate) fn tensor_info(name: &str, value_type: &ValueType) -> TensorInfo {
     match value_type {
         ValueType::Tensor { ty, shape, dimension_symbols } => TensorInfo {
