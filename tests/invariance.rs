@@ -21,7 +21,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::reference::{cpu, runtime, Reference};
+use common::reference::{cpu, feed, runtime, Cache, Reference};
 use common::{all_models, fixture, scratch};
 use ndarray::{ArrayD, Axis, IxDyn};
 use onnx_slice::graph::{DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
@@ -217,41 +217,9 @@ impl Tokens {
     }
 }
 
-/// `present.*` outputs of a run, by name.
-type Cache = BTreeMap<String, ArrayD<f32>>;
-
-/// Every input the session declares: the tokens, and `past_key_values.N.*` from `past`'s
-/// `present.N.*` (or empty, `[batch, kv_heads, 0, head_dim]`, without a past).
-fn feed(session: &ModelSession, tokens: &Tokens, past: Option<&Cache>, head_dim: usize) -> Result<Vec<(String, TensorValue)>, String> {
-    let batch = tokens.input_ids.shape()[0];
-    session
-        .inputs()
-        .iter()
-        .map(|input| {
-            let value = match input.name.as_str() {
-                "input_ids" => TensorValue::I64(tokens.input_ids.clone()),
-                "attention_mask" => TensorValue::I64(tokens.attention_mask.clone()),
-                "position_ids" => TensorValue::I64(tokens.position_ids.clone()),
-                name if name.starts_with("past_key_values.") => match past {
-                    Some(cache) => {
-                        let present = name.replacen("past_key_values.", "present.", 1);
-                        TensorValue::F32(cache.get(&present).cloned().ok_or_else(|| format!("no output {present} to feed {name}"))?)
-                    }
-                    None => match input.dims.as_slice() {
-                        [_, Dim::Fixed(heads), _, _] => TensorValue::F32(ArrayD::zeros(IxDyn(&[batch, *heads as usize, 0, head_dim]))),
-                        other => return Err(format!("unexpected KV-cache dims {other:?} for {name}")),
-                    },
-                },
-                other => return Err(format!("no value for input {other}")),
-            };
-            Ok((input.name.clone(), value))
-        })
-        .collect()
-}
-
 /// Runs all outputs; returns the logits and the `present.*` outputs.
 fn run(session: &mut ModelSession, tokens: &Tokens, past: Option<&Cache>, head_dim: usize) -> Result<(ArrayD<f32>, Cache), String> {
-    let inputs = feed(session, tokens, past, head_dim)?;
+    let inputs = feed(session, &tokens.input_ids, &tokens.attention_mask, &tokens.position_ids, past, head_dim)?;
     let named: Vec<(&str, &TensorValue)> = inputs.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let outputs = session.run(&named).map_err(|e| e.to_string())?;
     let mut logits = None;

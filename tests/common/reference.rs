@@ -1,5 +1,6 @@
 //! The fixtures' reference inputs (torch's, from reference.npz) and running models on them in ONNX
 //! Runtime.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use ndarray::{ArrayD, Axis};
@@ -72,28 +73,47 @@ impl Reference {
     /// Every input the model declares: the reference tensors by name, and an empty KV cache for
     /// `past_key_values.*` inputs.
     pub fn inputs_for(&self, session: &ModelSession) -> Vec<(String, TensorValue)> {
-        let batch = self.input_ids.shape()[0];
-        session
-            .inputs()
-            .iter()
-            .map(|input| {
-                let value = match input.name.as_str() {
-                    "input_ids" => TensorValue::I64(self.input_ids.clone()),
-                    "attention_mask" => TensorValue::I64(self.attention_mask.clone()),
-                    "position_ids" => TensorValue::I64(self.position_ids.clone()),
-                    name if name.starts_with("past_key_values.") => {
-                        let heads = match input.dims.as_slice() {
-                            [_, Dim::Fixed(heads), _, _] => *heads as usize,
-                            other => panic!("unexpected KV-cache dims {other:?} for {name}"),
-                        };
-                        TensorValue::F32(ArrayD::zeros(vec![batch, heads, 0, self.head_dim]))
-                    }
-                    other => panic!("no reference value for input {other}"),
-                };
-                (input.name.clone(), value)
-            })
-            .collect()
+        feed(session, &self.input_ids, &self.attention_mask, &self.position_ids, None, self.head_dim).unwrap_or_else(|error| panic!("{error}"))
     }
+}
+
+/// `present.*` outputs of a run, by name.
+pub type Cache = BTreeMap<String, ArrayD<f32>>;
+
+/// Every input the session declares: the token tensors, and `past_key_values.N.*` from `past`'s
+/// `present.N.*` (or empty, `[batch, kv_heads, 0, head_dim]`, without a past).
+pub fn feed(
+    session: &ModelSession,
+    input_ids: &ArrayD<i64>,
+    attention_mask: &ArrayD<i64>,
+    position_ids: &ArrayD<i64>,
+    past: Option<&Cache>,
+    head_dim: usize,
+) -> Result<Vec<(String, TensorValue)>, String> {
+    let batch = input_ids.shape()[0];
+    session
+        .inputs()
+        .iter()
+        .map(|input| {
+            let value = match input.name.as_str() {
+                "input_ids" => TensorValue::I64(input_ids.clone()),
+                "attention_mask" => TensorValue::I64(attention_mask.clone()),
+                "position_ids" => TensorValue::I64(position_ids.clone()),
+                name if name.starts_with("past_key_values.") => match past {
+                    Some(cache) => {
+                        let present = name.replacen("past_key_values.", "present.", 1);
+                        TensorValue::F32(cache.get(&present).cloned().ok_or_else(|| format!("no output {present} to feed {name}"))?)
+                    }
+                    None => match input.dims.as_slice() {
+                        [_, Dim::Fixed(heads), _, _] => TensorValue::F32(ArrayD::zeros(vec![batch, *heads as usize, 0, head_dim])),
+                        other => return Err(format!("unexpected KV-cache dims {other:?} for {name}")),
+                    },
+                },
+                other => return Err(format!("no value for input {other}")),
+            };
+            Ok((input.name.clone(), value))
+        })
+        .collect()
 }
 
 /// `head_dim` from a fixture's meta.json (some exports leave it symbolic).
