@@ -144,6 +144,8 @@ struct Runner<'a> {
     plan: InputPlan,
     /// Where the stream is cut at each point.
     cuts: Vec<segment::Cut>,
+    /// No calibration token is padding.
+    unpadded: bool,
 }
 
 impl<'a> Runner<'a> {
@@ -161,7 +163,8 @@ impl<'a> Runner<'a> {
         let label = options.model_path.as_deref().map_or_else(|| "the model".to_string(), |p| p.display().to_string());
         let plan = InputPlan::for_graph(graph, &label, options.model_path.as_deref())?;
         let cuts = segment::stream_cuts(graph, layout).into_iter().map(|value| segment::Cut { value, rank: None }).collect();
-        Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts })
+        let unpadded = batches.iter().all(|b| b.rows.iter().all(|&real| real));
+        Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts, unpadded })
     }
 
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
@@ -169,7 +172,7 @@ impl<'a> Runner<'a> {
     fn segment(&mut self, graph: &crate::graph::Graph, point: Option<usize>, stream: Option<&[ArrayD<f32>]>, widths: &[usize]) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
         let started = Instant::now();
         let model = Model { graph: graph.clone(), ..self.shell.clone() };
-        let sub = segment::segment_model(model, self.layout, point, widths, &self.cuts)?;
+        let sub = segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
         let mut session = session_for(&sub, self.options)?;
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();

@@ -17,9 +17,12 @@ pub struct Cut {
 
 /// The model computing stream point `point + 1` from point `point` (or, for `point == None`,
 /// point 0 from the model's inputs). `widths[q]` is the current width of the stream at point q
-/// and `cuts[q]` where the stream is cut there.
-pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widths: &[usize], cuts: &[Cut]) -> Result<Model> {
+/// and `cuts[q]` where the stream is cut there. `unpadded`: no calibration token is padding.
+pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widths: &[usize], cuts: &[Cut], unpadded: bool) -> Result<Model> {
     let graph = &mut sub.graph;
+    if unpadded {
+        bypass_softmax_nan_guards(graph);
+    }
     // Declared shapes go stale as points are sliced one by one; ONNX Runtime infers them.
     graph.value_info.clear();
     let output = &cuts[point.map_or(0, |p| p + 1)].value;
@@ -60,6 +63,28 @@ pub fn stream_cuts(graph: &Graph, layout: &Layout) -> Vec<String> {
             value
         })
         .collect()
+}
+
+/// Exporters guard attention with `Where(IsNaN(p), 0, p)` after the softmax, for query rows whose
+/// keys are all masked. Without padding every query attends at least to itself, so `p` has no NaN
+/// and the guard returns `p` bit for bit; it is skipped because it streams the whole `[B, H, S, S]`
+/// tensor twice (an eighth of a calibration pass on SmolLM2).
+fn bypass_softmax_nan_guards(graph: &mut Graph) {
+    let index = crate::pattern::GraphIndex::new(graph);
+    let mut renames = std::collections::HashMap::new();
+    for node in graph.nodes.iter().filter(|n| n.is("Where") && n.inputs.len() == 3) {
+        let guarded = &node.inputs[2];
+        let is_nan_of_guarded = index.producer(&node.inputs[0]).is_some_and(|n| n.is("IsNaN") && n.inputs.first() == Some(guarded));
+        let from_softmax = index.producer(guarded).is_some_and(|n| n.is("Softmax"));
+        if is_nan_of_guarded && from_softmax && !index.is_graph_output(&node.outputs[0]) {
+            renames.insert(node.outputs[0].clone(), guarded.clone());
+        }
+    }
+    for input in graph.nodes.iter_mut().flat_map(|n| n.inputs.iter_mut()) {
+        if let Some(guarded) = renames.get(input) {
+            *input = guarded.clone();
+        }
+    }
 }
 
 /// `value` stops being computed and becomes a graph input.
@@ -155,4 +180,46 @@ fn check_self_contained(graph: &Graph, layout: &Layout, point: Option<usize>) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scores → Softmax → Where(IsNaN(p), 0, p) → MatMul(·, v)`, as the exporters write attention.
+    fn guarded_attention() -> Graph {
+        let node = |op: &str, inputs: &[&str], output: &str| Node::new(op, output.to_uppercase(), inputs.iter().map(|s| s.to_string()).collect(), vec![output.into()]);
+        Graph {
+            nodes: vec![
+                node("Softmax", &["scores"], "p"),
+                node("IsNaN", &["p"], "nan"),
+                node("Where", &["nan", "zero", "p"], "guarded"),
+                node("MatMul", &["guarded", "v"], "out"),
+            ],
+            initializers: vec![Tensor::from_f32("zero", vec![], &[0.0])],
+            inputs: vec![ValueInfo::tensor_of_rank_unknown("scores", DataType::Float), ValueInfo::tensor_of_rank_unknown("v", DataType::Float)],
+            outputs: vec![ValueInfo::tensor_of_rank_unknown("out", DataType::Float)],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn softmax_nan_guard_is_bypassed_and_dropped() {
+        let mut graph = guarded_attention();
+        bypass_softmax_nan_guards(&mut graph);
+        cleanup(&mut graph);
+        let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Softmax", "MatMul"]);
+        assert_eq!(graph.nodes[1].inputs, ["p", "v"]);
+    }
+
+    #[test]
+    fn guard_of_something_else_than_a_softmax_stays() {
+        let mut graph = guarded_attention();
+        graph.nodes[0].op_type = "Div".into();
+        bypass_softmax_nan_guards(&mut graph);
+        cleanup(&mut graph);
+        assert_eq!(graph.nodes.len(), 4);
+        assert_eq!(graph.nodes[3].inputs, ["guarded", "v"]);
+    }
 }
