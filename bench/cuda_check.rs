@@ -239,6 +239,7 @@ fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> a
         dims,
         batch: if exporter(path) == "dynamo23" { 1 } else { CALIB_BATCH },
         session: SessionConfig { ep, intra_threads: None },
+        center_embeddings: false,
         model_path: Some(path.to_path_buf()),
     };
     let calibrated =

@@ -7,12 +7,16 @@
 #   MODEL.onnx  the optimum export built by ../shared/tools/smollm2/make_smollm2_onnx.sh
 #               (default ~/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/model.onnx)
 #   TOOLS_DIR   the folder with calib_ids_n32.npy and eval_ids_brown.npy (default ../shared/tools/smollm2)
-# Needs /usr/bin/time (Debian package `time`) for peak memory. Writes bench/out/smollm2.md.
+# Environment: SLICE_FLAGS, extra flags for every slicing (e.g. --center-embeddings); TABLE, the
+# table's name (default smollm2).
+# Needs /usr/bin/time (Debian package `time`) for peak memory. Writes bench/out/$TABLE.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${1:-$HOME/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/model.onnx}"
 tools="${2:-../shared/tools/smollm2}"
 out=bench/out
+table="${TABLE:-smollm2}"
+read -r -a slice_flags <<< "${SLICE_FLAGS:-}"
 mkdir -p "$out"
 scripts/setup-ort.sh >/dev/null
 cargo build --quiet --release --locked
@@ -29,7 +33,7 @@ for ratio in 0 0.1 0.2 0.25 0.3; do
   sliced="$out/smollm2-$ratio.onnx"
   /usr/bin/time -f "%e %M" -o "$out/time-$ratio.txt" \
     "$bin" "$model" -o "$sliced" --ratio "$ratio" --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
-    --report "$out/report-$ratio.json" --quiet
+    --report "$out/report-$ratio.json" --quiet ${slice_flags[@]+"${slice_flags[@]}"}
   ppl=$(evaluate "$sliced")
   rows+=("$ratio|$(python3 - "$ppl" "$out/report-$ratio.json" "$out/time-$ratio.txt" <<'PY'
 import json, sys
@@ -43,7 +47,7 @@ PY
 done
 rm -f "$out"/smollm2-*.onnx "$out"/smollm2-*.onnx.data
 
-python3 - "${rows[@]}" > "$out/smollm2.md" <<'PY'
+python3 - "${rows[@]}" > "$out/$table.md" <<'PY'
 import sys
 reference = {  # ../shared/tools/smollm2/REFERENCE.md (TransformerCompression @6b12cde, CPU, 2 threads)
     "dense": (37.280, None), "0": (37.345, 92.6), "0.1": (80.506, 94.0), "0.2": (168.734, 88.8),
@@ -60,4 +64,4 @@ for row in sys.argv[1:]:
     size = f"{int(size):,}" if size else ""
     print(f"| {ratio} | {k or 576} | {float(ppl):.3f} | {ref_ppl} | {delta} | {params} | {size} | {wall} | {ref_s or ''} | {speed} | {rss} |")
 PY
-cat "$out/smollm2.md"
+cat "$out/$table.md"

@@ -88,6 +88,11 @@ struct SliceArgs {
     /// Seed for choosing calibration windows.
     #[arg(long, default_value_t = 42)]
     calib_seed: u64,
+    /// Subtract every embedding row's mean before calibrating, as the reference implementation
+    /// does. Changes RMSNorm models a little (ratio 0 is then no longer exact) and at high ratios
+    /// slices them as the reference does; LayerNorm models are centered exactly anyway.
+    #[arg(long)]
+    center_embeddings: bool,
     /// Write every basis Q and its eigenvalues to this .safetensors file.
     #[arg(long, value_name = "FILE")]
     save_rotations: Option<PathBuf>,
@@ -189,6 +194,9 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         bail!("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)");
     };
     let dims = slice_dimensions(&args)?;
+    if args.center_embeddings && !matches!(args.orientation, OrientationArg::Pca) {
+        bail!("--center-embeddings applies to PCA slicing (--orientation pca) only");
+    }
     let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
     let before = inspect::summarize(&model);
@@ -244,6 +252,7 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
         dims: *dims,
         batch: args.calib_batch,
         session: SessionConfig { ep: args.ep, intra_threads: None },
+        center_embeddings: args.center_embeddings,
         model_path: Some(input.to_path_buf()),
     };
     let calibrated = slice_with_pca(model, &set, &options, &progress).with_context(|| format!("slicing {}", input.display()))?;

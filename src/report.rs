@@ -18,6 +18,8 @@ pub struct Report {
     pub round_to: usize,
     pub slice_head: bool,
     pub orientation: String,
+    /// Every embedding row's mean was subtracted (`--center-embeddings` on an RMSNorm model).
+    pub centered_embeddings: bool,
     /// D, the original residual stream width.
     pub stream_width: usize,
     /// k at every stream point (embeddings first, the head's input last).
@@ -68,6 +70,7 @@ impl Report {
             round_to: dims.round_to,
             slice_head: dims.slice_head,
             orientation: orientation.to_string(),
+            centered_embeddings: rewritten.centered_embeddings,
             stream_width: rewritten.layout.width,
             widths: rewritten.widths.clone(),
             blocks: rewritten.layout.block_count(),

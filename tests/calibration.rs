@@ -11,7 +11,7 @@ use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
 use onnx_slice::graph::Model;
 use onnx_slice::onnx;
 use onnx_slice::runtime::ModelSession;
-use onnx_slice::transform::Dimensions;
+use onnx_slice::transform::{self, Dimensions};
 
 fn calibration_set(arch: &str) -> CalibrationSet {
     let tokenizer = load_tokenizer(&fixture(&format!("_hf/{arch}/tokenizer.json"))).unwrap();
@@ -21,6 +21,10 @@ fn calibration_set(arch: &str) -> CalibrationSet {
 }
 
 fn calibrate(path: &std::path::Path, arch: &str, ratio: f64) -> Model {
+    calibrate_with(path, arch, ratio, false)
+}
+
+fn calibrate_with(path: &std::path::Path, arch: &str, ratio: f64, center_embeddings: bool) -> Model {
     let mut model = onnx::load(path).unwrap();
     // Opset-23 dynamo exports run in ONNX Runtime at batch 1 only (an exporter bug, see
     // fixtures/README.md).
@@ -29,6 +33,7 @@ fn calibrate(path: &std::path::Path, arch: &str, ratio: f64) -> Model {
         dims: Dimensions { ratio, ..Dimensions::default() },
         batch,
         session: cpu(),
+        center_embeddings,
         model_path: Some(path.to_path_buf()),
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden()).unwrap_or_else(|e| panic!("{e}"));
@@ -136,4 +141,58 @@ fn the_command_writes_model_report_and_rotations() {
     let kept: Vec<usize> = saved.iter().map(|(_, _, k)| *k).collect();
     assert_eq!(kept, [48, 48, 48, 48, 64]);
     assert!(saved.iter().all(|(_, basis, _)| basis.q.nrows() == 64 && basis.eigenvalues.windows(2).all(|w| w[0] >= w[1])));
+}
+
+/// `--center-embeddings` changes an RMSNorm model (and only such a model), and PCA slicing at
+/// ratio 0 then reproduces the changed model exactly.
+#[test]
+fn centered_embeddings_change_rmsnorm_models_only_and_slice_exactly() {
+    for (arch, exporter) in [("llama", "optimum"), ("gpt2", "optimum")] {
+        let path = fixture(&format!("{arch}/{exporter}/model.onnx"));
+        let (dir, reference) = (path.parent().unwrap(), Reference::for_exporter(arch, exporter));
+        let mut centered = onnx::load(&path).unwrap();
+        let mut rewritten = transform::fuse(&mut centered).unwrap();
+        let changed = transform::center_embeddings(&mut centered, &mut rewritten).unwrap();
+        assert_eq!(changed, arch == "llama", "{arch}: centering changed the model: {changed}");
+        let table = centered.graph.initializer(&rewritten.layout.embeddings[0].table).unwrap().to_f32().unwrap();
+        let worst_mean = table.chunks(rewritten.layout.width).map(|row| (row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64).abs()).fold(0.0, f64::max);
+        assert!(worst_mean < 1e-6, "{arch}: an embedding row has mean {worst_mean}");
+
+        let original = logits(&onnx::load(&path).unwrap(), dir, &reference);
+        let expected = logits(&centered, dir, &reference);
+        let moved = max_abs_diff(&expected, &original);
+        assert_eq!(moved > 1e-4, changed, "{arch}: centering moved the logits by {moved}");
+        let sliced = logits(&calibrate_with(&path, arch, 0.0, true), dir, &reference);
+        let diff = max_abs_diff(&sliced, &expected);
+        assert!(diff <= 1e-4, "{arch}: ratio 0 after centering differs from the centered model by {diff}");
+    }
+}
+
+#[test]
+fn the_command_records_centered_embeddings_and_refuses_them_without_pca() {
+    let dir = scratch();
+    let out = dir.path().join("sliced.onnx");
+    let report = dir.path().join("report.json");
+    let model = fixture("llama/optimum/model.onnx");
+    let slice = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
+            .args([model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--ratio".as_ref(), "0.25".as_ref()])
+            .args(["--calib-samples", "4", "--calib-seqlen", "32", "--quiet", "--center-embeddings"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = slice(&["--report", report.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["centered_embeddings"], true);
+    let sliced = onnx::load(&out).unwrap();
+    assert!(sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.centered_embeddings" && v == "true"), "{:?}", sliced.metadata);
+
+    std::fs::remove_file(&out).unwrap();
+    let refused = slice(&["--orientation", "random"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--center-embeddings applies to PCA slicing"), "{stderr}");
+    assert!(!out.exists(), "an output file was written");
 }

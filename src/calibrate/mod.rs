@@ -32,6 +32,9 @@ pub struct CalibrationOptions {
     pub dims: Dimensions,
     pub batch: usize,
     pub session: SessionConfig,
+    /// Subtract every embedding row's mean first, as the reference does (see
+    /// [`transform::center_embeddings`]).
+    pub center_embeddings: bool,
     /// The model file: its folder holds the segments' external data and the config files that
     /// give an empty KV cache's shape.
     pub model_path: Option<PathBuf>,
@@ -64,6 +67,9 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     let mut timings = Timings::default();
     let started = Instant::now();
     let mut rewritten = transform::fuse(model)?;
+    if options.center_embeddings {
+        transform::center_embeddings(model, &mut rewritten)?;
+    }
     timings.fuse_seconds = started.elapsed().as_secs_f64();
     let layout = rewritten.layout.clone();
     let widths = options.dims.widths(&layout);

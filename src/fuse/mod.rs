@@ -166,9 +166,8 @@ fn add_bias(graph: &mut Graph, namer: &mut Namer, linear: &Linear, mut bias: Ten
     graph.initializers.push(bias);
 }
 
-/// Multiplies everything written to the stream by `M = I − (1/D) 1 1ᵀ`: the stream becomes
-/// zero-mean, and LayerNorm equals RMSNorm on it.
-fn center_stream_writers(graph: &mut Graph, layout: &Layout) -> Result<()> {
+/// Subtracts from every row of the token and position tables its mean.
+pub fn center_embeddings(graph: &mut Graph, layout: &Layout) -> Result<()> {
     for embedding in &layout.embeddings {
         let table = graph.initializer(&embedding.table).cloned().ok_or_else(|| Error::Pass {
             pass: PASS,
@@ -177,6 +176,13 @@ fn center_stream_writers(graph: &mut Graph, layout: &Layout) -> Result<()> {
         })?;
         graph.set_initializer(math::center_rows(&table)?);
     }
+    Ok(())
+}
+
+/// Multiplies everything written to the stream by `M = I − (1/D) 1 1ᵀ`: the stream becomes
+/// zero-mean, and LayerNorm equals RMSNorm on it.
+fn center_stream_writers(graph: &mut Graph, layout: &Layout) -> Result<()> {
+    center_embeddings(graph, layout)?;
     for writer in layout.segments.iter().flat_map(|s| s.writers.iter()) {
         let weight = initializer(graph, &writer.weight, writer)?;
         let centered = math::center_out_axis(weight, writer.layout)?;
