@@ -68,7 +68,7 @@ pub fn stream_cuts(graph: &Graph, layout: &Layout) -> Vec<String> {
 /// Exporters guard attention with `Where(IsNaN(p), 0, p)` after the softmax, for query rows whose
 /// keys are all masked. Without padding every query attends at least to itself, so `p` has no NaN
 /// and the guard returns `p` bit for bit; it is skipped because it streams the whole `[B, H, S, S]`
-/// tensor twice (an eighth of a calibration pass on SmolLM2).
+/// tensor twice (about a tenth of the calibration runs on SmolLM2).
 fn bypass_softmax_nan_guards(graph: &mut Graph) {
     let index = crate::pattern::GraphIndex::new(graph);
     let mut renames = std::collections::HashMap::new();
