@@ -85,14 +85,14 @@ pub fn fuse(model: &mut Model) -> Result<Rewritten> {
 /// changes the function a little (SmolLM2-135M: perplexity 37.285 → 37.351), so it is not the
 /// default. But the stream then has no component along the all-ones direction, and at high ratios
 /// PCA slicing matches the reference (SmolLM2 at 0.3: 302.4 → 298.8; reference 298.8). Call after
-/// [`fuse`], which gives a tied head its own copy first. Returns whether the model changed.
-pub fn center_embeddings(model: &mut Model, rewritten: &mut Rewritten) -> Result<bool> {
-    if rewritten.layout.norm_kind != crate::pattern::norm::NormKind::RmsNorm {
-        return Ok(false);
+/// [`fuse`], which gives a tied head its own copy first; `rewritten.centered_embeddings` says
+/// whether the model changed.
+pub fn center_embeddings(model: &mut Model, rewritten: &mut Rewritten) -> Result<()> {
+    if rewritten.layout.norm_kind == crate::pattern::norm::NormKind::RmsNorm {
+        fuse::center_embeddings(&mut model.graph, &rewritten.layout)?;
+        rewritten.centered_embeddings = true;
     }
-    fuse::center_embeddings(&mut model.graph, &rewritten.layout)?;
-    rewritten.centered_embeddings = true;
-    Ok(true)
+    Ok(())
 }
 
 /// Fuses, then rotates every stream point by its basis and keeps the first k columns.

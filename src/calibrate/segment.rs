@@ -76,7 +76,7 @@ fn bypass_softmax_nan_guards(graph: &mut Graph) {
         let guarded = &node.inputs[2];
         let is_nan_of_guarded = index.producer(&node.inputs[0]).is_some_and(|n| n.is("IsNaN") && n.inputs.first() == Some(guarded));
         let from_softmax = index.producer(guarded).is_some_and(|n| n.is("Softmax"));
-        if is_nan_of_guarded && from_softmax && !index.is_graph_output(&node.outputs[0]) {
+        if is_nan_of_guarded && from_softmax {
             renames.insert(node.outputs[0].clone(), guarded.clone());
         }
     }

@@ -46,7 +46,6 @@ struct Walker<'a, 'g> {
     point: usize,
 }
 
-
 /// Shape ops read only a tensor's shape, never its values.
 fn reads_values(node: &Node) -> bool {
     !matches!(node.op_type.as_str(), "Shape" | "Size")
