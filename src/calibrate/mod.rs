@@ -25,9 +25,6 @@ use data::CalibrationSet;
 
 const PASS: &str = "calibrate";
 
-/// SliceGPT's damping of the covariance diagonal (relative to its mean).
-pub const DAMPING: f64 = 0.01;
-
 pub struct CalibrationOptions {
     pub dims: Dimensions,
     pub batch: usize,
@@ -232,7 +229,7 @@ impl<'a> Runner<'a> {
 
     fn basis(&mut self, cov: &Covariance) -> Result<Basis> {
         let started = Instant::now();
-        let basis = principal_basis(cov, DAMPING)?;
+        let basis = principal_basis(cov, crate::pca::DEFAULT_DAMPING)?;
         self.timings.pca_seconds += started.elapsed().as_secs_f64();
         Ok(basis)
     }

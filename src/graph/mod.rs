@@ -212,6 +212,11 @@ impl Node {
         self.op_type == op_type
     }
 
+    /// The node's operator is from the default ONNX domain ("" or "ai.onnx").
+    pub fn in_default_domain(&self) -> bool {
+        same_domain(&self.domain, "")
+    }
+
     /// The node's name for messages: its name, or its first output when the exporter left it
     /// unnamed (outputs are unique in a graph).
     pub fn label(&self) -> &str {

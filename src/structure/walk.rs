@@ -171,7 +171,8 @@ impl<'g> Walker<'_, 'g> {
             }
             match self.index.producer(&value) {
                 Some(n) if matches!(n.op_type.as_str(), "Reshape" | "Cast" | "Unsqueeze" | "Squeeze" | "Identity" | "Flatten") => {
-                    value = n.inputs[0].clone();
+                    let Some(input) = n.inputs.first() else { return false };
+                    value = input.clone();
                 }
                 _ => return false,
             }
@@ -385,7 +386,7 @@ impl<'g> Walker<'_, 'g> {
 
     /// `node` as a linear layer reading `input` with a constant weight.
     fn linear(&self, node: &Node, input: &str) -> Option<Linear> {
-        if !node.domain.is_empty() || node.inputs.first().map(String::as_str) != Some(input) {
+        if !node.in_default_domain() || node.inputs.first().map(String::as_str) != Some(input) {
             return None;
         }
         let (layout, bias) = match node.op_type.as_str() {

@@ -57,12 +57,8 @@ pub(super) fn sole_reader(index: &GraphIndex, value: &str) -> Matched<usize> {
 pub(super) fn sole_reader_of_type(index: &GraphIndex, value: &str, op: &str) -> Matched<usize> {
     let reader = sole_reader(index, value)?;
     let node = index.node(reader);
-    require(node.is(op) && is_default_domain(node), || format!("'{value}' goes to {} {}, not {op}", node.op_type, label(node)))?;
+    require(node.is(op) && node.in_default_domain(), || format!("'{value}' goes to {} {}, not {op}", node.op_type, label(node)))?;
     Ok(reader)
-}
-
-pub(super) fn is_default_domain(node: &Node) -> bool {
-    node.domain.is_empty() || node.domain == "ai.onnx"
 }
 
 /// For a two-input commutative op (Add, Mul) reading `value`: its other operand, in either order.
