@@ -1,4 +1,4 @@
-//! Calibration through ONNX Runtime: SliceGPT's sequential algorithm (DESIGN §2), one segment of
+//! Calibration through ONNX Runtime: SliceGPT's sequential algorithm (docs/design.md §2), one segment of
 //! the stream at a time. Each segment runs once over the calibration set with its readers already
 //! rotated and sliced by its input point's basis and its writers not yet rotated, so it produces
 //! the next point's stream in the original basis; the PCA of that gives the next basis, and
