@@ -31,7 +31,7 @@ use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Axis, Ix2};
 use onnx_slice::calibrate::data::{self, CalibrationSet};
 use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
-use onnx_slice::eval::InputPlan;
+use onnx_slice::interface::{self, InputPlan};
 use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::runtime::npy::Npz;
 use onnx_slice::runtime::{init_runtime, Ep, ModelSession, RuntimeError, SessionConfig};
@@ -254,12 +254,12 @@ fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> a
 /// capped by the model's position limit, the default seed.
 fn calibration_set(path: &Path, calibration: &Calibration) -> anyhow::Result<CalibrationSet> {
     let model = onnx::load(path)?;
-    let seqlen = data::position_limit(&model).map_or(calibration.seqlen, |limit| limit.min(calibration.seqlen));
-    let tokenizer = match data::find_tokenizer(path, None) {
+    let seqlen = interface::position_limit(&model).map_or(calibration.seqlen, |limit| limit.min(calibration.seqlen));
+    let tokenizer = match interface::find_tokenizer(path, None) {
         Ok(found) => found,
         Err(_) => fixture_dir(path).join(format!("_hf/{}/tokenizer.json", arch(path))),
     };
-    let tokenizer = data::load_tokenizer(&tokenizer)?;
+    let tokenizer = interface::load_tokenizer(&tokenizer)?;
     let texts = [data::default_calibration_text().to_string()];
     Ok(CalibrationSet::from_texts(&texts, &tokenizer, calibration.samples, seqlen, data::DEFAULT_SEED)?)
 }

@@ -271,7 +271,7 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
 }
 
 fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Result<CalibrationSet> {
-    let limit = data::position_limit(model);
+    let limit = crate::interface::position_limit(model);
     let seqlen = limit.map_or(args.calib_seqlen, |l| args.calib_seqlen.min(l));
     if let Some(ids) = &args.calib_ids {
         let set = CalibrationSet::from_npy(ids, Some(args.calib_samples))?;
@@ -285,7 +285,7 @@ fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Res
             .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading calibration text {}", p.display())))
             .collect::<anyhow::Result<_>>()?
     };
-    let tokenizer = data::load_tokenizer(&data::find_tokenizer(input, args.tokenizer.as_deref())?)?;
+    let tokenizer = crate::interface::load_tokenizer(&crate::interface::find_tokenizer(input, args.tokenizer.as_deref())?)?;
     Ok(CalibrationSet::from_texts(&texts, &tokenizer, args.calib_samples, seqlen, args.calib_seed)?)
 }
 

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod fuse;
 pub mod graph;
 pub mod inspect;
+pub mod interface;
 pub mod onnx;
 pub mod pattern;
 pub mod pca;

@@ -4,9 +4,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, scratch};
-use onnx_slice::calibrate::data::{
-    default_calibration_text, documents, find_tokenizer, join_documents, load_tokenizer, position_limit, special_tokens, CalibrationSet,
-};
+use onnx_slice::calibrate::data::{default_calibration_text, documents, join_documents, special_tokens, CalibrationSet};
+use onnx_slice::interface::{find_tokenizer, load_tokenizer, position_limit};
 use onnx_slice::Error;
 use tokenizers::Tokenizer;
 

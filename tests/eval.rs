@@ -8,8 +8,9 @@ use clap::Parser;
 use common::reference::{cpu, open};
 use common::{fixture, scratch};
 use ndarray::{Array2, ArrayD};
-use onnx_slice::calibrate::data::load_tokenizer;
-use onnx_slice::eval::{perplexity, run_eval_command, text_windows, window_nll, EvalArgs, InputPlan};
+use onnx_slice::interface::load_tokenizer;
+use onnx_slice::eval::{perplexity, run_eval_command, text_windows, window_nll, EvalArgs};
+use onnx_slice::interface::InputPlan;
 use onnx_slice::runtime::{Dim, ModelSession, TensorValue};
 
 const VOCAB: usize = 1000;
@@ -293,7 +294,7 @@ fn smollm2_brown_perplexity() {
         args.extend(["--batch", batch.as_str()]);
     }
     let start = std::time::Instant::now();
-    let limit = onnx_slice::calibrate::data::position_limit(&onnx_slice::onnx::load(&model).unwrap());
+    let limit = onnx_slice::interface::position_limit(&onnx_slice::onnx::load(&model).unwrap());
     eprintln!("position limit {limit:?} (model loaded and inspected in {:.1} s)", start.elapsed().as_secs_f64());
     let start = std::time::Instant::now();
     run_eval_command(&parse(&args).unwrap()).unwrap();

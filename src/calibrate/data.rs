@@ -26,17 +26,15 @@
 //! Paragraphs separated by blank lines are the documents ([`documents`]); text samples never need
 //! padding, so their mask is all ones. The mask exists for sources that pad.
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::{Array2, ArrayD};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use crate::graph::{Graph, Model};
-use crate::pattern::GraphIndex;
+use crate::interface::plain_tokenizer;
 use crate::runtime::npy::{read_npy, NpyArray};
-use crate::structure::EmbeddingRole;
 use crate::{Error, Result};
 
 /// The reference's default number of calibration samples (`--cal-nsamples`).
@@ -265,44 +263,6 @@ pub fn join_documents(texts: &[String]) -> String {
     joined
 }
 
-/// The tokenizer file to use: `explicit` when given (it must exist), else `tokenizer.json` beside
-/// the model.
-pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = explicit {
-        return if path.is_file() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(calibration(format!("tokenizer {} not found (given with --tokenizer)", path.display())))
-        };
-    }
-    let beside = model_path.parent().unwrap_or(Path::new(".")).join("tokenizer.json");
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    Err(calibration(format!(
-        "no tokenizer for {}: tried {}. Pass --tokenizer PATH/tokenizer.json (the model's Hugging Face tokenizer), \
-         or give token ids with --calib-ids FILE.npy",
-        model_path.display(),
-        beside.display()
-    )))
-}
-
-/// Loads a `tokenizer.json`, without the truncation and padding it may configure.
-pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let tokenizer =
-        Tokenizer::from_file(path).map_err(|error| calibration(format!("{}: not a usable tokenizer.json: {error}", path.display())))?;
-    plain_tokenizer(&tokenizer)
-}
-
-/// A copy without truncation or padding (a tokenizer.json may set either; they would cut or pad
-/// each document).
-pub(crate) fn plain_tokenizer(tokenizer: &Tokenizer) -> Result<Tokenizer> {
-    let mut plain = tokenizer.clone();
-    plain.with_padding(None);
-    plain.with_truncation(None).map_err(|error| calibration(format!("cannot turn off the tokenizer's truncation: {error}")))?;
-    Ok(plain)
-}
-
 /// The special tokens the tokenizer's post-processor puts before and after a single sequence by
 /// default (`<s>` before for LLaMA-2; nothing for byte-level BPE tokenizers).
 pub fn special_tokens(tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>)> {
@@ -356,78 +316,6 @@ fn choose_windows(available: usize, samples: usize, seed: u64) -> Vec<usize> {
     let mut chosen = rand::seq::index::sample(&mut rng, available, samples).into_vec();
     chosen.sort_unstable();
     chosen
-}
-
-/// The longest sequence the model accepts, where it has a limit:
-///
-/// - a learned position-embedding table (GPT-2, OPT): its row count, less the constant the
-///   position ids are shifted by before the lookup when the graph has one (OPT adds 2:
-///   `Gather(table, Add(positions, 2))`, so 2050 rows hold 2048 positions);
-/// - `max_position_embeddings` (or `n_positions`) in a `config.json` beside the model, or
-///   `context_length` in onnxruntime-genai's `genai_config.json`.
-///
-/// With both, the smaller. Rotary models without a config file have no limit that the graph
-/// shows: `None`. (For rotary models the configured limit is the trained context, not a hard
-/// limit of the graph.)
-pub fn position_limit(model: &Model) -> Option<usize> {
-    let from_table = position_table_limit(&model.graph);
-    let dir = model.source.as_ref().and_then(|source| source.path.parent());
-    let from_config = dir.and_then(config_position_limit);
-    match (from_table, from_config) {
-        (Some(table), Some(config)) => Some(table.min(config)),
-        (table, config) => table.or(config),
-    }
-}
-
-fn position_table_limit(graph: &Graph) -> Option<usize> {
-    let mut graph = graph.clone();
-    crate::fuse::skip::decompose_skip_norms(&mut graph).ok()?;
-    let layout = crate::structure::detect(&graph).ok()?;
-    let embedding = layout.embeddings.iter().find(|e| e.role == EmbeddingRole::Position)?;
-    let table = graph.initializer(&embedding.table)?;
-    let rows = if embedding.through_transpose.is_some() { table.dims.get(1) } else { table.dims.first() };
-    let rows = usize::try_from(*rows?).ok()?;
-    let index = GraphIndex::new(&graph);
-    let offset = index
-        .producer(&embedding.output)
-        .filter(|gather| gather.is("Gather") && gather.inputs.len() == 2)
-        .map_or(0, |gather| position_offset(&index, &gather.inputs[1]));
-    Some(rows.saturating_sub(offset))
-}
-
-/// `c` when `indices` is `Add(x, c)` (through casts) with a constant non-negative integer scalar
-/// `c`; else 0.
-fn position_offset(index: &GraphIndex<'_>, indices: &str) -> usize {
-    let mut value = indices;
-    while let Some(node) = index.producer(value) {
-        if let (true, Some(input)) = (node.is("Cast") || node.is("Identity"), node.inputs.first()) {
-            value = input;
-            continue;
-        }
-        if node.is("Add") && node.in_default_domain() && node.inputs.len() == 2 {
-            let scalar = |v: &str| index.constant_i64(v).filter(|c| c.len() == 1).map(|c| c[0]);
-            if let Some(c) = scalar(&node.inputs[1]).or_else(|| scalar(&node.inputs[0])) {
-                return usize::try_from(c).unwrap_or(0);
-            }
-        }
-        break;
-    }
-    0
-}
-
-fn config_position_limit(dir: &Path) -> Option<usize> {
-    let read = |name: &str| -> Option<serde_json::Value> {
-        let text = std::fs::read_to_string(dir.join(name)).ok()?;
-        serde_json::from_str(&text).ok()
-    };
-    let as_limit = |value: Option<&serde_json::Value>| value.and_then(serde_json::Value::as_u64).and_then(|v| usize::try_from(v).ok());
-    if let Some(config) = read("config.json") {
-        if let Some(limit) = as_limit(config.get("max_position_embeddings")).or_else(|| as_limit(config.get("n_positions"))) {
-            return Some(limit);
-        }
-    }
-    let genai = read("genai_config.json")?;
-    as_limit(genai.get("model").and_then(|model| model.get("context_length")))
 }
 
 fn calibration(message: impl Into<String>) -> Error {

@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::error::{Error, Result};
-use crate::eval::InputPlan;
+use crate::interface::InputPlan;
 use crate::graph::Model;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::{math, StreamEditor};

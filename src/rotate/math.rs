@@ -34,35 +34,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Tensor, TensorData, TypedValues};
-
-/// How a linear layer's weight is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WeightLayout {
-    /// `[in, out]`: MatMul's B operand, Gemm with transB=0.
-    InOut,
-    /// `[out, in]`: Gemm with transB=1.
-    OutIn,
-}
-
-impl WeightLayout {
-    /// The layout of a Gemm's B operand for its `transB` attribute.
-    pub fn from_gemm_trans_b(trans_b: bool) -> Self {
-        if trans_b {
-            WeightLayout::OutIn
-        } else {
-            WeightLayout::InOut
-        }
-    }
-
-    /// `(in, out)` widths of a weight stored with these (2-D) dims.
-    pub fn in_out(self, dims: &[i64]) -> Option<(i64, i64)> {
-        match (self, dims) {
-            (WeightLayout::InOut, &[i, o]) => Some((i, o)),
-            (WeightLayout::OutIn, &[o, i]) => Some((i, o)),
-            _ => None,
-        }
-    }
-}
+use crate::structure::WeightLayout;
 
 // ---------------------------------------------------------------------------------------------
 // Orthogonal matrices

@@ -15,7 +15,14 @@ use crate::pattern::norm::{NormKind, NormMatch};
 
 pub use walk::{detect, DetectError};
 
-pub use crate::rotate::math::WeightLayout;
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// `[in, out]`: MatMul's B operand, Gemm with transB=0.
+    InOut,
+    /// `[out, in]`: Gemm with transB=1.
+    OutIn,
+}
 
 /// Where a linear layer's bias lives.
 #[derive(Debug, Clone, PartialEq)]
