@@ -266,8 +266,9 @@ pub fn join_documents(texts: &[String]) -> String {
 }
 
 /// The tokenizer file to use: `explicit` when given (it must exist), else `tokenizer.json` beside
-/// the model.
-pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+/// the model. `ids_flag` is the command's way to give token ids instead ("--calib-ids FILE.npy"),
+/// suggested when there is no tokenizer.
+pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>, ids_flag: &str) -> Result<PathBuf> {
     if let Some(path) = explicit {
         return if path.is_file() {
             Ok(path.to_path_buf())
@@ -281,10 +282,47 @@ pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>) -> Result<Path
     }
     Err(calibration(format!(
         "no tokenizer for {}: tried {}. Pass --tokenizer PATH/tokenizer.json (the model's Hugging Face tokenizer), \
-         or give token ids with --calib-ids FILE.npy",
+         or give token ids with {ids_flag}",
         model_path.display(),
         beside.display()
     )))
+}
+
+/// How many of a calibration set's real tokens are the tokenizer's unknown token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnknownTokens {
+    /// The unknown token as the vocabulary writes it ("<unk>", "[UNK]").
+    pub token: String,
+    pub count: usize,
+    pub of: usize,
+}
+
+impl UnknownTokens {
+    pub fn share(&self) -> f64 {
+        self.count as f64 / self.of.max(1) as f64
+    }
+}
+
+/// The unknown tokens in `set`; `None` when the tokenizer has no unknown token (byte-level BPE
+/// reads any text).
+pub fn unknown_tokens(set: &CalibrationSet, tokenizer: &Tokenizer) -> Option<UnknownTokens> {
+    let (token, id) = unknown_token(tokenizer)?;
+    let id = i64::from(id);
+    let real = set.ids.iter().flatten().zip(set.mask.iter().flatten()).filter(|&(_, &m)| m != 0);
+    let (count, of) = real.fold((0, 0), |(count, of), (&t, _)| (count + usize::from(t == id), of + 1));
+    Some(UnknownTokens { token, count, of })
+}
+
+/// The model's unknown token and its id. Every model kind names it in its serialized form
+/// (`unk_token` for WordLevel, WordPiece and BPE, `unk_id` for Unigram), which is the one place
+/// the tokenizers crate exposes it for all of them.
+fn unknown_token(tokenizer: &Tokenizer) -> Option<(String, u32)> {
+    let model = serde_json::to_value(tokenizer.get_model()).ok()?;
+    if let Some(token) = model.get("unk_token").and_then(serde_json::Value::as_str) {
+        return Some((token.to_string(), tokenizer.token_to_id(token)?));
+    }
+    let id = u32::try_from(model.get("unk_id")?.as_u64()?).ok()?;
+    Some((tokenizer.id_to_token(id)?, id))
 }
 
 /// Loads a `tokenizer.json`, without the truncation and padding it may configure.
