@@ -116,6 +116,8 @@ fn the_command_writes_model_report_and_rotations() {
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
         .args([model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--ratio".as_ref(), "0.25".as_ref()])
         .args(["--calib-samples", "8", "--calib-seqlen", "64", "--quiet"])
+        .arg("--calib")
+        .arg(fixture("calibration.txt"))
         .arg("--report")
         .arg(&report)
         .arg("--save-rotations")
@@ -192,7 +194,7 @@ fn the_command_records_centered_embeddings_and_refuses_them_without_pca() {
 
     std::fs::remove_file(&out).unwrap();
     let refused = slice(&["--orientation", "random"]);
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--center-embeddings applies to PCA slicing"), "{stderr}");
     assert!(!out.exists(), "an output file was written");
