@@ -131,6 +131,8 @@ fn the_command_writes_model_report_and_rotations() {
     assert_eq!(report["widths"], serde_json::json!([48, 48, 48, 48, 64]));
     assert_eq!(report["stream_width"], 64);
     assert_eq!(report["calibration_tokens"], 8 * 64);
+    let seconds = report["seconds"].as_object().unwrap();
+    assert!(seconds.keys().all(|k| k.ends_with("_seconds")) && seconds.contains_key("total_seconds"), "{seconds:?}");
     let original = onnx::load(&model).unwrap();
     let sliced = onnx::load(&out).unwrap();
     assert_eq!(report["parameters_before"], original.parameter_count());
