@@ -140,6 +140,13 @@ fn input_mistakes_name_the_flag_and_the_path() {
     // The library says the same without the command line's checks.
     let error = onnx_slice::onnx::load(folder.path()).unwrap_err().to_string();
     assert!(error.contains("it is a folder") && !error.contains("os error"), "{error}");
+    let loaded = onnx_slice::onnx::load(model()).unwrap();
+    let nowhere = outputs.path().join("no-such-folder").join("out.onnx");
+    let error = onnx_slice::onnx::save(&loaded, &nowhere, &Default::default()).unwrap_err().to_string();
+    assert!(error.contains("does not exist") && !error.contains("os error") && !error.contains(".part"), "{error}");
+    let error = onnx_slice::onnx::save(&loaded, outputs.path(), &Default::default()).unwrap_err().to_string();
+    assert!(error.contains("it is a folder") && !error.contains("os error"), "{error}");
+    assert_eq!(snapshot(outputs.path()), vec![]);
 }
 
 #[test]
