@@ -14,7 +14,6 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::data::{self, CalibrationSet};
-use checks::{usage, Checked};
 use crate::calibrate::{slice_with_pca, CalibrationOptions, Calibrated};
 use crate::graph::Model;
 use crate::inspect;
@@ -22,6 +21,7 @@ use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::Report;
 use crate::runtime::{init_runtime, Ep, SessionConfig};
 use crate::transform::{self, Dimensions, Orientation};
+use checks::{usage, Checked};
 
 const SLICE_EXAMPLES: &str = "\
 Examples:
@@ -363,8 +363,8 @@ const UNKNOWN_WARNING_SHARE: f64 = 0.05;
 fn warn_if_short(set: &CalibrationSet, requested: usize, why: &str) {
     if set.len() < requested {
         eprintln!(
-            "warning: calibrating on {} of the {requested} samples asked for (--calib-samples): there are no more {why} \
-             ({} tokens in all)",
+            "warning: calibrating on {} of the {requested} samples asked for (--calib-samples), {} tokens in all: there are \
+             no more {why}",
             set.len(),
             set.tokens()
         );
