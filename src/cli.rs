@@ -38,7 +38,7 @@ Exit codes:
   0  done
   1  the work failed (an unreadable model, ONNX Runtime, calibration data)
   2  the command line is wrong (a flag's value, a path that is missing, a folder, or the input
-     itself); found before anything is loaded or written
+     itself); found before any long work and before anything is written
   3  the model is not one onnx-slice can slice: no transformer found in it, or it is the output
      of onnx-slice already ('onnx-slice inspect MODEL' says which)";
 
