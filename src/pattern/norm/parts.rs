@@ -14,20 +14,12 @@ pub(super) type Matched<T> = Result<T, String>;
 
 /// A node's name for messages (exporters may leave names empty).
 pub(super) fn label(node: &Node) -> String {
-    if node.name.is_empty() {
-        format!("(unnamed, writes '{}')", node.outputs.first().map_or("", String::as_str))
-    } else {
-        format!("'{}'", node.name)
-    }
+    format!("'{}'", node.label())
 }
 
 /// The name identifying a node in a `NormMatch`: its name, or its first output when unnamed.
 pub(super) fn anchor_name(node: &Node) -> String {
-    if node.name.is_empty() {
-        node.outputs.first().cloned().unwrap_or_default()
-    } else {
-        node.name.clone()
-    }
+    node.label().to_string()
 }
 
 pub(super) fn require(condition: bool, why: impl FnOnce() -> String) -> Matched<()> {
