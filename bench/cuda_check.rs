@@ -255,7 +255,7 @@ fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> a
 fn calibration_set(path: &Path, calibration: &Calibration) -> anyhow::Result<CalibrationSet> {
     let model = onnx::load(path)?;
     let seqlen = interface::position_limit(&model).map_or(calibration.seqlen, |limit| limit.min(calibration.seqlen));
-    let tokenizer = match interface::find_tokenizer(path, None) {
+    let tokenizer = match interface::find_tokenizer(path, None, "--calib-ids FILE.npy") {
         Ok(found) => found,
         Err(_) => fixture_dir(path).join(format!("_hf/{}/tokenizer.json", arch(path))),
     };

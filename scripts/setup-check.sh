@@ -15,6 +15,7 @@ ready() {
 }
 if ! ready; then
   base=$(command -v python3 || command -v python) || { echo "setup-check: python3 (with the venv module) is needed" >&2; exit 1; }
+  echo "setup-check: creating the Python venv $venv with onnx==$onnx_version (the ONNX checker the tests run; once; about 130 MB)" >&2
   rm -rf "$venv"
   mkdir -p "$home"
   "$base" -m venv "$venv" >&2

@@ -9,6 +9,7 @@ dest="$home/onnxruntime-$version"
 lib="$dest/libonnxruntime.so.$version"
 if [ ! -f "$lib" ]; then
   python=$(command -v python3 || command -v python) || { echo "setup-ort: python3 with pip is needed to fetch the onnxruntime wheel" >&2; exit 1; }
+  echo "setup-ort: fetching ONNX Runtime $version's library from the PyPI wheel onnxruntime==$version into $dest (once; about 30 MB)" >&2
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   # The shared library inside the wheel does not depend on the Python version; pin one so that
@@ -28,5 +29,6 @@ with zipfile.ZipFile(wheel) as z:
             out.write(src.read())
         os.replace(part, os.path.join(dest, name))
 PY
+  echo "setup-ort: done" >&2
 fi
 echo "$lib"

@@ -1,9 +1,11 @@
 //! Command line: raw flags are validated into plain options once, then handed to the library.
+mod checks;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -19,6 +21,45 @@ use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::Report;
 use crate::runtime::{init_runtime, Ep, SessionConfig};
 use crate::transform::{self, Dimensions, Orientation};
+use checks::{usage, Checked};
+
+const SLICE_EXAMPLES: &str = "\
+Examples:
+  onnx-slice model.onnx -o model.sliced.onnx --ratio 0.25
+      calibrate on the built-in English text with the tokenizer.json beside the model
+  onnx-slice model.onnx -o small.onnx --ratio 0.3 --calib corpus.txt --report small.json
+      calibrate on your own text; write a JSON report of widths, sizes and times
+  onnx-slice model.onnx -o small.onnx --ratio 0.2 --calib-ids tokens.npy --ep cuda
+      calibrate on token ids, through the CUDA execution provider
+  onnx-slice model.onnx -o check.onnx --ratio 0.25 --orientation random --seed 1
+      no calibration: a valid model of the sliced shape, for checking a deployment
+
+Exit codes:
+  0  done
+  1  the work failed (an unreadable model, ONNX Runtime, calibration data)
+  2  the command line is wrong (a flag's value, a path that is missing, a folder, or the input
+     itself); found before any long work and before anything is written
+  3  the model is not one onnx-slice can slice: no transformer found in it, or it is the output
+     of onnx-slice already ('onnx-slice inspect MODEL' says which)";
+
+const INSPECT_EXAMPLES: &str = "\
+Examples:
+  onnx-slice inspect model.onnx               summary and the detected transformer
+  onnx-slice inspect model.onnx --explain     also every rejected normalization candidate
+  onnx-slice inspect model.sliced.onnx        says what sliced a model onnx-slice wrote, and how
+  onnx-slice inspect model.onnx --json | jq .transformer.found.width";
+
+const CONVERT_EXAMPLES: &str = "\
+Examples:
+  onnx-slice convert model.onnx -o big.onnx --external-data     weights to big.onnx.data
+  onnx-slice convert big.onnx -o model.onnx --inline            everything in one file
+  onnx-slice convert model.onnx -o out.onnx --external-data --size-threshold 4096";
+
+const EVAL_EXAMPLES: &str = "\
+Examples:
+  onnx-slice eval model.sliced.onnx --text wiki.test.raw --seqlen 2048
+  onnx-slice eval model.onnx --text notes.txt --max-windows 20 --json
+  onnx-slice eval model.onnx --ids windows.npy --ignore-id 0 --ep cuda";
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +68,7 @@ use crate::transform::{self, Dimensions, Orientation};
     about = "Compress exported ONNX transformer language models with SliceGPT",
     long_about = "Compress exported ONNX transformer language models with SliceGPT.\n\n\
                   onnx-slice MODEL -o OUT --ratio R   removes the fraction R of the residual stream width.",
+    after_help = SLICE_EXAMPLES,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -42,11 +84,11 @@ struct SliceArgs {
     /// The exported model (.onnx; external data files are found beside it).
     #[arg(required = true)]
     model: Option<PathBuf>,
-    /// Where to write the sliced model.
-    #[arg(short, long, required = true)]
+    /// Where to write the sliced model (a new file; its folder must exist).
+    #[arg(short, long, value_name = "OUT", required = true)]
     output: Option<PathBuf>,
     /// Fraction of the residual stream width to remove (0 ≤ R < 1).
-    #[arg(long, required = true)]
+    #[arg(long, value_name = "R", required = true, allow_negative_numbers = true)]
     ratio: Option<f64>,
     /// Round sliced widths down to a multiple of this.
     #[arg(long, default_value_t = 8)]
@@ -120,15 +162,19 @@ enum OrientationArg {
 #[derive(Subcommand)]
 enum Command {
     /// Describe a model: producer, opsets, inputs and outputs, operators, parameters, external files.
+    #[command(after_help = INSPECT_EXAMPLES)]
     Inspect(InspectArgs),
     /// Rewrite a model with its data inline or in an external data file, changing nothing else.
+    #[command(after_help = CONVERT_EXAMPLES)]
     Convert(ConvertArgs),
     /// Perplexity of a model on a text (or token ids), by the reference method.
+    #[command(after_help = EVAL_EXAMPLES)]
     Eval(crate::eval::EvalArgs),
 }
 
 #[derive(Args)]
 struct InspectArgs {
+    /// The model (.onnx; external data files are found beside it).
     model: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -140,8 +186,10 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct ConvertArgs {
+    /// The model to rewrite (.onnx).
     input: PathBuf,
-    #[arg(short, long)]
+    /// Where to write it (a new file; its folder must exist; external data goes to OUT.data).
+    #[arg(short, long, value_name = "OUT")]
     output: PathBuf,
     /// Store tensors in OUTPUT.data beside the model.
     #[arg(long, conflicts_with = "inline")]
@@ -154,12 +202,17 @@ struct ConvertArgs {
     size_threshold: u64,
 }
 
+/// The command line's definition (for checks on its help texts).
+pub fn command_line() -> clap::Command {
+    Cli::command()
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Convert(args)) => run_convert(args),
-        Some(Command::Eval(args)) => crate::eval::run_eval_command(&args),
+        Some(Command::Eval(args)) => checks::eval_command(&args).map_err(anyhow::Error::from).and_then(|()| crate::eval::run_eval_command(&args)),
         None => run_slice(cli.slice),
     };
     match result {
@@ -169,12 +222,13 @@ pub fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(checks::exit_code(&e))
         }
     }
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    checks::input_file("MODEL", &args.model)?;
     let model = onnx::load(&args.model)?;
     let summary = inspect::summarize(&model);
     let layout = inspect::describe_layout(&model, args.explain);
@@ -191,14 +245,15 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (Some(input), Some(output)) = (args.model.clone(), args.output.clone()) else {
-        bail!("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)");
+        return Err(usage("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)").into());
     };
     let dims = slice_dimensions(&args)?;
-    if args.center_embeddings && !matches!(args.orientation, OrientationArg::Pca) {
-        bail!("--center-embeddings applies to PCA slicing (--orientation pca) only");
-    }
+    checks::slice_command(&args, &input, &output)?;
     let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
+    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
+    transform::refuse_sliced(&model)?;
+    checks::slice_tokenizer(&args, &input)?;
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
@@ -230,24 +285,19 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn slice_dimensions(args: &SliceArgs) -> anyhow::Result<Dimensions> {
-    let Some(ratio) = args.ratio else { bail!("--ratio is required") };
+fn slice_dimensions(args: &SliceArgs) -> Checked<Dimensions> {
+    let Some(ratio) = args.ratio else { return Err(usage("--ratio is required")) };
     if !(0.0..1.0).contains(&ratio) {
-        bail!("--ratio must be at least 0 and less than 1, got {ratio}");
+        return Err(usage(format!("--ratio must be at least 0 and less than 1, got {ratio}")));
     }
-    if args.round_to == 0 {
-        bail!("--round-to must be at least 1");
-    }
+    checks::at_least_one("--round-to", args.round_to)?;
     Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head })
 }
 
 fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions) -> anyhow::Result<Calibrated> {
-    if args.calib_samples == 0 || args.calib_seqlen == 0 || args.calib_batch == 0 {
-        bail!("--calib-samples, --calib-seqlen and --calib-batch must be at least 1");
-    }
     init_runtime(args.ort_lib.as_deref())?;
     let set = calibration_set(args, input, model)?;
-    let progress = progress_bar(args.quiet, "calibrating");
+    let progress = progress_bar(args.quiet, "calibrating", "segment runs");
     let options = CalibrationOptions {
         dims: *dims,
         batch: args.calib_batch,
@@ -275,6 +325,7 @@ fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Res
     let seqlen = limit.map_or(args.calib_seqlen, |l| args.calib_seqlen.min(l));
     if let Some(ids) = &args.calib_ids {
         let set = CalibrationSet::from_npy(ids, Some(args.calib_samples))?;
+        warn_if_short(&set, args.calib_samples, "rows in the file");
         return Ok(if set.seqlen() > seqlen { set.truncated(seqlen) } else { set });
     }
     let texts: Vec<String> = if args.calib.is_empty() {
@@ -285,20 +336,51 @@ fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Res
             .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading calibration text {}", p.display())))
             .collect::<anyhow::Result<_>>()?
     };
-    let tokenizer = crate::interface::load_tokenizer(&crate::interface::find_tokenizer(input, args.tokenizer.as_deref())?)?;
-    Ok(CalibrationSet::from_texts(&texts, &tokenizer, args.calib_samples, seqlen, args.calib_seed)?)
+    let tokenizer_path = crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")?;
+    let tokenizer = crate::interface::load_tokenizer(&tokenizer_path)?;
+    let set = CalibrationSet::from_texts(&texts, &tokenizer, args.calib_samples, seqlen, args.calib_seed)?;
+    warn_if_short(&set, args.calib_samples, "windows in the text; give more text with --calib");
+    if let Some(unknown) = data::unknown_tokens(&set, &tokenizer) {
+        if unknown.share() > UNKNOWN_WARNING_SHARE {
+            eprintln!(
+                "warning: {:.1} % of the calibration tokens are the unknown token '{}' of {}: the tokenizer does not read \
+                 this text, and PCA on it says little about real input; calibrate on text in the model's vocabulary \
+                 (--calib FILE) or on token ids (--calib-ids FILE.npy)",
+                100.0 * unknown.share(),
+                unknown.token,
+                tokenizer_path.display()
+            );
+        }
+    }
+    Ok(set)
 }
 
-/// A progress bar on stderr, hidden with --quiet or when stderr is not a terminal.
-pub fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
+/// More unknown tokens than this share in the calibration set gets a warning: byte-level
+/// tokenizers have none on any text, word-level ones a few on text of their language.
+const UNKNOWN_WARNING_SHARE: f64 = 0.05;
+
+/// A warning on stderr when the data gave fewer samples than asked for.
+fn warn_if_short(set: &CalibrationSet, requested: usize, why: &str) {
+    if set.len() < requested {
+        eprintln!(
+            "warning: calibrating on {} of the {requested} samples asked for (--calib-samples), {} tokens in all: there are \
+             no more {why}",
+            set.len(),
+            set.tokens()
+        );
+    }
+}
+
+/// A progress bar on stderr, hidden with --quiet or when stderr is not a terminal. It is drawn
+/// first when its length is set (no empty "0/0" bar while the work is prepared); `unit` names
+/// what it counts.
+pub fn progress_bar(quiet: bool, what: &str, unit: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}/{eta}").unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style.progress_chars("=> "));
-    bar.set_message(what.to_string());
-    bar
+    let template = format!("{what} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}, {{eta}} left");
+    let style = ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::no_length().with_style(style.progress_chars("=> "))
 }
 
 /// `--external-data` / `--inline` / neither (external only over protobuf's 2 GiB limit).
@@ -316,11 +398,11 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> 
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
-    if args.output.as_os_str().is_empty() {
-        bail!("the output path is empty");
-    }
+    checks::input_file("INPUT", &args.input)?;
+    checks::output_files(&[("-o", &args.output)], &[&args.input])?;
     let storage = storage_of(args.external_data, args.inline);
     let model = onnx::load(&args.input)?;
+    onnx::check_save_target(&model, &args.output).map_err(|e| usage(format!("-o: {e}")))?;
     let options = SaveOptions { storage, size_threshold: args.size_threshold };
     let saved = onnx::save(&model, &args.output, &options).with_context(|| format!("converting {}", args.input.display()))?;
     eprintln!("wrote {} ({} bytes)", saved.path.display(), saved.model_bytes);

@@ -34,6 +34,11 @@ pub enum Error {
     #[error(transparent)]
     Detect(#[from] crate::structure::DetectError),
 
+    /// The model was written by onnx-slice (its metadata says so), which does not slice its own
+    /// output again.
+    #[error("{model}: already sliced by {by}; onnx-slice does not slice its own output again: slice the original model with the ratio you want")]
+    AlreadySliced { model: String, by: String },
+
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
 }

@@ -270,7 +270,7 @@ fn load_windows(args: &EvalArgs) -> anyhow::Result<(Vec<Vec<i64>>, String)> {
     if args.text.is_empty() {
         anyhow::bail!("give the evaluation data with --text FILE or --ids FILE.npy");
     }
-    let tokenizer_path = find_tokenizer(&args.model, args.tokenizer.as_deref())?;
+    let tokenizer_path = find_tokenizer(&args.model, args.tokenizer.as_deref(), "--ids FILE.npy")?;
     let tokenizer = load_tokenizer(&tokenizer_path)?;
     let texts = args
         .text

@@ -24,6 +24,8 @@ pub struct ModelSummary {
     /// dtype → (elements, bytes).
     pub parameters_by_dtype: BTreeMap<String, DtypeTotals>,
     pub external_files: Vec<String>,
+    /// The `onnx_slice.*` metadata (keys without the prefix) of a model onnx-slice wrote.
+    pub sliced_by: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +83,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
             .iter()
             .flat_map(|s| s.external_files.iter().map(|p| p.display().to_string()))
             .collect(),
+        sliced_by: crate::transform::sliced_by(model),
     }
 }
 
@@ -90,6 +93,9 @@ impl std::fmt::Display for ModelSummary {
             writeln!(f, "model:        {path}")?;
         }
         writeln!(f, "producer:     {}", if self.producer.is_empty() { "(none)" } else { &self.producer })?;
+        if let Some(entries) = &self.sliced_by {
+            writeln!(f, "sliced by:    {}", crate::transform::describe_slicing(entries))?;
+        }
         let opsets: Vec<String> = self.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
         writeln!(f, "ir version:   {}    opsets: {}", self.ir_version, opsets.join(", "))?;
         writeln!(f, "inputs:")?;
@@ -184,7 +190,19 @@ pub fn describe_layout(model: &Model, explain: bool) -> LayoutSummary {
             error: None,
             rejected_norm_candidates: rejected,
         },
-        Err(e) => LayoutSummary { found: None, error: Some(e.to_string()), rejected_norm_candidates: rejected },
+        Err(e) => LayoutSummary { found: None, error: Some(why_not_found(model, &e)), rejected_norm_candidates: rejected },
+    }
+}
+
+/// Detection's stop, and for a model onnx-slice wrote, why that is expected.
+fn why_not_found(model: &Model, error: &crate::Error) -> String {
+    match crate::transform::sliced_by(model) {
+        Some(_) => format!(
+            "this model is the output of onnx-slice (see 'sliced by'): its norms are folded into plain RMSNorm over the \
+             original width and its skip paths carry shortcut matrices, so it is not detected, or sliced, again; slice the \
+             original model instead ({error})"
+        ),
+        None => error.to_string(),
     }
 }
 

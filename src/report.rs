@@ -42,8 +42,8 @@ pub struct Report {
 pub struct Seconds {
     #[serde(flatten)]
     pub phases: Timings,
-    pub save: f64,
-    pub total: f64,
+    pub save_seconds: f64,
+    pub total_seconds: f64,
 }
 
 impl Report {
@@ -84,8 +84,8 @@ impl Report {
             calibration_source: calibration.map(|c| c.source.clone()),
             seconds: Seconds {
                 phases: calibration.map(|c| c.timings.clone()).unwrap_or_default(),
-                save: save_seconds,
-                total: started.elapsed().as_secs_f64(),
+                save_seconds,
+                total_seconds: started.elapsed().as_secs_f64(),
             },
         }
     }

@@ -1,6 +1,8 @@
 //! The exact rewrite, start to end: decompose fused Skip*Norm ops, find the transformer, give every
 //! weight its own initializer, fold the norms into RMSNorm form, and (optionally) rotate and slice
 //! the stream with one basis per stream point.
+use std::collections::BTreeMap;
+
 use faer::Mat;
 
 use crate::error::{Error, Result};
@@ -69,6 +71,7 @@ pub struct Rewritten {
 /// Finds the transformer and rewrites its norms (no rotation yet): the model computes the same
 /// function afterwards.
 pub fn fuse(model: &mut Model) -> Result<Rewritten> {
+    refuse_sliced(model)?;
     if let Some((node, why)) = model.graph.malformed_node() {
         return Err(Error::Graph { node: node.label().to_string(), message: why });
     }
@@ -151,5 +154,33 @@ pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimen
     }
     if rewritten.centered_embeddings {
         model.metadata.push(("onnx_slice.centered_embeddings".to_string(), "true".to_string()));
+    }
+}
+
+/// The `onnx_slice.*` metadata of a model onnx-slice wrote (what sliced it, and how), keys without
+/// the prefix; `None` for any other model.
+pub fn sliced_by(model: &Model) -> Option<BTreeMap<String, String>> {
+    let entries: BTreeMap<String, String> =
+        model.metadata.iter().filter_map(|(k, v)| k.strip_prefix("onnx_slice.").map(|key| (key.to_string(), v.clone()))).collect();
+    (!entries.is_empty()).then_some(entries)
+}
+
+/// One line for people: "onnx-slice 0.1.0 (orientation pca (…), ratio 0.25, widths 48,48,64, …)".
+pub fn describe_slicing(entries: &BTreeMap<String, String>) -> String {
+    let version = entries.get("version").map_or("?", String::as_str);
+    let details: Vec<String> = entries.iter().filter(|(k, _)| *k != "version").map(|(k, v)| format!("{} {v}", k.replace('_', " "))).collect();
+    format!("onnx-slice {version} ({})", details.join(", "))
+}
+
+/// Refuses a model onnx-slice has already written: its norms are folded and its skip paths carry
+/// shortcut matrices, a layout detection does not take as a transformer to rewrite. The original
+/// model can be sliced at any ratio instead.
+pub fn refuse_sliced(model: &Model) -> Result<()> {
+    match sliced_by(model) {
+        Some(entries) => Err(Error::AlreadySliced {
+            model: model.source.as_ref().map_or("the model".into(), |s| s.path.display().to_string()),
+            by: describe_slicing(&entries),
+        }),
+        None => Ok(()),
     }
 }

@@ -117,6 +117,8 @@ fn the_command_writes_model_report_and_rotations() {
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
         .args([model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--ratio".as_ref(), "0.25".as_ref()])
         .args(["--calib-samples", "8", "--calib-seqlen", "64", "--quiet"])
+        .arg("--calib")
+        .arg(fixture("calibration.txt"))
         .arg("--report")
         .arg(&report)
         .arg("--save-rotations")
@@ -130,6 +132,8 @@ fn the_command_writes_model_report_and_rotations() {
     assert_eq!(report["widths"], serde_json::json!([48, 48, 48, 48, 64]));
     assert_eq!(report["stream_width"], 64);
     assert_eq!(report["calibration_tokens"], 8 * 64);
+    let seconds = report["seconds"].as_object().unwrap();
+    assert!(seconds.keys().all(|k| k.ends_with("_seconds")) && seconds.contains_key("total_seconds"), "{seconds:?}");
     let original = onnx::load(&model).unwrap();
     let sliced = onnx::load(&out).unwrap();
     assert_eq!(report["parameters_before"], original.parameter_count());
@@ -193,7 +197,7 @@ fn the_command_records_centered_embeddings_and_refuses_them_without_pca() {
 
     std::fs::remove_file(&out).unwrap();
     let refused = slice(&["--orientation", "random"]);
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--center-embeddings applies to PCA slicing"), "{stderr}");
     assert!(!out.exists(), "an output file was written");

@@ -195,19 +195,19 @@ fn tokenizer_is_the_flag_or_beside_the_model() {
     let model = dir.path().join("model.onnx");
     std::fs::write(&model, b"").unwrap();
 
-    let error = find_tokenizer(&model, None).unwrap_err().to_string();
+    let error = find_tokenizer(&model, None, "--calib-ids FILE.npy").unwrap_err().to_string();
     let beside = dir.path().join("tokenizer.json");
     assert!(error.contains(&beside.display().to_string()), "names the path tried: {error}");
     assert!(error.contains("--tokenizer") && error.contains("--calib-ids"), "suggests the flags: {error}");
 
     let explicit = fixture("_hf/llama/tokenizer.json");
-    assert_eq!(find_tokenizer(&model, Some(&explicit)).unwrap(), explicit);
+    assert_eq!(find_tokenizer(&model, Some(&explicit), "--calib-ids FILE.npy").unwrap(), explicit);
     let absent = dir.path().join("nope.json");
-    let error = find_tokenizer(&model, Some(&absent)).unwrap_err().to_string();
+    let error = find_tokenizer(&model, Some(&absent), "--calib-ids FILE.npy").unwrap_err().to_string();
     assert!(error.contains("nope.json") && error.contains("--tokenizer"), "{error}");
 
     std::fs::copy(&explicit, &beside).unwrap();
-    assert_eq!(find_tokenizer(&model, None).unwrap(), beside);
+    assert_eq!(find_tokenizer(&model, None, "--ids FILE.npy").unwrap(), beside);
 
     std::fs::write(dir.path().join("broken.json"), "{not json").unwrap();
     let error = load_tokenizer(&dir.path().join("broken.json")).unwrap_err().to_string();

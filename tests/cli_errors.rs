@@ -3,25 +3,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::cli::{onnx_slice, snapshot};
 use common::*;
 
-struct Outcome {
-    code: Option<i32>,
-    stderr: String,
-}
-
-fn onnx_slice(args: &[&Path]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_onnx-slice")).args(args).output().expect("run onnx-slice");
-    Outcome { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
-}
-
-/// Runs `convert INPUT -o OUTPUT` (and `inspect INPUT`) and checks the promises for bad input.
+/// Runs `convert INPUT -o OUTPUT` (and `inspect INPUT`) and checks the promises for bad input:
+/// exit code 1 for a model that cannot be read, 2 for a command line that cannot work.
 fn assert_refused(input: &Path, output: &Path, expected_message: &str) {
     let files_before = snapshot(input.parent().unwrap());
-    let convert = onnx_slice(&[Path::new("convert"), input, Path::new("-o"), output]);
-    assert_eq!(convert.code, Some(1), "convert: stderr: {}", convert.stderr);
+    let convert = onnx_slice([Path::new("convert"), input, Path::new("-o"), output]);
+    let expected_code = if input == output { 2 } else { 1 };
+    assert_eq!(convert.code, Some(expected_code), "convert: stderr: {}", convert.stderr);
     assert!(convert.stderr.starts_with("error: "), "convert: {}", convert.stderr);
     assert!(convert.stderr.contains(expected_message), "expected {expected_message:?} in: {}", convert.stderr);
     assert!(!convert.stderr.contains("panicked"), "{}", convert.stderr);
@@ -31,25 +23,10 @@ fn assert_refused(input: &Path, output: &Path, expected_message: &str) {
     assert_eq!(snapshot(input.parent().unwrap()), files_before, "the input folder changed");
 
     if input != output {
-        let inspect = onnx_slice(&[Path::new("inspect"), input]);
+        let inspect = onnx_slice([Path::new("inspect"), input]);
         assert_eq!(inspect.code, Some(1), "inspect: stderr: {}", inspect.stderr);
         assert!(inspect.stderr.contains(expected_message), "inspect: {}", inspect.stderr);
     }
-}
-
-/// Every file in a folder with its contents.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    files.sort();
-    files
 }
 
 fn copy_fixture(rel: &str, dir: &Path) -> PathBuf {
@@ -91,9 +68,9 @@ fn empty_file() {
 fn missing_input_file() {
     let outputs = scratch();
     let missing = outputs.path().join("nothing-here.onnx");
-    let run = onnx_slice(&[Path::new("convert"), &missing, Path::new("-o"), &outputs.path().join("out.onnx")]);
-    assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("No such file"), "{}", run.stderr);
+    let run = onnx_slice([Path::new("convert"), &missing, Path::new("-o"), &outputs.path().join("out.onnx")]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("no such file"), "{}", run.stderr);
 }
 
 #[test]
@@ -118,7 +95,7 @@ fn external_data_offset_past_the_end() {
 fn output_path_equal_to_input_path() {
     let inputs = scratch();
     let model = copy_fixture("gpt2/ts14/model.onnx", inputs.path());
-    assert_refused(&model, &model, "it is the input file");
+    assert_refused(&model, &model, "is the input file");
 }
 
 #[test]
@@ -131,8 +108,8 @@ fn output_data_file_would_overwrite_the_input_data_file() {
     let model = inputs.path().join("model.onnx");
     std::fs::rename(&staged, &model).unwrap();
     let before = snapshot(inputs.path());
-    let run = onnx_slice(&[Path::new("convert"), &model, Path::new("-o"), &staged, Path::new("--external-data")]);
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let run = onnx_slice([Path::new("convert"), &model, Path::new("-o"), &staged, Path::new("--external-data")]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("it is the input file"), "{}", run.stderr);
     assert!(!staged.exists());
     assert_eq!(snapshot(inputs.path()), before);

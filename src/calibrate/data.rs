@@ -263,6 +263,43 @@ pub fn join_documents(texts: &[String]) -> String {
     joined
 }
 
+/// How many of a calibration set's real tokens are the tokenizer's unknown token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnknownTokens {
+    /// The unknown token as the vocabulary writes it ("<unk>", "[UNK]").
+    pub token: String,
+    pub count: usize,
+    pub of: usize,
+}
+
+impl UnknownTokens {
+    pub fn share(&self) -> f64 {
+        self.count as f64 / self.of.max(1) as f64
+    }
+}
+
+/// The unknown tokens in `set`; `None` when the tokenizer has no unknown token (byte-level BPE
+/// reads any text).
+pub fn unknown_tokens(set: &CalibrationSet, tokenizer: &Tokenizer) -> Option<UnknownTokens> {
+    let (token, id) = unknown_token(tokenizer)?;
+    let id = i64::from(id);
+    let real = set.ids.iter().flatten().zip(set.mask.iter().flatten()).filter(|&(_, &m)| m != 0);
+    let (count, of) = real.fold((0, 0), |(count, of), (&t, _)| (count + usize::from(t == id), of + 1));
+    Some(UnknownTokens { token, count, of })
+}
+
+/// The model's unknown token and its id. Every model kind names it in its serialized form
+/// (`unk_token` for WordLevel, WordPiece and BPE, `unk_id` for Unigram), which is the one place
+/// the tokenizers crate exposes it for all of them.
+fn unknown_token(tokenizer: &Tokenizer) -> Option<(String, u32)> {
+    let model = serde_json::to_value(tokenizer.get_model()).ok()?;
+    if let Some(token) = model.get("unk_token").and_then(serde_json::Value::as_str) {
+        return Some((token.to_string(), tokenizer.token_to_id(token)?));
+    }
+    let id = u32::try_from(model.get("unk_id")?.as_u64()?).ok()?;
+    Some((tokenizer.id_to_token(id)?, id))
+}
+
 /// The special tokens the tokenizer's post-processor puts before and after a single sequence by
 /// default (`<s>` before for LLaMA-2; nothing for byte-level BPE tokenizers).
 pub fn special_tokens(tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>)> {

@@ -8,8 +8,9 @@ use super::unusable;
 use crate::Result;
 
 /// The tokenizer file to use: `explicit` when given (it must exist), else `tokenizer.json` beside
-/// the model.
-pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+/// the model. `ids_flag` is the command's way to give token ids instead ("--calib-ids FILE.npy"),
+/// suggested when there is no tokenizer.
+pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>, ids_flag: &str) -> Result<PathBuf> {
     if let Some(path) = explicit {
         return if path.is_file() {
             Ok(path.to_path_buf())
@@ -23,7 +24,7 @@ pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>) -> Result<Path
     }
     Err(unusable(format!(
         "no tokenizer for {}: tried {}. Pass --tokenizer PATH/tokenizer.json (the model's Hugging Face tokenizer), \
-         or give token ids with --calib-ids FILE.npy",
+         or give token ids with {ids_flag}",
         model_path.display(),
         beside.display()
     )))

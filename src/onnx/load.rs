@@ -43,7 +43,12 @@ pub fn load_from_bytes(bytes: Bytes) -> Result<Model> {
 
 fn map_file(path: &Path) -> Result<Bytes> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
+    // A folder opens like a file on Unix; only the memory map would fail, with a bare OS error.
+    if metadata.is_dir() {
+        return Err(Error::NotOnnx { path: path.into(), message: "it is a folder; give the model's .onnx file".into() });
+    }
+    let len = metadata.len();
     if len == 0 {
         return Err(Error::NotOnnx { path: path.into(), message: "the file is empty".into() });
     }

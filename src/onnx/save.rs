@@ -63,8 +63,7 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
 
 pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<Saved> {
     let path = path.as_ref();
-    let data_path = data_file_for(path)?;
-    refuse_overwriting_sources(model, path, &data_path)?;
+    let data_path = check_save_target(model, path)?;
     let external = match options.storage {
         Storage::Inline => false,
         Storage::External => true,
@@ -160,6 +159,45 @@ fn too_large(path: &Path, len: u64) -> Error {
     }
 }
 
+/// Everything [`save`] would refuse about `path` for this model, found before the model is
+/// computed (a slicing run checks this before calibrating). Returns the external data file's path
+/// (`OUT.data`), written only with external data.
+pub fn check_save_target(model: &Model, path: &Path) -> Result<PathBuf> {
+    check_destination(path)?;
+    let data_path = data_file_for(path)?;
+    refuse_overwriting_sources(model, path, &data_path)?;
+    Ok(data_path)
+}
+
+/// `path` can receive a new file: it has a file name, is not a folder, and its folder exists.
+/// (Any file: models, reports, rotations.)
+pub fn check_destination(path: &Path) -> Result<()> {
+    let refuse = |message: String| Err(Error::Save { output: path.into(), message });
+    if path.as_os_str().is_empty() {
+        return refuse("the path is empty".into());
+    }
+    if path.is_dir() {
+        return refuse("it is a folder; give a file name inside it".into());
+    }
+    file_name(path)?;
+    let folder = parent_folder(path);
+    if !folder.exists() {
+        return refuse(format!("its folder {} does not exist", folder.display()));
+    }
+    if !folder.is_dir() {
+        return refuse(format!("{} is not a folder", folder.display()));
+    }
+    Ok(())
+}
+
+/// The folder a file goes into ("." for a bare file name).
+pub fn parent_folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// The output must not be (or write a data file over) any file the model was read from.
 fn refuse_overwriting_sources(model: &Model, path: &Path, data_path: &Path) -> Result<()> {
     let Some(source) = &model.source else { return Ok(()) };
@@ -195,10 +233,7 @@ struct TempOutput {
 
 impl TempOutput {
     fn new(target: &Path) -> Result<Self> {
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = parent_folder(target);
         let file = tempfile::Builder::new()
             .prefix(&format!(".{}.", file_name(target)?))
             .suffix(".part")

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 
+pub mod cli;
 pub mod reference;
 
 pub const ARCHS: [&str; 6] = ["gpt2", "opt", "llama", "qwen2", "phi", "gpt_neox"];

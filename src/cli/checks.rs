@@ -1,0 +1,164 @@
+//! Checks on the paths and values of a command line, all made before the long work (loading a large
+//! model, calibrating): a wrong path costs a second, not an hour of calibration. Each failure says
+//! which flag, which path, and what is wrong with it, and exits with [`EXIT_USAGE`].
+use std::path::{Path, PathBuf};
+
+use super::{OrientationArg, SliceArgs};
+
+/// The command line cannot work as given (a flag's value, a path); nothing was read or written.
+/// The same code as clap's own usage errors.
+pub const EXIT_USAGE: u8 = 2;
+/// The model is not one onnx-slice can rewrite: no transformer found, or already sliced.
+pub const EXIT_UNSUPPORTED_MODEL: u8 = 3;
+
+/// A mistake on the command line, found before any work: exit code [`EXIT_USAGE`].
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub type Checked<T = ()> = Result<T, UsageError>;
+
+pub fn usage(message: impl Into<String>) -> UsageError {
+    UsageError(message.into())
+}
+
+/// The exit code for an error: [`EXIT_USAGE`] for a command-line mistake, [`EXIT_UNSUPPORTED_MODEL`]
+/// when the model's structure is not one onnx-slice knows, else 1.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    let unsupported = |cause: &(dyn std::error::Error + 'static)| {
+        cause.downcast_ref::<crate::structure::DetectError>().is_some()
+            || cause.downcast_ref::<crate::Error>().is_some_and(|e| matches!(e, crate::Error::Detect(_) | crate::Error::AlreadySliced { .. }))
+    };
+    if error.chain().any(|cause| cause.downcast_ref::<UsageError>().is_some()) {
+        EXIT_USAGE
+    } else if error.chain().any(unsupported) {
+        EXIT_UNSUPPORTED_MODEL
+    } else {
+        1
+    }
+}
+
+/// A file the command reads: it exists, is a file (not a folder) and can be opened.
+pub fn input_file(flag: &str, path: &Path) -> Checked {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(usage(format!("{flag} {shown}: no such file"))),
+        Err(e) => Err(usage(format!("{flag} {shown}: cannot be read ({e})"))),
+        Ok(m) if m.is_dir() => Err(usage(format!("{flag} {shown} is a folder, not a file"))),
+        Ok(_) => std::fs::File::open(path).map(drop).map_err(|e| usage(format!("{flag} {shown}: cannot be read ({e})"))),
+    }
+}
+
+/// Every file the command reads, with the flag that names it ("MODEL" for the positional one).
+pub fn input_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a Path)>) -> Checked {
+    files.into_iter().try_for_each(|(flag, path)| input_file(flag, path))
+}
+
+/// The files a command writes, each with its flag: every one can be created (its folder exists and
+/// takes new files, it is not a folder itself), none is one of `inputs`, and no two are the same.
+pub fn output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Checked {
+    for (i, &(flag, path)) in outputs.iter().enumerate() {
+        crate::onnx::check_destination(path).map_err(|e| usage(format!("{flag}: {e}")))?;
+        check_folder_takes_files(flag, path)?;
+        if let Some(input) = inputs.iter().find(|input| same_path(path, input)) {
+            let which = if *input == path { String::new() } else { format!(" {}", input.display()) };
+            return Err(usage(format!("{flag} {} is the input file{which}; write to another path", path.display())));
+        }
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, earlier)| same_path(path, earlier)) {
+            return Err(usage(format!("{flag} and {other} name the same file, {}", path.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Creating (and at once removing) a temporary file is the one sure test that the folder is
+/// writable for this user.
+fn check_folder_takes_files(flag: &str, path: &Path) -> Checked {
+    let folder = crate::onnx::parent_folder(path);
+    tempfile::Builder::new()
+        .prefix(".onnx-slice-check.")
+        .tempfile_in(&folder)
+        .map(drop)
+        .map_err(|e| usage(format!("{flag} {}: cannot write in the folder {} ({})", path.display(), folder.display(), e.kind())))
+}
+
+/// Two paths name the same file: the same folder (after resolving links) and file name, or, for
+/// existing files, the same inode (hard links).
+fn same_path(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+    }
+    matches!((resolved(a), resolved(b)), (Some(ra), Some(rb)) if ra == rb)
+}
+
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let folder = crate::onnx::parent_folder(path);
+    Some(folder.canonicalize().ok()?.join(path.file_name()?))
+}
+
+/// A count that must be at least 1.
+pub fn at_least_one(flag: &str, value: usize) -> Checked {
+    if value == 0 {
+        return Err(usage(format!("{flag} must be at least 1")));
+    }
+    Ok(())
+}
+
+/// Every flag and path of a slicing command, checked before the model is loaded: the inputs
+/// exist and are files, the outputs can be written and overwrite no input (the tokenizer
+/// included). Whether text calibration has a tokenizer at all is [`slice_tokenizer`]'s check.
+pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: &Path) -> Checked {
+    let pca = matches!(args.orientation, OrientationArg::Pca);
+    if args.center_embeddings && !pca {
+        return Err(usage("--center-embeddings applies to PCA slicing (--orientation pca) only"));
+    }
+    at_least_one("--calib-samples", args.calib_samples)?;
+    at_least_one("--calib-seqlen", args.calib_seqlen)?;
+    at_least_one("--calib-batch", args.calib_batch)?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("MODEL", input)];
+    inputs.extend(args.calib.iter().map(|p| ("--calib", p.as_path())));
+    inputs.extend(args.calib_ids.iter().map(|p| ("--calib-ids", p.as_path())));
+    inputs.extend(args.tokenizer.iter().map(|p| ("--tokenizer", p.as_path())));
+    inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
+    input_files(inputs.iter().copied())?;
+    let tokenizer = crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy").ok();
+    let mut outputs = vec![("-o", output)];
+    outputs.extend(args.report.iter().map(|p| ("--report", p.as_path())));
+    outputs.extend(args.save_rotations.iter().map(|p| ("--save-rotations", p.as_path())));
+    let read: Vec<&Path> = inputs.iter().map(|(_, p)| *p).chain(tokenizer.as_deref()).collect();
+    output_files(&outputs, &read)
+}
+
+/// Text calibration has a tokenizer. Checked after the model is known not to be refused anyway
+/// (an already sliced model), still before calibration.
+pub(super) fn slice_tokenizer(args: &SliceArgs, input: &Path) -> Checked {
+    if matches!(args.orientation, OrientationArg::Pca) && args.calib_ids.is_none() {
+        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy").map_err(|e| usage(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The files and counts of `eval`, and a tokenizer for its text.
+pub(super) fn eval_command(args: &crate::eval::EvalArgs) -> Checked {
+    at_least_one("--batch", args.batch)?;
+    at_least_one("--seqlen", args.seqlen)?;
+    args.max_windows.map_or(Ok(()), |n| at_least_one("--max-windows", n))?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("MODEL", args.model.as_path())];
+    inputs.extend(args.text.iter().map(|p| ("--text", p.as_path())));
+    inputs.extend(args.ids.iter().map(|p| ("--ids", p.as_path())));
+    inputs.extend(args.tokenizer.iter().map(|p| ("--tokenizer", p.as_path())));
+    inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
+    input_files(inputs)?;
+    if args.ids.is_none() {
+        crate::interface::find_tokenizer(&args.model, args.tokenizer.as_deref(), "--ids FILE.npy").map_err(|e| usage(e.to_string()))?;
+    }
+    Ok(())
+}

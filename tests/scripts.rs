@@ -1,0 +1,77 @@
+//! The set-up scripts say what they do: the first build is announced and shows cargo's progress
+//! (later runs are quiet), and fetching ONNX Runtime's library is announced before it starts.
+//! `cargo` and `python3` are stand-ins on PATH that record how they were called, so nothing is
+//! built or downloaded here.
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::scratch;
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
+fn write_executable(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A folder with stand-ins for `cargo` (prints its arguments) and `python3` (fails: no download).
+fn stand_ins(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    write_executable(&bin.join("cargo"), "#!/bin/sh\necho \"cargo $*\"\n");
+    write_executable(&bin.join("python3"), "#!/bin/sh\nexit 1\n");
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// An ONNX Runtime home where the library is already in place (setup-ort.sh then does nothing).
+fn ort_home(dir: &Path) -> PathBuf {
+    let home = dir.join("ort-home");
+    let lib = home.join("onnxruntime-1.31.1").join("libonnxruntime.so.1.31.1");
+    std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+    std::fs::write(&lib, b"").unwrap();
+    home
+}
+
+fn run(command: &mut Command) -> (String, String) {
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_first_build_is_announced_and_shows_cargos_progress() {
+    let dir = scratch();
+    let path = stand_ins(dir.path());
+    let target = dir.path().join("target");
+    let onnx_slice = |target: &Path| {
+        run(Command::new(script("onnx-slice"))
+            .arg("--version")
+            .env("PATH", &path)
+            .env("CARGO_TARGET_DIR", target)
+            .env("ONNX_SLICE_HOME", ort_home(dir.path())))
+    };
+
+    let (cargo, stderr) = onnx_slice(&target);
+    assert!(stderr.contains("first build") && stderr.contains("several minutes"), "{stderr}");
+    assert!(cargo.starts_with("cargo run --release") && !cargo.contains("--quiet"), "{cargo}");
+
+    write_executable(&target.join("release").join("onnx-slice"), "#!/bin/sh\n");
+    let (cargo, stderr) = onnx_slice(&target);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert!(cargo.starts_with("cargo run --quiet --release"), "{cargo}");
+}
+
+#[test]
+fn fetching_onnx_runtime_is_announced_before_it_starts() {
+    let dir = scratch();
+    let home = dir.path().join("empty-home");
+    let out = Command::new(script("setup-ort.sh")).env("PATH", stand_ins(dir.path())).env("ONNX_SLICE_HOME", &home).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the stand-in python3 fails the download");
+    assert!(stderr.contains("setup-ort: fetching ONNX Runtime 1.31.1") && stderr.contains(&home.display().to_string()), "{stderr}");
+}
