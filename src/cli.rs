@@ -393,8 +393,8 @@ fn storage_of(external_data: bool, inline: bool) -> Storage {
 }
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    crate::files::write_atomically(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@
 //! kept up to date and mirrored when the full matrix is needed.
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
 use faer::{Accum, Mat, MatRef, Side};
@@ -345,19 +345,9 @@ pub fn save_rotations(path: impl AsRef<Path>, points: &[(String, &Basis, usize)]
     metadata.insert("points".to_string(), serde_json::to_string(&names).expect("strings serialize"));
     metadata.insert("format".to_string(), FORMAT.to_string());
 
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| refuse("not a file path".to_string()))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".onnx-slice-rotations.")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
-    let staged = staging.path().join(file_name);
-    safetensors::serialize_to_file(tensors, Some(metadata), &staged).map_err(|e| refuse(e.to_string()))?;
-    std::fs::rename(&staged, path).map_err(|e| Error::io(path, e))?;
-    Ok(())
+    let staged = crate::files::Staged::new(path)?;
+    safetensors::serialize_to_file(tensors, Some(metadata), staged.temporary_path()).map_err(|e| refuse(e.to_string()))?;
+    staged.commit()
 }
 
 /// Reads a file written by [`save_rotations`]: (name, basis, k) per point, in the saved order.

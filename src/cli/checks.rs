@@ -81,7 +81,7 @@ pub fn output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Checked {
 /// Creating (and at once removing) a temporary file is the one sure test that the folder is
 /// writable for this user.
 fn check_folder_takes_files(flag: &str, path: &Path) -> Checked {
-    let folder = crate::onnx::parent_folder(path);
+    let folder = crate::files::parent_folder(path);
     tempfile::Builder::new()
         .prefix(".onnx-slice-check.")
         .tempfile_in(&folder)
@@ -100,7 +100,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 fn resolved(path: &Path) -> Option<PathBuf> {
-    let folder = crate::onnx::parent_folder(path);
+    let folder = crate::files::parent_folder(path);
     Some(folder.canonicalize().ok()?.join(path.file_name()?))
 }
 

@@ -1,14 +1,13 @@
 //! Writing a model: inline or with external data, always atomically (temporary file, then rename),
 //! never over the files the model was read from.
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use tempfile::NamedTempFile;
 
 use super::codec::model_to_proto;
 use crate::error::{Error, Result};
+use crate::files::{parent_folder, Staged};
 use crate::graph::{DataType, Model, Tensor};
 
 /// Protobuf cannot encode (and ONNX Runtime refuses to parse) a message of 2 GiB or more.
@@ -190,14 +189,6 @@ pub fn check_destination(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The folder a file goes into ("." for a bare file name).
-pub fn parent_folder(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// The output must not be (or write a data file over) any file the model was read from.
 fn refuse_overwriting_sources(model: &Model, path: &Path, data_path: &Path) -> Result<()> {
     let Some(source) = &model.source else { return Ok(()) };
@@ -223,27 +214,19 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// A file written under a temporary name in the destination's folder and renamed into place only
-/// when complete, so that a failure never leaves a half-written output.
+/// A staged output file that counts what it has written (for external data offsets).
 struct TempOutput {
-    target: PathBuf,
-    writer: BufWriter<NamedTempFile>,
+    staged: Staged,
     written: u64,
 }
 
 impl TempOutput {
     fn new(target: &Path) -> Result<Self> {
-        let dir = parent_folder(target);
-        let file = tempfile::Builder::new()
-            .prefix(&format!(".{}.", file_name(target)?))
-            .suffix(".part")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(&dir, e))?;
-        Ok(TempOutput { target: target.into(), writer: BufWriter::with_capacity(1 << 20, file), written: 0 })
+        Ok(TempOutput { staged: Staged::new(target)?, written: 0 })
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
-        self.writer.write_all(bytes).map_err(|e| Error::io(&self.target, e))?;
+        self.staged.write_all(bytes).map_err(|e| Error::io(self.staged.target(), e))?;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -267,19 +250,8 @@ impl TempOutput {
     }
 
     fn persist(self) -> Result<()> {
-        let target = self.target;
-        let file: NamedTempFile = self.writer.into_inner().map_err(|e| Error::io(&target, e.into_error()))?;
-        file.as_file().sync_all().map_err(|e| Error::io(&target, e))?;
-        set_default_permissions(file.as_file());
-        file.persist(&target).map_err(|e| Error::io(&target, e.error))?;
-        Ok(())
+        self.staged.commit()
     }
-}
-
-/// Temporary files are created 0600; an output should get the usual 0644 (less the umask).
-fn set_default_permissions(file: &File) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
 }
 
 const SINK_STAGING: usize = 64 * 1024;
