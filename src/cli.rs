@@ -199,6 +199,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     }
     let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
+    crate::structure::refuse_quantized(&model.graph)?;
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {

@@ -69,6 +69,7 @@ pub struct Rewritten {
 /// Finds the transformer and rewrites its norms (no rotation yet): the model computes the same
 /// function afterwards.
 pub fn fuse(model: &mut Model) -> Result<Rewritten> {
+    structure::refuse_quantized(&model.graph)?;
     let skip_norms_decomposed = fuse::skip::decompose_skip_norms_in_model(model)?;
     let tied_head = structure::detect(&model.graph)?.tied_head;
     let weight_copies = privatize_weights(&mut model.graph)?;
