@@ -23,6 +23,10 @@ pub enum Error {
     #[error("refusing to write {output}: {message}")]
     Save { output: PathBuf, message: String },
 
+    /// The graph about to be written does not type-check; nothing was written.
+    #[error("refusing to write {output}, an invalid model: {source}")]
+    IllTyped { output: PathBuf, source: crate::graph::TypeError },
+
     #[error("{pass}: node '{node}': {message}")]
     Pass { pass: &'static str, node: String, message: String },
 
@@ -33,6 +37,9 @@ pub enum Error {
 
     #[error(transparent)]
     Detect(#[from] crate::structure::DetectError),
+
+    #[error(transparent)]
+    Quantized(#[from] crate::structure::QuantizedModel),
 
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
