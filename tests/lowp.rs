@@ -19,6 +19,28 @@ use onnx_slice::rotate::{math, SHORTCUT_NODE};
 use onnx_slice::runtime::ModelSession;
 use onnx_slice::transform::{self, Dimensions, Orientation};
 
+/// A float16 fixture with its logits on the reference input and its own float16 error.
+struct Fp16Case {
+    arch: &'static str,
+    exporter: &'static str,
+    path: PathBuf,
+    name: String,
+    reference: Reference,
+    original: Model,
+    expected: ArrayD<f32>,
+    base: f32,
+}
+
+impl Fp16Case {
+    fn new((arch, exporter, path): (&'static str, &'static str, PathBuf)) -> Self {
+        let reference = Reference::for_exporter(arch, exporter);
+        let original = onnx::load(&path).unwrap();
+        let expected = logits_of(&original, path.parent().unwrap(), &reference);
+        let base = fp16_error(arch, exporter, &expected, &reference);
+        Fp16Case { arch, exporter, name: format!("{arch}/{exporter}_fp16"), path, reference, original, expected, base }
+    }
+}
+
 /// Every float16 fixture: (arch, exporter of the fp32 original, path).
 fn fp16_models() -> Vec<(&'static str, &'static str, PathBuf)> {
     let mut models: Vec<_> = ARCHS.iter().map(|&arch| (arch, "optimum", fixture(&format!("lowp/{arch}/optimum_fp16/model.onnx")))).collect();
@@ -95,12 +117,7 @@ fn check_dtypes(name: &str, original: &Model, rewritten: &Model, stream: DataTyp
 #[test]
 fn fp16_rotation_keeps_the_types_halves_the_size_and_the_logits() {
     let mut failures = Vec::new();
-    for (arch, exporter, path) in fp16_models() {
-        let name = format!("{arch}/{exporter}_fp16");
-        let reference = Reference::for_exporter(arch, exporter);
-        let original = onnx::load(&path).unwrap();
-        let expected = logits_of(&original, path.parent().unwrap(), &reference);
-        let base = fp16_error(arch, exporter, &expected, &reference);
+    for Fp16Case { arch, exporter, name, reference, original, expected, base, .. } in fp16_models().into_iter().map(Fp16Case::new) {
         let mut rotated = original.clone();
         transform::rotate(&mut rotated, Orientation::Random { seed: 3 }, &Dimensions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         check_dtypes(&name, &original, &rotated, DataType::Float16, &mut failures);
@@ -139,12 +156,7 @@ fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> 
 #[test]
 fn fp16_pca_at_ratio_zero_reproduces_and_at_a_quarter_runs() {
     let mut failures = Vec::new();
-    for (arch, exporter, path) in fp16_models() {
-        let name = format!("{arch}/{exporter}_fp16");
-        let reference = Reference::for_exporter(arch, exporter);
-        let original = onnx::load(&path).unwrap();
-        let expected = logits_of(&original, path.parent().unwrap(), &reference);
-        let base = fp16_error(arch, exporter, &expected, &reference);
+    for Fp16Case { arch, path, name, reference, original, expected, base, .. } in fp16_models().into_iter().map(Fp16Case::new) {
         let exact = pca(&path, arch, 0.0).unwrap_or_else(|e| panic!("{name}: {e}"));
         judge(&format!("{name} PCA ratio 0"), &saved_logits(&exact, &reference), &expected, base, &mut failures);
 
