@@ -1,4 +1,4 @@
-//! Perplexity by the reference method (DESIGN §7, TransformerCompression's `evaluate_ppl`):
+//! Perplexity by the reference method (docs/design.md §7, TransformerCompression's `evaluate_ppl`):
 //! windows of token ids, each run through the model on its own (no context carried over), the mean
 //! negative log-likelihood of every next token per window, averaged over windows, exponentiated:
 //!

@@ -1,4 +1,4 @@
-//! PCA of SliceGPT (DESIGN.md §2): the basis at a stream point is the eigenvector matrix of
+//! PCA of SliceGPT (docs/design.md §2): the basis at a stream point is the eigenvector matrix of
 //! `H = Σ xᵀx` over the calibration tokens seen there.
 //!
 //! Conventions follow the reference implementation (TransformerCompression, `pca_calc`):

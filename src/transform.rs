@@ -70,6 +70,9 @@ pub struct Rewritten {
 /// function afterwards.
 pub fn fuse(model: &mut Model) -> Result<Rewritten> {
     structure::refuse_quantized(&model.graph)?;
+    if let Some((node, why)) = model.graph.malformed_node() {
+        return Err(Error::Graph { node: node.label().to_string(), message: why });
+    }
     let skip_norms_decomposed = fuse::skip::decompose_skip_norms_in_model(model)?;
     let tied_head = structure::detect(&model.graph)?.tied_head;
     let weight_copies = privatize_weights(&mut model.graph)?;

@@ -1,4 +1,4 @@
-//! Computational invariance (DESIGN §1, §7) on every fixture, checked against ONNX Runtime running
+//! Computational invariance (docs/design.md §1, §7) on every fixture, checked against ONNX Runtime running
 //! the ORIGINAL model, or against counts derived independently of the rewrite:
 //!
 //! 1. fusing the norms, and fusing + rotating by random orthogonal matrices (ratio 0), leave the
@@ -367,7 +367,7 @@ fn is_float(dtype: DataType) -> bool {
 
 /// Whether the ORIGINAL graph reads one `[V, D]` (or `[D, V]`) initializer both as the token
 /// embedding (Gather) and as the LM head (MatMul/Gemm), directly or through a Transpose: the
-/// rewrite must then give the head its own copy (DESIGN §1, tied embeddings).
+/// rewrite must then give the head its own copy (docs/design.md §1, "Tied embeddings").
 fn shares_embedding_with_head(graph: &Graph, vocab: usize, width: usize) -> bool {
     let table_sized = |t: &&Tensor| t.dims.len() == 2 && t.numel() as usize == vocab * width;
     graph.initializers.iter().filter(table_sized).any(|table| {

@@ -400,11 +400,11 @@ fn position_table_limit(graph: &Graph) -> Option<usize> {
 fn position_offset(index: &GraphIndex<'_>, indices: &str) -> usize {
     let mut value = indices;
     while let Some(node) = index.producer(value) {
-        if node.is("Cast") || node.is("Identity") {
-            value = &node.inputs[0];
+        if let (true, Some(input)) = (node.is("Cast") || node.is("Identity"), node.inputs.first()) {
+            value = input;
             continue;
         }
-        if node.is("Add") && node.domain.is_empty() && node.inputs.len() == 2 {
+        if node.is("Add") && node.in_default_domain() && node.inputs.len() == 2 {
             let scalar = |v: &str| index.constant_i64(v).filter(|c| c.len() == 1).map(|c| c[0]);
             if let Some(c) = scalar(&node.inputs[1]).or_else(|| scalar(&node.inputs[0])) {
                 return usize::try_from(c).unwrap_or(0);

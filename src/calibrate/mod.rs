@@ -1,4 +1,4 @@
-//! Calibration through ONNX Runtime: SliceGPT's sequential algorithm (DESIGN §2), one segment of
+//! Calibration through ONNX Runtime: SliceGPT's sequential algorithm (docs/design.md §2), one segment of
 //! the stream at a time. Each segment runs once over the calibration set with its readers already
 //! rotated and sliced by its input point's basis and its writers not yet rotated, so it produces
 //! the next point's stream in the original basis; the PCA of that gives the next basis, and
@@ -24,9 +24,6 @@ use crate::transform::{self, Dimensions, Rewritten};
 use data::CalibrationSet;
 
 const PASS: &str = "calibrate";
-
-/// SliceGPT's damping of the covariance diagonal (relative to its mean).
-pub const DAMPING: f64 = 0.01;
 
 pub struct CalibrationOptions {
     pub dims: Dimensions,
@@ -238,7 +235,7 @@ impl<'a> Runner<'a> {
 
     fn basis(&mut self, cov: &Covariance) -> Result<Basis> {
         let started = Instant::now();
-        let basis = principal_basis(cov, DAMPING)?;
+        let basis = principal_basis(cov, crate::pca::DEFAULT_DAMPING)?;
         self.timings.pca_seconds += started.elapsed().as_secs_f64();
         Ok(basis)
     }

@@ -1,7 +1,7 @@
 //! Rewrites of normalization layers: every norm becomes a weightless RMSNorm over the original
 //! width D (γ and β folded into the linear layers that read it; for LayerNorm models the mean
 //! subtraction baked into everything that writes to the stream). The function is unchanged and
-//! the norm now commutes with any rotation of the stream (DESIGN §1).
+//! the norm now commutes with any rotation of the stream (docs/design.md §1).
 pub mod skip;
 mod weights;
 
@@ -58,7 +58,7 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
 }
 
 /// `y = x / sqrt(sum(x²)/D + eps)` over the last axis, D being the ORIGINAL stream width, so that
-/// the same nodes stay exact on a sliced stream (DESIGN §1, "norm width after slicing").
+/// the same nodes stay exact on a sliced stream (docs/design.md §1, "Norm width").
 /// `(accumulate, output)` are [`math::accumulation_dtype`] and the stream's type; when they differ
 /// (a float16 or bfloat16 stream), x is cast up first and y cast back.
 ///

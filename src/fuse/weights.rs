@@ -25,7 +25,7 @@ pub fn privatize_weights(graph: &mut Graph) -> Result<usize> {
     let mut copies = 0;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for i in 0..graph.nodes.len() {
-        let Some(slot) = weight_input(&graph.nodes[i].op_type).filter(|_| graph.nodes[i].domain.is_empty()) else { continue };
+        let Some(slot) = weight_input(&graph.nodes[i].op_type).filter(|_| graph.nodes[i].in_default_domain()) else { continue };
         let Some(value) = graph.nodes[i].inputs.get(slot).cloned() else { continue };
         if let Some(source) = transposed_initializer(graph, &value) {
             let transposed = transpose_2d(&source, namer.fresh(&format!("{}.transposed", source.name)))?;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 pub use edit::Namer;
 pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
-pub use topo::{cleanup, toposort};
+pub use topo::{cleanup, node_on_cycle, toposort};
 pub use types::{check_types, value_types, TypeError};
 
 use crate::onnx::{proto, Opaque};
@@ -176,6 +176,33 @@ impl Graph {
         let declared = self.value_info.iter().find(|v| v.name == name).cloned();
         self.outputs.push(declared.unwrap_or_else(|| ValueInfo::untyped(name)));
     }
+
+    /// The first node that breaks the ONNX rules the passes rely on (every node has an output; the
+    /// operators they follow have their required inputs), and what is wrong with it. The passes
+    /// then index inputs and outputs without re-checking, and walk the dataflow without looping.
+    pub fn malformed_node(&self) -> Option<(&Node, String)> {
+        let arity = self.nodes.iter().find_map(|node| {
+            if node.outputs.first().is_none_or(String::is_empty) {
+                return Some((node, "the node has no output".to_string()));
+            }
+            let required = required_inputs(&node.op_type);
+            let present = node.inputs.iter().take(required).filter(|i| !i.is_empty()).count();
+            (present < required).then(|| (node, format!("{} needs {required} inputs, it has {present}", node.op_type)))
+        });
+        arity.or_else(|| node_on_cycle(self).map(|node| (node, "the node reads its own output through a cycle".to_string())))
+    }
+}
+
+/// Inputs an operator cannot do without, for the operators the passes follow (0 for the rest).
+fn required_inputs(op_type: &str) -> usize {
+    match op_type {
+        "Where" | "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" => 3,
+        "Gemm" | "Add" | "Sub" | "Mul" | "Div" | "Pow" | "MatMul" | "Gather" | "Reshape" | "Expand" | "LayerNormalization"
+        | "SimplifiedLayerNormalization" | "RMSNormalization" => 2,
+        "Cast" | "Identity" | "Transpose" | "ReduceMean" | "ReduceSum" | "Sqrt" | "Reciprocal" | "Unsqueeze" | "Squeeze"
+        | "Softmax" | "IsNaN" | "Split" | "Concat" | "Flatten" | "Shape" | "Slice" => 1,
+        _ => 0,
+    }
 }
 
 impl Node {
@@ -185,6 +212,20 @@ impl Node {
 
     pub fn is(&self, op_type: &str) -> bool {
         self.op_type == op_type
+    }
+
+    /// The node's operator is from the default ONNX domain ("" or "ai.onnx").
+    pub fn in_default_domain(&self) -> bool {
+        same_domain(&self.domain, "")
+    }
+
+    /// The node's name for messages: its name, or its first output when the exporter left it
+    /// unnamed (outputs are unique in a graph).
+    pub fn label(&self) -> &str {
+        match (self.name.is_empty(), self.outputs.first()) {
+            (true, Some(output)) => output,
+            _ => &self.name,
+        }
     }
 
     pub fn attr(&self, name: &str) -> Option<&AttrValue> {

@@ -40,13 +40,28 @@ fn producers(graph: &Graph) -> HashMap<&str, usize> {
 /// Sorts nodes so that every node comes after the producers of what it reads, keeping the
 /// original order wherever the dependencies allow (so an already sorted graph is left as it is).
 pub fn toposort(graph: &mut Graph) -> Result<()> {
+    let order = topological_order(graph).map_err(|stuck| Error::Graph {
+        node: graph.nodes[stuck].label().to_string(),
+        message: "the graph has a cycle".into(),
+    })?;
+    let mut slots: Vec<Option<Node>> = std::mem::take(&mut graph.nodes).into_iter().map(Some).collect();
+    graph.nodes = order.into_iter().filter_map(|i| slots[i].take()).collect();
+    Ok(())
+}
+
+/// A node on a cycle (reading, directly or not, its own output), if the graph has one.
+pub fn node_on_cycle(graph: &Graph) -> Option<&Node> {
+    topological_order(graph).err().map(|stuck| &graph.nodes[stuck])
+}
+
+/// Node indices in dependency order (ties in original order), or a node that never becomes ready.
+fn topological_order(graph: &Graph) -> std::result::Result<Vec<usize>, usize> {
     let producer = producers(graph);
     let n = graph.nodes.len();
     let mut waiting_on = vec![0usize; n];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, node) in graph.nodes.iter().enumerate() {
-        let deps: HashSet<usize> =
-            node_reads(node).iter().filter_map(|r| producer.get(r.as_str()).copied()).filter(|&p| p != i).collect();
+        let deps: HashSet<usize> = node_reads(node).iter().filter_map(|r| producer.get(r.as_str()).copied()).collect();
         waiting_on[i] = deps.len();
         for p in deps {
             dependents[p].push(i);
@@ -63,13 +78,10 @@ pub fn toposort(graph: &mut Graph) -> Result<()> {
             }
         }
     }
-    if order.len() != n {
-        let stuck = (0..n).find(|&i| waiting_on[i] > 0).map(|i| graph.nodes[i].name.clone()).unwrap_or_default();
-        return Err(Error::Graph { node: stuck, message: "the graph has a cycle".into() });
+    match (0..n).find(|&i| waiting_on[i] > 0) {
+        Some(stuck) => Err(stuck),
+        None => Ok(order),
     }
-    let mut slots: Vec<Option<Node>> = std::mem::take(&mut graph.nodes).into_iter().map(Some).collect();
-    graph.nodes = order.into_iter().filter_map(|i| slots[i].take()).collect();
-    Ok(())
 }
 
 /// Removes nodes whose outputs nobody reads, initializers nobody reads, and value_info entries of

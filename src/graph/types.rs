@@ -6,7 +6,7 @@
 //! for what it does not know.
 use std::collections::HashMap;
 
-use super::{same_domain, AttrValue, DataType, Graph, Node};
+use super::{AttrValue, DataType, Graph, Node};
 
 /// A node whose inputs break its operator's type constraint, or a declared type that disagrees
 /// with the computed one.
@@ -36,7 +36,7 @@ enum Rule {
 }
 
 fn rule(node: &Node) -> Option<Rule> {
-    if !same_domain(&node.domain, "") {
+    if !node.in_default_domain() {
         return None;
     }
     Some(match node.op_type.as_str() {
@@ -103,8 +103,7 @@ pub fn check_types(graph: &Graph) -> Result<(), TypeError> {
 }
 
 fn error(node: &Node, message: String) -> TypeError {
-    let name = if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() };
-    TypeError { node: name, op: node.op_type.clone(), message }
+    TypeError { node: node.label().to_string(), op: node.op_type.clone(), message }
 }
 
 fn check_node(node: &Node, types: &HashMap<String, DataType>) -> Result<(), TypeError> {

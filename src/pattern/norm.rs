@@ -73,7 +73,7 @@ fn candidates(index: &GraphIndex) -> Vec<(usize, Matched<NormMatch>)> {
 /// `None` when node `i` cannot start a norm at all.
 fn match_from(index: &GraphIndex, i: usize) -> Option<Matched<NormMatch>> {
     let node = index.node(i);
-    let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
+    let default_domain = node.in_default_domain();
     match node.op_type.as_str() {
         "LayerNormalization" if default_domain => Some(ops::layer_normalization(index, i)),
         "RMSNormalization" | "SimplifiedLayerNormalization" if default_domain => Some(ops::rms_normalization(index, i)),

@@ -1,4 +1,4 @@
-//! SliceGPT's weight arithmetic (DESIGN.md §1): folding norm parameters, centring the stream,
+//! SliceGPT's weight arithmetic (docs/design.md §1): folding norm parameters, centring the stream,
 //! rotating and slicing readers and writers, shortcuts, untying a tied head.
 //!
 //! ONNX conventions: activations are row vectors, a linear layer is `y = x W + b` with the logical

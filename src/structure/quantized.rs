@@ -71,8 +71,7 @@ pub struct QuantizedModel {
 pub fn refuse_quantized(graph: &Graph) -> Result<(), QuantizedModel> {
     let quantized: Vec<_> = graph.nodes.iter().filter_map(|n| QuantizedForm::of(&n.op_type).map(|form| (n, form))).collect();
     let Some(&(first, form)) = quantized.iter().min_by_key(|(_, form)| *form) else { return Ok(()) };
-    let node = if first.name.is_empty() { first.outputs.first().cloned().unwrap_or_default() } else { first.name.clone() };
-    Err(QuantizedModel { form, node, op: first.op_type.clone(), count: quantized.len() })
+    Err(QuantizedModel { form, node: first.label().to_string(), op: first.op_type.clone(), count: quantized.len() })
 }
 
 #[cfg(test)]

@@ -20,19 +20,14 @@ pub struct DetectError {
 type Found<T> = Result<T, DetectError>;
 
 fn stop(node: &Node, expected: impl Into<String>) -> DetectError {
-    DetectError { node: display_name(node), op: node.op_type.clone(), expected: expected.into() }
-}
-
-fn display_name(node: &Node) -> String {
-    if node.name.is_empty() {
-        node.outputs.first().cloned().unwrap_or_default()
-    } else {
-        node.name.clone()
-    }
+    DetectError { node: node.label().to_string(), op: node.op_type.clone(), expected: expected.into() }
 }
 
 /// Finds the transformer in a graph whose Skip*Normalization ops have been decomposed.
 pub fn detect(graph: &Graph) -> Found<Layout> {
+    if let Some((node, why)) = graph.malformed_node() {
+        return Err(stop(node, format!("a valid ONNX node ({why})")));
+    }
     let index = GraphIndex::new(graph);
     let norms = find_norms(&index);
     Walker { index: &index, norms, reshapes: Vec::new(), point: 0 }.walk()
@@ -176,7 +171,8 @@ impl<'g> Walker<'_, 'g> {
             }
             match self.index.producer(&value) {
                 Some(n) if matches!(n.op_type.as_str(), "Reshape" | "Cast" | "Unsqueeze" | "Squeeze" | "Identity" | "Flatten") => {
-                    value = n.inputs[0].clone();
+                    let Some(input) = n.inputs.first() else { return false };
+                    value = input.clone();
                 }
                 _ => return false,
             }
@@ -390,7 +386,7 @@ impl<'g> Walker<'_, 'g> {
 
     /// `node` as a linear layer reading `input` with a constant weight.
     fn linear(&self, node: &Node, input: &str) -> Option<Linear> {
-        if !node.domain.is_empty() || node.inputs.first().map(String::as_str) != Some(input) {
+        if !node.in_default_domain() || node.inputs.first().map(String::as_str) != Some(input) {
             return None;
         }
         let (layout, bias) = match node.op_type.as_str() {

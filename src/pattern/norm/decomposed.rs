@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::parts::{
-    channel_vector, check_mean_over_last_axis, epsilon_constant, finish, input, is_default_domain, label, other_operand,
+    channel_vector, check_mean_over_last_axis, epsilon_constant, finish, input, label, other_operand,
     output, require, scalar, sole_reader, sole_reader_of_type, source, Draft, Matched,
 };
 use super::{NormKind, NormMatch};
@@ -104,7 +104,7 @@ fn divide_by_root<'g>(index: &GraphIndex<'g>, mean: &str) -> Matched<Scaling<'g>
     let root = index.node(root_index);
     let mut nodes = vec![add_index, root_index];
     let inverse = match root.op_type.as_str() {
-        "Sqrt" if is_default_domain(root) => {
+        "Sqrt" if root.in_default_domain() => {
             let sqrt = output(root)?;
             let user_index = sole_reader(index, sqrt)?;
             let user = index.node(user_index);
@@ -146,7 +146,7 @@ struct Centring<'g> {
 fn centring<'g>(index: &GraphIndex<'g>, centred: &str) -> Option<Centring<'g>> {
     let sub = index.producer_index(centred)?;
     let sub_node = index.node(sub);
-    if !(sub_node.is("Sub") && is_default_domain(sub_node)) {
+    if !(sub_node.is("Sub") && sub_node.in_default_domain()) {
         return None;
     }
     let x = input(sub_node, 0)?;

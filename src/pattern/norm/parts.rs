@@ -14,20 +14,12 @@ pub(super) type Matched<T> = Result<T, String>;
 
 /// A node's name for messages (exporters may leave names empty).
 pub(super) fn label(node: &Node) -> String {
-    if node.name.is_empty() {
-        format!("(unnamed, writes '{}')", node.outputs.first().map_or("", String::as_str))
-    } else {
-        format!("'{}'", node.name)
-    }
+    format!("'{}'", node.label())
 }
 
 /// The name identifying a node in a `NormMatch`: its name, or its first output when unnamed.
 pub(super) fn anchor_name(node: &Node) -> String {
-    if node.name.is_empty() {
-        node.outputs.first().cloned().unwrap_or_default()
-    } else {
-        node.name.clone()
-    }
+    node.label().to_string()
 }
 
 pub(super) fn require(condition: bool, why: impl FnOnce() -> String) -> Matched<()> {
@@ -65,12 +57,8 @@ pub(super) fn sole_reader(index: &GraphIndex, value: &str) -> Matched<usize> {
 pub(super) fn sole_reader_of_type(index: &GraphIndex, value: &str, op: &str) -> Matched<usize> {
     let reader = sole_reader(index, value)?;
     let node = index.node(reader);
-    require(node.is(op) && is_default_domain(node), || format!("'{value}' goes to {} {}, not {op}", node.op_type, label(node)))?;
+    require(node.is(op) && node.in_default_domain(), || format!("'{value}' goes to {} {}, not {op}", node.op_type, label(node)))?;
     Ok(reader)
-}
-
-pub(super) fn is_default_domain(node: &Node) -> bool {
-    node.domain.is_empty() || node.domain == "ai.onnx"
 }
 
 /// For a two-input commutative op (Add, Mul) reading `value`: its other operand, in either order.
