@@ -253,6 +253,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let mut model = onnx::load(&input)?;
     onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
     transform::refuse_sliced(&model)?;
+    crate::structure::refuse_quantized(&model.graph)?;
     checks::slice_tokenizer(&args, &input)?;
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {

@@ -23,6 +23,10 @@ pub enum Error {
     #[error("refusing to write {output}: {message}")]
     Save { output: PathBuf, message: String },
 
+    /// The graph about to be written does not type-check; nothing was written.
+    #[error("refusing to write {output}, an invalid model: {source}")]
+    IllTyped { output: PathBuf, source: crate::graph::TypeError },
+
     #[error("{pass}: node '{node}': {message}")]
     Pass { pass: &'static str, node: String, message: String },
 
@@ -38,6 +42,9 @@ pub enum Error {
     /// output again.
     #[error("{model}: already sliced by {by}; onnx-slice does not slice its own output again: slice the original model with the ratio you want")]
     AlreadySliced { model: String, by: String },
+
+    #[error(transparent)]
+    Quantized(#[from] crate::structure::QuantizedModel),
 
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),

@@ -183,7 +183,10 @@ pub fn describe_layout(model: &Model, explain: bool) -> LayoutSummary {
     } else {
         Vec::new()
     };
-    let result = decomposed.and_then(|n| Ok((n, crate::structure::detect(&copy.graph)?)));
+    let result = crate::structure::refuse_quantized(&copy.graph)
+        .map_err(crate::error::Error::from)
+        .and(decomposed)
+        .and_then(|n| Ok((n, crate::structure::detect(&copy.graph)?)));
     match result {
         Ok((decomposed, layout)) => LayoutSummary {
             found: Some(layout_view(&copy, &layout, decomposed)),

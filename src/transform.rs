@@ -72,6 +72,7 @@ pub struct Rewritten {
 /// function afterwards.
 pub fn fuse(model: &mut Model) -> Result<Rewritten> {
     refuse_sliced(model)?;
+    structure::refuse_quantized(&model.graph)?;
     if let Some((node, why)) = model.graph.malformed_node() {
         return Err(Error::Graph { node: node.label().to_string(), message: why });
     }

@@ -14,8 +14,8 @@ use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::graph::{DataType, Model};
 use crate::interface::InputPlan;
-use crate::graph::Model;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::{math, StreamEditor};
 use crate::runtime::{ModelSession, SessionConfig, TensorValue};
@@ -165,7 +165,8 @@ impl<'a> Runner<'a> {
     ) -> Result<Self> {
         let label = options.model_path.as_deref().map_or_else(|| "the model".to_string(), |p| p.display().to_string());
         let plan = InputPlan::for_graph(graph, &label, options.model_path.as_deref())?;
-        let cuts = segment::stream_cuts(graph, layout).into_iter().map(|value| segment::Cut { value, rank: None }).collect();
+        let dtype = stream_dtype(graph, layout)?;
+        let cuts = segment::stream_cuts(graph, layout).into_iter().map(|value| segment::Cut { value, rank: None, dtype }).collect();
         let unpadded = batches.iter().all(|b| b.rows.iter().all(|&real| real));
         Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts, unpadded })
     }
@@ -188,10 +189,10 @@ impl<'a> Runner<'a> {
             let feeds = self.feeds(&sub, batch, input_name.as_deref(), stream.map(|s| &s[b]))?;
             let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
             let mut result = session.run_for(&named, &[output_name.as_str()])?;
-            let y = result.remove(&output_name).and_then(|v| v.into_f32().ok()).ok_or_else(|| Error::Pass {
+            let y = result.remove(&output_name).and_then(stream_as_f32).ok_or_else(|| Error::Pass {
                 pass: PASS,
                 node: output_name.clone(),
-                message: "the stream is not a float32 tensor".into(),
+                message: "the stream is not a float32 or float16 tensor".into(),
             })?;
             self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.ndim());
             let pca_started = Instant::now();
@@ -212,7 +213,12 @@ impl<'a> Runner<'a> {
         let mut feeds = Vec::new();
         for input in &model.graph.inputs {
             if Some(input.name.as_str()) == stream_input {
-                feeds.push((input.name.clone(), TensorValue::F32(stream.cloned().unwrap_or_default())));
+                let stream = stream.cloned().unwrap_or_default();
+                let value = match self.cuts[0].dtype {
+                    DataType::Float16 => TensorValue::F16(stream.mapv(half::f16::from_f32)),
+                    _ => TensorValue::F32(stream),
+                };
+                feeds.push((input.name.clone(), value));
                 continue;
             }
             let Some(i) = own.iter().position(|(name, _)| *name == input.name) else {
@@ -232,6 +238,33 @@ impl<'a> Runner<'a> {
         let basis = principal_basis(cov, crate::pca::DEFAULT_DAMPING)?;
         self.timings.pca_seconds += started.elapsed().as_secs_f64();
         Ok(basis)
+    }
+}
+
+/// The stream's element type, when calibration can run it: float32, or float16 (ONNX Runtime's
+/// CPU provider runs float16 graphs, casting up around the kernels it lacks). The activations are
+/// kept in float32 between segments, as the float16 model's own rounding leaves them.
+fn stream_dtype(graph: &crate::graph::Graph, layout: &Layout) -> Result<DataType> {
+    match math::created_dtype(graph, layout) {
+        dtype @ (DataType::Float | DataType::Float16) => Ok(dtype),
+        other => Err(Error::Pass {
+            pass: PASS,
+            node: layout.embeddings[0].output.clone(),
+            message: format!(
+                "PCA calibration runs float32 and float16 models; this one's stream is {} (ONNX Runtime's CPU provider has no kernels for \
+                 it): convert the model to float16 or float32 first, or use --orientation random|identity",
+                other.name()
+            ),
+        }),
+    }
+}
+
+/// A segment's output as f32 (float16 values widen exactly).
+fn stream_as_f32(value: TensorValue) -> Option<ArrayD<f32>> {
+    match value {
+        TensorValue::F32(y) => Some(y),
+        TensorValue::F16(y) => Some(y.mapv(half::f16::to_f32)),
+        _ => None,
     }
 }
 

@@ -13,6 +13,8 @@ const PASS: &str = "calibrate";
 pub struct Cut {
     pub value: String,
     pub rank: Option<usize>,
+    /// The stream's element type ([`crate::rotate::math::created_dtype`]).
+    pub dtype: DataType,
 }
 
 /// The model computing stream point `point + 1` from point `point` (or, for `point == None`,
@@ -25,15 +27,15 @@ pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widt
     }
     // Declared shapes go stale as points are sliced one by one; ONNX Runtime infers them.
     graph.value_info.clear();
-    let output = &cuts[point.map_or(0, |p| p + 1)].value;
-    graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(output, DataType::Float)];
+    let output = &cuts[point.map_or(0, |p| p + 1)];
+    graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(&output.value, output.dtype)];
     if let Some(p) = point {
         let input = &cuts[p].value;
         let upstream: Vec<(String, Option<usize>, usize)> = std::iter::once((layout.embeddings[0].output.clone(), cuts[0].rank, widths[0]))
             .chain((0..p).map(|q| (cuts[q].value.clone(), cuts[q].rank, widths[q])))
             .filter(|(v, _, _)| v != input)
             .collect();
-        cut_at(graph, input);
+        cut_at(graph, input, cuts[p].dtype);
         detach_upstream_shapes(graph, layout, &upstream);
     }
     cleanup(graph);
@@ -88,13 +90,13 @@ fn bypass_softmax_nan_guards(graph: &mut Graph) {
 }
 
 /// `value` stops being computed and becomes a graph input.
-fn cut_at(graph: &mut Graph, value: &str) {
+fn cut_at(graph: &mut Graph, value: &str, dtype: DataType) {
     for node in &mut graph.nodes {
         for out in node.outputs.iter_mut().filter(|o| *o == value) {
             *out = format!("{value}.upstream");
         }
     }
-    graph.inputs.push(ValueInfo::tensor_of_rank_unknown(value, DataType::Float));
+    graph.inputs.push(ValueInfo::tensor_of_rank_unknown(value, dtype));
 }
 
 /// Exporters take `Shape()` of earlier stream tensors (the token embeddings for attention masks,

@@ -8,7 +8,7 @@ use super::{OrientationArg, SliceArgs};
 /// The command line cannot work as given (a flag's value, a path); nothing was read or written.
 /// The same code as clap's own usage errors.
 pub const EXIT_USAGE: u8 = 2;
-/// The model is not one onnx-slice can rewrite: no transformer found, or already sliced.
+/// The model is not one onnx-slice can rewrite: no transformer found, quantized, or already sliced.
 pub const EXIT_UNSUPPORTED_MODEL: u8 = 3;
 
 /// A mistake on the command line, found before any work: exit code [`EXIT_USAGE`].
@@ -34,7 +34,10 @@ pub fn usage(message: impl Into<String>) -> UsageError {
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     let unsupported = |cause: &(dyn std::error::Error + 'static)| {
         cause.downcast_ref::<crate::structure::DetectError>().is_some()
-            || cause.downcast_ref::<crate::Error>().is_some_and(|e| matches!(e, crate::Error::Detect(_) | crate::Error::AlreadySliced { .. }))
+            || cause.downcast_ref::<crate::structure::QuantizedModel>().is_some()
+            || cause
+                .downcast_ref::<crate::Error>()
+                .is_some_and(|e| matches!(e, crate::Error::Detect(_) | crate::Error::AlreadySliced { .. } | crate::Error::Quantized(_)))
     };
     if error.chain().any(|cause| cause.downcast_ref::<UsageError>().is_some()) {
         EXIT_USAGE

@@ -24,9 +24,10 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
     let mut namer = Namer::new(graph);
     let mut remove: HashSet<usize> = HashSet::new();
     let mut new_nodes = Vec::new();
-    let dtype = stream_dtype(graph, layout);
+    let stream = math::created_dtype(graph, layout);
+    let dtype = math::accumulation_dtype(stream);
     let inv_width = namer.fresh("onnx_slice.norm.inv_width");
-    graph.initializers.push(scalar(&inv_width, dtype, 1.0 / layout.width as f64));
+    graph.initializers.push(math::scalar_to_tensor(&inv_width, 1.0 / layout.width as f64, dtype));
     let axes = (opset >= 13).then(|| namer.fresh("onnx_slice.norm.axes"));
     if let Some(axes) = &axes {
         graph.initializers.push(Tensor::from_i64(axes.clone(), vec![1], &[-1]));
@@ -38,9 +39,10 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
         }
         remove.extend(branch.norm.nodes.iter().copied());
         let eps = namer.fresh(&format!("onnx_slice.norm{i}.eps"));
-        graph.initializers.push(scalar(&eps, dtype, branch.norm.epsilon as f64));
+        graph.initializers.push(math::scalar_to_tensor(&eps, branch.norm.epsilon as f64, dtype));
         let prefix = namer.fresh(&format!("onnx_slice/norm{i}"));
-        new_nodes.extend(rms_over_width(&prefix, &branch.norm.input, &branch.norm.output, &inv_width, &eps, axes.as_deref()));
+        let (x, y) = (&branch.norm.input, &branch.norm.output);
+        new_nodes.extend(rms_over_width(&prefix, x, y, &inv_width, &eps, axes.as_deref(), (dtype, stream)));
     }
     if layout.norm_kind == NormKind::LayerNorm {
         center_stream_writers(graph, layout)?;
@@ -57,41 +59,43 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
 
 /// `y = x / sqrt(sum(x²)/D + eps)` over the last axis, D being the ORIGINAL stream width, so that
 /// the same nodes stay exact on a sliced stream (docs/design.md §1, "Norm width").
+/// `(accumulate, output)` are [`math::accumulation_dtype`] and the stream's type; when they differ
+/// (a float16 or bfloat16 stream), x is cast up first and y cast back.
 ///
 /// ```text
-/// x ─ Mul(x,x) ─ ReduceSum(-1) ─ Mul(1/D) ─ Add(eps) ─ Sqrt ─┐
-/// x ───────────────────────────────────────────────────── Div ─► y
+/// x ─(Cast)─ Mul(x,x) ─ ReduceSum(-1) ─ Mul(1/D) ─ Add(eps) ─ Sqrt ─┐
+/// x ─(Cast)──────────────────────────────────────────────────── Div ─(Cast)─► y
 /// ```
-pub fn rms_over_width(prefix: &str, x: &str, y: &str, inv_width: &str, eps: &str, axes: Option<&str>) -> Vec<Node> {
+pub fn rms_over_width(prefix: &str, x: &str, y: &str, inv_width: &str, eps: &str, axes: Option<&str>, (accumulate, output): (DataType, DataType)) -> Vec<Node> {
     let v = |s: &str| format!("{prefix}/{s}");
+    let cast = |name: &str, from: &str, to: &str, dtype: DataType| {
+        let mut node = Node::new("Cast", v(name), vec![from.into()], vec![to.into()]);
+        node.set_attr("to", AttrValue::Int(dtype.code() as i64));
+        node
+    };
+    let mut nodes = Vec::new();
+    let (x, quotient) = if accumulate == output {
+        (x.to_string(), y.to_string())
+    } else {
+        nodes.push(cast("CastUp", x, &v("x"), accumulate));
+        nodes.push(cast("CastBack", &v("y"), y, output));
+        (v("x"), v("y"))
+    };
     let mut reduce = Node::new("ReduceSum", v("ReduceSum"), vec![v("sq")], vec![v("sum")]);
     match axes {
         Some(axes) => reduce.inputs.push(axes.into()),
         None => reduce.set_attr("axes", AttrValue::Ints(vec![-1])),
     }
     reduce.set_attr("keepdims", AttrValue::Int(1));
-    vec![
-        Node::new("Mul", v("Square"), vec![x.into(), x.into()], vec![v("sq")]),
+    nodes.extend([
+        Node::new("Mul", v("Square"), vec![x.clone(), x.clone()], vec![v("sq")]),
         reduce,
         Node::new("Mul", v("Mean"), vec![v("sum"), inv_width.into()], vec![v("mean")]),
         Node::new("Add", v("AddEps"), vec![v("mean"), eps.into()], vec![v("var")]),
         Node::new("Sqrt", v("Sqrt"), vec![v("var")], vec![v("rms")]),
-        Node::new("Div", v("Div"), vec![x.into(), v("rms")], vec![y.into()]),
-    ]
-}
-
-fn stream_dtype(graph: &Graph, layout: &Layout) -> DataType {
-    layout.embeddings.first().and_then(|e| graph.initializer(&e.table)).map_or(DataType::Float, |t| t.dtype)
-}
-
-fn scalar(name: &str, dtype: DataType, value: f64) -> Tensor {
-    let t = Tensor::from_f32(name, vec![], &[value as f32]);
-    match dtype {
-        DataType::Double => Tensor::from_raw(name, dtype, vec![], bytes::Bytes::copy_from_slice(&value.to_le_bytes())),
-        DataType::Float16 => Tensor::from_raw(name, dtype, vec![], bytes::Bytes::copy_from_slice(&half::f16::from_f64(value).to_le_bytes())),
-        DataType::Bfloat16 => Tensor::from_raw(name, dtype, vec![], bytes::Bytes::copy_from_slice(&half::bf16::from_f64(value).to_le_bytes())),
-        _ => t,
-    }
+        Node::new("Div", v("Div"), vec![x, v("rms")], vec![quotient]),
+    ]);
+    nodes
 }
 
 /// A norm's γ and β, each absent when the norm has none.

@@ -4,12 +4,14 @@
 mod edit;
 mod tensor;
 mod topo;
+mod types;
 
 use std::path::PathBuf;
 
 pub use edit::Namer;
 pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
 pub use topo::{cleanup, node_on_cycle, toposort};
+pub use types::{check_types, value_types, TypeError};
 
 use crate::onnx::{proto, Opaque};
 

@@ -8,7 +8,7 @@ use prost::Message;
 use super::codec::model_to_proto;
 use crate::error::{Error, Result};
 use crate::files::{parent_folder, Staged};
-use crate::graph::{DataType, Model, Tensor};
+use crate::graph::{check_types, DataType, Model, Tensor};
 
 /// Protobuf cannot encode (and ONNX Runtime refuses to parse) a message of 2 GiB or more.
 pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
@@ -60,9 +60,12 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
     Ok(proto.encode_to_vec())
 }
 
+/// Writes `model` to `path`, after checking that its graph type-checks ([`check_types`]): an
+/// invalid model is never written.
 pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<Saved> {
     let path = path.as_ref();
     let data_path = check_save_target(model, path)?;
+    check_types(&model.graph).map_err(|source| Error::IllTyped { output: path.to_path_buf(), source })?;
     let external = match options.storage {
         Storage::Inline => false,
         Storage::External => true,

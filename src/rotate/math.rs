@@ -16,7 +16,8 @@
 //!
 //! All arithmetic is done in f64. Results are written back in the input's float type: float32,
 //! float16, bfloat16 and float64 tensors keep their type (a float16/bfloat16 result is rounded once,
-//! from f64); any other type is an error. Tensors built from a [`Mat`] ([`mat_to_tensor`]) are float32.
+//! from f64); any other type is an error. Tensors the rewrite creates ([`mat_to_tensor`],
+//! [`scalar_to_tensor`]) get the element type [`created_dtype`] decides: the stream's.
 //! A transformed tensor keeps its input's name (it replaces it); inputs are never modified.
 //!
 //! Large tensors (a `[V, D]` embedding table, an untied `[D, V]` head) are processed in slices of
@@ -33,8 +34,8 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::graph::{DataType, Tensor, TensorData, TypedValues};
-use crate::structure::WeightLayout;
+use crate::graph::{DataType, Graph, Tensor, TensorData, TypedValues};
+use crate::structure::{Layout, WeightLayout};
 
 // ---------------------------------------------------------------------------------------------
 // Orthogonal matrices
@@ -73,13 +74,43 @@ pub fn shortcut(q_from: MatRef<'_, f64>, q_to: MatRef<'_, f64>) -> Mat<f64> {
     s
 }
 
-/// A matrix as a float32 tensor `[rows, cols]` (row-major, as ONNX stores it).
-pub fn mat_to_tensor(name: impl Into<String>, m: MatRef<'_, f64>) -> Tensor {
-    let mut values = Vec::with_capacity(m.nrows() * m.ncols());
-    for i in 0..m.nrows() {
-        values.extend(m.row(i).iter().map(|&v| v as f32));
+/// The one rule for the element type of every float tensor the rewrite creates (shortcut and
+/// projection matrices, norm constants): the residual stream's, which is the token embedding
+/// table's. A float16 or bfloat16 model stays so (half the bytes of float32, and a MatMul of a
+/// float16 stream by a float32 matrix does not type-check); float64 stays float64; anything else
+/// is float32.
+pub fn created_dtype(graph: &Graph, layout: &Layout) -> DataType {
+    let table = layout.embeddings.first().and_then(|e| graph.initializer(&e.table)).map(|t| t.dtype);
+    Out::result_dtype(table.unwrap_or(DataType::Float))
+}
+
+/// The element type in which a norm sums squares over a stream of type `stream`: float16 and
+/// bfloat16 become float32 (a float16 sum of D squares passes 65504 once the stream's RMS passes
+/// 256/√D: 4 at D = 4096, far below what real models carry), the others stay.
+pub fn accumulation_dtype(stream: DataType) -> DataType {
+    match stream {
+        DataType::Float16 | DataType::Bfloat16 => DataType::Float,
+        other => Out::result_dtype(other),
     }
-    Tensor::from_f32(name, vec![m.nrows() as i64, m.ncols() as i64], &values)
+}
+
+/// A matrix as a tensor `[rows, cols]` (row-major, as ONNX stores it) of the float type `dtype`
+/// (rounded once from f64); see [`created_dtype`].
+pub fn mat_to_tensor(name: impl Into<String>, m: MatRef<'_, f64>, dtype: DataType) -> Tensor {
+    let mut out = Out::new(dtype, m.nrows() * m.ncols());
+    let mut row = vec![0.0; m.ncols()];
+    for i in 0..m.nrows() {
+        row.iter_mut().zip(m.row(i).iter()).for_each(|(r, &v)| *r = v);
+        out.write(i * m.ncols(), &row);
+    }
+    out.into_tensor(name, vec![m.nrows() as i64, m.ncols() as i64])
+}
+
+/// A scalar (dims `[]`) of the float type `dtype`.
+pub fn scalar_to_tensor(name: impl Into<String>, value: f64, dtype: DataType) -> Tensor {
+    let mut out = Out::new(dtype, 1);
+    out.write(0, &[value]);
+    out.into_tensor(name, vec![])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,12 +430,16 @@ impl Out {
     /// For a result computed from an input of type `input`: float16, bfloat16 and float64 are kept,
     /// anything else (float32, the only other readable type) is float32.
     fn new(input: DataType, len: usize) -> Self {
-        let dtype = match input {
-            DataType::Float16 | DataType::Bfloat16 | DataType::Double => input,
-            _ => DataType::Float,
-        };
+        let dtype = Self::result_dtype(input);
         let size = dtype.byte_size().expect("float types have a size");
         Out { dtype, bytes: vec![0; len * size] }
+    }
+
+    fn result_dtype(input: DataType) -> DataType {
+        match input {
+            DataType::Float16 | DataType::Bfloat16 | DataType::Double => input,
+            _ => DataType::Float,
+        }
     }
 
     fn write(&mut self, start: usize, values: &[f64]) {
@@ -913,11 +948,19 @@ mod tests {
     }
 
     #[test]
-    fn mat_to_tensor_is_row_major_f32() {
+    fn mat_to_tensor_is_row_major_in_the_given_type() {
         let m = Mat::from_fn(2, 3, |i, j| (10 * i + j) as f64 + 0.5);
-        let t = mat_to_tensor("s", m.as_ref());
-        assert_eq!((t.name.as_str(), t.dtype, t.dims.clone()), ("s", DataType::Float, vec![2, 3]));
-        assert_eq!(t.to_f32().unwrap(), vec![0.5, 1.5, 2.5, 10.5, 11.5, 12.5]);
+        for dtype in [DataType::Float, DataType::Float16, DataType::Bfloat16, DataType::Double] {
+            let t = mat_to_tensor("s", m.as_ref(), dtype);
+            assert_eq!((t.name.as_str(), t.dtype, t.dims.clone()), ("s", dtype, vec![2, 3]));
+            assert_eq!(t.byte_len(), 6 * dtype.byte_size().unwrap() as u64);
+            assert_eq!(t.to_f32().unwrap(), vec![0.5, 1.5, 2.5, 10.5, 11.5, 12.5]);
+        }
+        let s = scalar_to_tensor("eps", 1e-5, DataType::Float16);
+        assert_eq!((s.dtype, s.dims.clone()), (DataType::Float16, vec![]));
+        assert_eq!(s.to_f32().unwrap(), vec![f16::from_f64(1e-5).to_f32()]);
+        assert_eq!(accumulation_dtype(DataType::Bfloat16), DataType::Float);
+        assert_eq!(accumulation_dtype(DataType::Double), DataType::Double);
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod math;
 use faer::{Mat, MatRef};
 
 use crate::error::{Error, Result};
-use crate::graph::{cleanup, toposort, Graph, Namer, Node, Tensor};
+use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor};
 use crate::pattern::GraphIndex;
 use crate::structure::{Bias, Layout, StreamReshape};
 
@@ -47,13 +47,16 @@ pub struct StreamEditor<'a> {
     layout: &'a Layout,
     namer: Namer,
     widths: Vec<usize>,
+    /// The element type of the matrices the editor creates ([`math::created_dtype`]).
+    dtype: DataType,
 }
 
 impl<'a> StreamEditor<'a> {
     pub fn new(graph: &'a mut Graph, layout: &'a Layout) -> Self {
         let namer = Namer::new(graph);
         let widths = vec![layout.width; layout.stream_points().len()];
-        StreamEditor { graph, layout, namer, widths }
+        let dtype = math::created_dtype(graph, layout);
+        StreamEditor { graph, layout, namer, widths, dtype }
     }
 
     pub fn graph(&self) -> &Graph {
@@ -114,12 +117,12 @@ impl<'a> StreamEditor<'a> {
         match existing {
             Some(i) => {
                 let matrix = self.graph.nodes[i].inputs[1].clone();
-                self.graph.set_initializer(math::mat_to_tensor(matrix, s));
+                self.graph.set_initializer(math::mat_to_tensor(matrix, s, self.dtype));
             }
             None => {
                 let matrix = self.namer.fresh(&format!("onnx_slice.shortcut{segment}"));
                 let rotated = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}/output"));
-                self.graph.initializers.push(math::mat_to_tensor(matrix.clone(), s));
+                self.graph.initializers.push(math::mat_to_tensor(matrix.clone(), s, self.dtype));
                 let name = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}"));
                 self.graph.nodes.push(Node::new("MatMul", name, vec![skip, matrix], vec![rotated.clone()]));
                 self.graph.nodes[add_index].inputs[add.skip_input] = rotated;

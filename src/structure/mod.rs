@@ -9,10 +9,12 @@
 //! ```
 //! A segment goes from one stream point to the next: a sequential block (GPT-2, OPT, LLaMA, Qwen2)
 //! has two (attention, MLP), a parallel block (Phi, GPT-NeoX) one, with both branches in it.
+mod quantized;
 mod walk;
 
 use crate::pattern::norm::{NormKind, NormMatch};
 
+pub use quantized::{refuse_quantized, QuantizedForm, QuantizedModel};
 pub use walk::{detect, DetectError};
 
 /// How a linear layer's weight is stored.

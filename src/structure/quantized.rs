@@ -1,0 +1,103 @@
+//! Quantized models are refused by name: their weights are integers with per-block or per-channel
+//! scales, and a rotation mixes every input channel into every other, so the rotated weights
+//! could not be stored in the same quantized form without a new (lossy) quantization. The remedy
+//! is the other order: slice the float model, then quantize the sliced one.
+use crate::graph::Graph;
+
+/// The quantized forms ONNX Runtime's tools produce, by the operators that mark them, in the
+/// order that decides a model's form (dynamic int8 and int4 models also hold DequantizeLinear
+/// nodes, for their embedding tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum QuantizedForm {
+    /// `quantize_dynamic`: MatMulInteger fed by DynamicQuantizeLinear (int8/uint8).
+    DynamicInt8,
+    /// 4-bit (or n-bit) block quantization: MatMulNBits, GatherBlockQuantized (onnxruntime-genai
+    /// int4 models, `MatMulNBitsQuantizer`).
+    BlockNBits,
+    /// Operator-oriented static quantization: QLinear* ops.
+    QOperator,
+    /// `quantize_static` in QDQ format: QuantizeLinear/DequantizeLinear pairs around float ops.
+    Qdq,
+}
+
+impl QuantizedForm {
+    fn of(op: &str) -> Option<Self> {
+        match op {
+            "MatMulInteger" | "DynamicQuantizeLinear" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" | "ConvInteger" => Some(Self::DynamicInt8),
+            "QuantizeLinear" | "DequantizeLinear" => Some(Self::Qdq),
+            "MatMulNBits" | "GatherBlockQuantized" | "MatMulBnb4" => Some(Self::BlockNBits),
+            op if op.starts_with("QLinear") || op.starts_with("QGemm") => Some(Self::QOperator),
+            _ => None,
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            Self::DynamicInt8 => "int8 dynamically quantized (MatMulInteger/DynamicQuantizeLinear)",
+            Self::Qdq => "QDQ quantized (QuantizeLinear/DequantizeLinear)",
+            Self::QOperator => "statically quantized in operator form (QLinear* ops)",
+            Self::BlockNBits => "block quantized to int4 (MatMulNBits/GatherBlockQuantized)",
+        }
+    }
+
+    /// How to quantize the sliced float model the same way again.
+    fn remedy(self) -> &'static str {
+        match self {
+            Self::DynamicInt8 => "onnxruntime.quantization.quantize_dynamic",
+            Self::Qdq => "onnxruntime.quantization.quantize_static with quant_format=QuantFormat.QDQ",
+            Self::QOperator => "onnxruntime.quantization.quantize_static with quant_format=QuantFormat.QOperator",
+            Self::BlockNBits => "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (or onnxruntime-genai's builder with -p int4)",
+        }
+    }
+}
+
+/// The model is quantized: onnx-slice cannot rotate its weights.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the model is {}: node '{node}' is {op} ({count} quantized node(s) in all). onnx-slice rotates float weights and cannot rotate \
+     quantized ones. Slice the float (float32, float16 or bfloat16) model instead, then quantize the sliced model with {} \
+     (see README.md, \"Quantized models\")",
+    form.description(),
+    form.remedy()
+)]
+pub struct QuantizedModel {
+    pub form: QuantizedForm,
+    pub node: String,
+    pub op: String,
+    pub count: usize,
+}
+
+/// Refuses a quantized graph, naming its form, its first node of that form, and the remedy.
+pub fn refuse_quantized(graph: &Graph) -> Result<(), QuantizedModel> {
+    let quantized: Vec<_> = graph.nodes.iter().filter_map(|n| QuantizedForm::of(&n.op_type).map(|form| (n, form))).collect();
+    let Some(&(first, form)) = quantized.iter().min_by_key(|(_, form)| *form) else { return Ok(()) };
+    Err(QuantizedModel { form, node: first.label().to_string(), op: first.op_type.clone(), count: quantized.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Node;
+
+    fn graph(ops: &[&str]) -> Graph {
+        let nodes = ops.iter().enumerate().map(|(i, op)| Node::new(op, format!("n{i}"), vec![], vec![format!("v{i}")])).collect();
+        Graph { nodes, ..Default::default() }
+    }
+
+    #[test]
+    fn float_graphs_pass_and_each_form_is_named() {
+        assert_eq!(refuse_quantized(&graph(&["Gather", "MatMul", "Add", "Cast"])), Ok(()));
+        for (ops, form, op) in [
+            (&["DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"][..], QuantizedForm::DynamicInt8, "DynamicQuantizeLinear"),
+            (&["QuantizeLinear", "DequantizeLinear", "MatMul"][..], QuantizedForm::Qdq, "QuantizeLinear"),
+            (&["DequantizeLinear", "GatherBlockQuantized", "MatMulNBits"][..], QuantizedForm::BlockNBits, "GatherBlockQuantized"),
+            (&["QLinearMatMul"][..], QuantizedForm::QOperator, "QLinearMatMul"),
+        ] {
+            let err = refuse_quantized(&graph(ops)).unwrap_err();
+            let node = format!("n{}", ops.iter().position(|o| *o == op).unwrap());
+            let count = ops.iter().filter(|o| QuantizedForm::of(o).is_some()).count();
+            assert_eq!((err.form, err.op.as_str(), err.node.clone(), err.count), (form, op, node, count));
+            assert!(err.to_string().contains(form.remedy()), "{err}");
+        }
+    }
+}
