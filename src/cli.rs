@@ -18,7 +18,8 @@ use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::Report;
 use crate::runtime::{init_runtime, Ep, SessionConfig};
-use crate::transform::{self, Dimensions, Orientation};
+use crate::size::{Budget, Plan};
+use crate::transform::{self, BasisMode, Dimensions, Orientation};
 
 #[derive(Parser)]
 #[command(
@@ -43,11 +44,26 @@ struct SliceArgs {
     #[arg(required = true)]
     model: Option<PathBuf>,
     /// Where to write the sliced model.
-    #[arg(short, long, required = true)]
+    #[arg(short, long, required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    /// Fraction of the residual stream width to remove (0 ≤ R < 1).
-    #[arg(long, required = true)]
+    /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see --target-size).
+    #[arg(long, required_unless_present_any = ["target_size", "target_params"], conflicts_with_all = ["target_size", "target_params"])]
     ratio: Option<f64>,
+    /// Largest output instead of a ratio: weight bytes (BYTES) or a share of the input's (N%).
+    /// The widest slicing that fits is chosen; if none fits, nothing is written (exit code 3).
+    #[arg(long, value_name = "BYTES|N%", value_parser = Budget::parse_size, conflicts_with = "target_params")]
+    target_size: Option<Budget>,
+    /// Largest number of output parameters instead of a ratio (as --target-size).
+    #[arg(long, value_name = "N")]
+    target_params: Option<u64>,
+    /// Which stream points share a basis: point (one per point, a shortcut on every skip),
+    /// block (one per block: one shortcut per block) or global (one basis, no shortcuts).
+    #[arg(long, default_value = "point")]
+    basis: BasisMode,
+    /// Print the widths, parameters and bytes the command would write, without calibrating or
+    /// writing anything.
+    #[arg(long)]
+    dry_run: bool,
     /// Round sliced widths down to a multiple of this.
     #[arg(long, default_value_t = 8)]
     round_to: usize,
@@ -154,6 +170,9 @@ struct ConvertArgs {
     size_threshold: u64,
 }
 
+/// The exit code when a size target cannot be met (nothing is written).
+pub const TARGET_NOT_MET: u8 = 3;
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -169,7 +188,12 @@ pub fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::FAILURE
+            let unreachable_target = e.chain().any(|c| matches!(c.downcast_ref::<crate::Error>(), Some(crate::Error::Budget { .. })));
+            if unreachable_target {
+                ExitCode::from(TARGET_NOT_MET)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -190,15 +214,26 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
 
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (Some(input), Some(output)) = (args.model.clone(), args.output.clone()) else {
-        bail!("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)");
-    };
+    let Some(input) = args.model.clone() else { bail!("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)") };
     let dims = slice_dimensions(&args)?;
     if args.center_embeddings && !matches!(args.orientation, OrientationArg::Pca) {
         bail!("--center-embeddings applies to PCA slicing (--orientation pca) only");
     }
     let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
+    let budget = args.target_size.or(args.target_params.map(Budget::Parameters));
+    let plan = Plan::new(&model).with_context(|| format!("planning {}", input.display()))?;
+    let dims = match &budget {
+        Some(budget) => plan.solve(&dims, budget)?,
+        None => dims,
+    };
+    if args.dry_run {
+        let p = plan.predict(&dims);
+        print!("{}", inspect::size_summary(plan.layout.width, &p.widths, plan.layout.block_count(), p.before, p.after));
+        println!("basis {}: {} shortcut matrices, {} parameters", dims.basis, p.shortcuts, p.shortcut_parameters);
+        return Ok(());
+    }
+    let Some(output) = args.output.clone() else { bail!("-o OUTPUT is required (or --dry-run)") };
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
@@ -215,6 +250,9 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
             (rewritten, orientation.to_string(), None)
         }
     };
+    if let Some(budget) = &budget {
+        budget.check(before.weights, crate::size::weight_totals(&model.graph))?;
+    }
     transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
     let saving = Instant::now();
     let saved = onnx::save(&model, &output, &SaveOptions { storage, ..Default::default() })?;
@@ -224,21 +262,23 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         eprint!("{}", inspect::slicing_summary(&rewritten, &before, &after, &saved));
     }
     if let Some(path) = &args.report {
-        let report = Report::new(&input, &saved, &rewritten, &dims, &orientation, &before, &after, calibration.as_ref(), save_seconds, started);
+        let mut report = Report::new(&input, &saved, &rewritten, &dims, &orientation, &before, &after, calibration.as_ref(), save_seconds, started);
+        report.target = budget;
+        report.target_limit = budget.map(|b| b.limit(before.weights));
         write_json(path, &report)?;
     }
     Ok(())
 }
 
 fn slice_dimensions(args: &SliceArgs) -> anyhow::Result<Dimensions> {
-    let Some(ratio) = args.ratio else { bail!("--ratio is required") };
+    let ratio = args.ratio.unwrap_or(0.0);
     if !(0.0..1.0).contains(&ratio) {
         bail!("--ratio must be at least 0 and less than 1, got {ratio}");
     }
     if args.round_to == 0 {
         bail!("--round-to must be at least 1");
     }
-    Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head })
+    Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head, basis: args.basis, width: None })
 }
 
 fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions) -> anyhow::Result<Calibrated> {

@@ -171,6 +171,25 @@ impl Covariance {
         self.tokens += other.tokens;
     }
 
+    /// Adds another accumulator's sums divided by their trace: every point that shares a basis
+    /// weighs the same, whatever the norm of the stream there (it grows with depth).
+    ///
+    /// # Panics
+    /// If the widths differ.
+    pub fn merge_normalized(&mut self, other: &Covariance) {
+        assert_eq!(self.d, other.d, "Covariance::merge_normalized: widths differ");
+        let trace: f64 = (0..self.d).map(|i| other.h[(i, i)]).sum();
+        let scale = if trace > 0.0 { 1.0 / trace } else { 0.0 };
+        for j in 0..self.d {
+            let dst = &mut self.h.col_as_slice_mut(j)[j..];
+            let src = &other.h.col_as_slice(j)[j..];
+            for (a, b) in dst.iter_mut().zip(src) {
+                *a += scale * *b;
+            }
+        }
+        self.tokens += other.tokens;
+    }
+
     /// The full symmetric `H` (d × d).
     pub fn matrix(&self) -> Mat<f64> {
         let h = self.h.as_ref();

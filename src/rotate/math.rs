@@ -101,6 +101,13 @@ pub fn shortcut(q_from: MatRef<'_, f64>, q_to: MatRef<'_, f64>) -> Mat<f64> {
     s
 }
 
+/// The element type of the tensors the rewrite creates from a [`Mat`] (shortcuts, adapters) in a
+/// model whose stream has `stream` as its type: what [`mat_to_tensor`] writes, and what size
+/// predictions count.
+pub fn created_dtype(_stream: DataType) -> DataType {
+    DataType::Float
+}
+
 /// A matrix as a float32 tensor `[rows, cols]` (row-major, as ONNX stores it).
 pub fn mat_to_tensor(name: impl Into<String>, m: MatRef<'_, f64>) -> Tensor {
     let mut values = Vec::with_capacity(m.nrows() * m.ncols());
