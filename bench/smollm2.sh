@@ -11,20 +11,8 @@
 # table's name (default smollm2).
 # Needs /usr/bin/time (Debian package `time`) for peak memory. Writes bench/out/$TABLE.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-model="${1:-$HOME/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/model.onnx}"
-tools="${2:-../shared/tools/smollm2}"
-out=bench/out
-table="${TABLE:-smollm2}"
-read -r -a slice_flags <<< "${SLICE_FLAGS:-}"
-mkdir -p "$out"
-scripts/setup-ort.sh >/dev/null
-cargo build --quiet --release --locked
-bin=target/release/onnx-slice
-
-evaluate() { # model → JSON line with the perplexity
-  "$bin" eval "$1" --ids "$tools/eval_ids_brown.npy" --ignore-id 2 --batch 4 --json
-}
+default_table=smollm2
+source "$(dirname "$0")/smollm2-common.sh"
 
 rows=()
 dense=$(evaluate "$model")

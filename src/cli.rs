@@ -12,7 +12,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca, CalibrationOptions, Calibrated};
+use crate::calibrate::{slice_with_pca, Allocation, CalibrationOptions, Calibrated};
 use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
@@ -56,14 +56,19 @@ struct SliceArgs {
     /// Largest number of output parameters instead of a ratio (as --target-size).
     #[arg(long, value_name = "N")]
     target_params: Option<u64>,
-    /// Which stream points share a basis: point (one per point, a shortcut on every skip),
-    /// block (one per block: one shortcut per block) or global (one basis, no shortcuts).
-    #[arg(long, default_value = "point")]
+    /// Which stream points share a basis: global (one basis, no shortcuts; the best measured
+    /// quality per byte), block (one per block: one shortcut per block) or point (the paper: one
+    /// per point, a shortcut on every skip).
+    #[arg(long, default_value = "global")]
     basis: BasisMode,
     /// Print the widths, parameters and bytes the command would write, without calibrating or
     /// writing anything.
     #[arg(long)]
     dry_run: bool,
+    /// With a target: give each stream point its own width, from the spectra of the unsliced
+    /// model (one more calibration pass), instead of one width everywhere.
+    #[arg(long)]
+    allocate_widths: bool,
     /// Round sliced widths down to a multiple of this.
     #[arg(long, default_value_t = 8)]
     round_to: usize,
@@ -227,6 +232,9 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         Some(budget) => plan.solve(&dims, budget)?,
         None => dims,
     };
+    if args.allocate_widths && (budget.is_none() || args.dry_run || !matches!(args.orientation, OrientationArg::Pca)) {
+        bail!("--allocate-widths needs a target (--target-size or --target-params) and PCA calibration (not --dry-run)");
+    }
     if args.dry_run {
         let p = plan.predict(&dims);
         print!("{}", inspect::size_summary(plan.layout.width, &p.widths, plan.layout.block_count(), p.before, p.after));
@@ -237,7 +245,8 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
-            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims)?;
+            let allocation = budget.filter(|_| args.allocate_widths).map(|budget| Allocation { plan, budget });
+            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims, allocation)?;
             let description = format!("pca ({} calibration tokens)", calibrated.tokens);
             (calibrated.rewritten.clone(), description, Some(calibrated))
         }
@@ -281,7 +290,7 @@ fn slice_dimensions(args: &SliceArgs) -> anyhow::Result<Dimensions> {
     Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head, basis: args.basis, width: None })
 }
 
-fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions) -> anyhow::Result<Calibrated> {
+fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions, allocation: Option<Allocation>) -> anyhow::Result<Calibrated> {
     if args.calib_samples == 0 || args.calib_seqlen == 0 || args.calib_batch == 0 {
         bail!("--calib-samples, --calib-seqlen and --calib-batch must be at least 1");
     }
@@ -294,6 +303,7 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
         session: SessionConfig { ep: args.ep, intra_threads: None },
         center_embeddings: args.center_embeddings,
         model_path: Some(input.to_path_buf()),
+        allocation,
     };
     let calibrated = slice_with_pca(model, &set, &options, &progress).with_context(|| format!("slicing {}", input.display()))?;
     progress.finish_and_clear();

@@ -171,9 +171,14 @@ impl Plan {
 
     /// Parameters and bytes of the output for these dimensions.
     pub fn predict(&self, dims: &Dimensions) -> Prediction {
+        let widths = dims.widths(&self.layout);
+        let groups = basis_groups(&self.layout, dims.basis, &widths);
+        self.predict_widths(widths, &groups)
+    }
+
+    /// Parameters and bytes of the output for a width and a basis group at every stream point.
+    pub fn predict_widths(&self, widths: Vec<usize>, groups: &[usize]) -> Prediction {
         let layout = &self.layout;
-        let widths = dims.widths(layout);
-        let groups = basis_groups(layout, dims.basis, &widths);
         let d = layout.width as u64;
         let k = |p: usize| widths[p] as u64;
         let mut sizes = self.kept.clone();
@@ -226,6 +231,51 @@ impl Plan {
         after.parameters += created;
         after.bytes += created * element(self.created);
         Prediction { widths, shortcuts, shortcut_parameters, before: self.before, after }
+    }
+
+    /// Widths allocated to the stream points from their spectra under `budget`: each point keeps
+    /// the smallest width (a multiple of `round_to`) whose leading eigenvalues hold the share τ of
+    /// its energy, with the largest τ that fits. `spectra[p]` holds the eigenvalues of point p's
+    /// basis, decreasing; points that share a basis share a spectrum, hence a width. The head's
+    /// input keeps D unless `dims.slice_head`.
+    pub fn allocate(&self, dims: &Dimensions, budget: &Budget, spectra: &[Vec<f64>]) -> Result<Vec<usize>> {
+        let (d, round, last) = (self.layout.width, dims.round_to.max(1), spectra.len().saturating_sub(1));
+        let widths_for = |tau: f64| -> Vec<usize> {
+            spectra
+                .iter()
+                .enumerate()
+                .map(|(p, spectrum)| {
+                    if p == last && !dims.slice_head {
+                        return d;
+                    }
+                    let total: f64 = spectrum.iter().sum();
+                    let mut held = 0.0;
+                    let k = spectrum.iter().position(|v| {
+                        held += v;
+                        held >= tau * total
+                    });
+                    (k.map_or(d, |i| i + 1).div_ceil(round) * round).clamp(round.min(d), d)
+                })
+                .collect()
+        };
+        let limit = budget.limit(self.before);
+        let size = |widths: &[usize]| budget.measure(self.predict_widths(widths.to_vec(), &basis_groups(&self.layout, dims.basis, widths)).after);
+        let narrowest = widths_for(0.0);
+        if size(&narrowest) > limit {
+            return Err(Error::Budget {
+                message: format!("no stream width fits the target of {limit} {}: the narrowest widths give {}", budget.unit(), size(&narrowest)),
+            });
+        }
+        let (mut fitting, mut over) = (0.0, 1.0);
+        for _ in 0..40 {
+            let tau = (fitting + over) / 2.0;
+            if size(&widths_for(tau)) <= limit {
+                fitting = tau;
+            } else {
+                over = tau;
+            }
+        }
+        Ok(widths_for(fitting))
     }
 
     /// The widest uniform slicing (a multiple of `dims.round_to`) whose output fits `budget`, or

@@ -23,7 +23,8 @@ pub enum Orientation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BasisMode {
-    /// One basis per stream point (the paper): a shortcut on every skip.
+    /// One basis per stream point (the paper): a shortcut on every skip. The library's default;
+    /// the command line's is [`BasisMode::Global`], which measured best per byte (bench/README.md).
     #[default]
     Point,
     /// A block's input and its middle point (after attention) share one basis: one shortcut per

@@ -4,12 +4,12 @@
 //! with its own exit code and no output file.
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
 use onnx_slice::onnx;
-use onnx_slice::size::weight_totals;
+use onnx_slice::size::{weight_totals, Totals};
 
 fn slice(model: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
@@ -38,13 +38,20 @@ fn summary_widths_and_bytes(text: &str) -> (String, u64) {
     (widths.unwrap_or_else(|| panic!("no widths in {text}")).to_string(), bytes.unwrap_or_else(|| panic!("no bytes in {text}")))
 }
 
+/// The optimum export of every family, with its weight totals.
+fn families() -> impl Iterator<Item = (&'static str, PathBuf, Totals)> {
+    ARCHS.into_iter().map(|arch| {
+        let model = fixture(&format!("{arch}/optimum/model.onnx"));
+        let before = weight_totals(&onnx::load(&model).unwrap().graph);
+        (arch, model, before)
+    })
+}
+
 #[test]
 fn target_size_is_met_on_every_family_and_dry_run_predicts_the_real_run() {
     let dir = scratch();
     let mut failures = Vec::new();
-    for arch in ARCHS {
-        let model = fixture(&format!("{arch}/optimum/model.onnx"));
-        let before = weight_totals(&onnx::load(&model).unwrap().graph);
+    for (arch, model, before) in families() {
         for (basis, target) in [("point", "85%"), ("block", "80%"), ("global", "75%")] {
             let out = dir.path().join(format!("{arch}-{basis}.onnx"));
             let report = dir.path().join(format!("{arch}-{basis}.json"));
@@ -104,4 +111,32 @@ fn a_target_params_run_is_at_or_under_the_target() {
     assert!(run.status.success(), "{}", stderr(&run));
     let after = weight_totals(&onnx::load(&out).unwrap().graph);
     assert!(after.parameters <= target, "{} parameters, target {target}", after.parameters);
+}
+
+/// `--allocate-widths`: widths per point from the spectra, still at or under the target, each a
+/// multiple of `--round-to`, with the head's input at D.
+#[test]
+fn allocated_widths_meet_the_target_on_every_family() {
+    let dir = scratch();
+    let mut failures = Vec::new();
+    for (arch, model, before) in families() {
+        for basis in ["point", "block"] {
+            let out = dir.path().join(format!("{arch}-{basis}.onnx"));
+            let report = dir.path().join(format!("{arch}-{basis}.json"));
+            let run = slice(&model, &out, &["--target-size", "85%", "--basis", basis, "--allocate-widths", "--report", report.to_str().unwrap()]);
+            if !run.status.success() {
+                failures.push(format!("{arch} {basis}: {}", stderr(&run)));
+                continue;
+            }
+            let written = weight_totals(&onnx::load(&out).unwrap().graph);
+            let limit = before.bytes * 85 / 100;
+            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            let widths: Vec<u64> = report["widths"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
+            let d = report["stream_width"].as_u64().unwrap();
+            if written.bytes > limit || widths.iter().any(|k| k % 8 != 0 || *k > d) || widths.last() != Some(&d) {
+                failures.push(format!("{arch} {basis}: {} bytes (limit {limit}), widths {widths:?}", written.bytes));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

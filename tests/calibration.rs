@@ -39,6 +39,7 @@ fn calibrate_dims(path: &std::path::Path, arch: &str, dims: Dimensions, center_e
         session: cpu(),
         center_embeddings,
         model_path: Some(path.to_path_buf()),
+        allocation: None,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden()).unwrap_or_else(|e| panic!("{e}"));
     model
@@ -161,8 +162,9 @@ fn the_command_writes_model_report_and_rotations() {
     assert_eq!(report["parameters_before"], original.parameters);
     assert_eq!(report["parameters_after"], after.parameters);
     assert_eq!(report["weight_bytes_after"], after.bytes);
-    assert_eq!(report["basis"], "point");
-    assert_eq!(report["shortcut_parameters"], 48 * 48 * 3 + 48 * 64);
+    assert_eq!(report["basis"], "global");
+    // The default basis is global: one shortcut, into the head's input (which keeps D).
+    assert_eq!(report["shortcut_parameters"], 48 * 64);
     assert!(sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.widths" && v == "48,48,48,48,64"), "{:?}", sliced.metadata);
 
     let saved = onnx_slice::pca::load_rotations(&rotations).unwrap();

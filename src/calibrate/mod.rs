@@ -38,6 +38,14 @@ pub struct CalibrationOptions {
     /// The model file: its folder holds the segments' external data and the config files that
     /// give an empty KV cache's shape.
     pub model_path: Option<PathBuf>,
+    /// Widths per point from their spectra under a size budget, instead of `dims`' uniform width.
+    pub allocation: Option<Allocation>,
+}
+
+/// A size budget for widths allocated point by point ([`crate::size::Plan::allocate`]).
+pub struct Allocation {
+    pub plan: crate::size::Plan,
+    pub budget: crate::size::Budget,
 }
 
 /// The result: the rewritten model's layout and widths, and the basis chosen at every point.
@@ -73,11 +81,15 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     }
     timings.fuse_seconds = started.elapsed().as_secs_f64();
     let layout = rewritten.layout.clone();
-    let widths = options.dims.widths(&layout);
-    let groups = options.dims.groups(&layout);
     let batches = set.batches(options.batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect::<Result<Vec<_>>>()?;
     let shell = Model { graph: Default::default(), ..model.clone() };
-    let run = Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
+    let mut run = Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
+    // One basis for the whole stream has one spectrum: its allocation is the uniform width.
+    let widths = match &options.allocation {
+        Some(allocation) if options.dims.basis != transform::BasisMode::Global => allocated_widths(&mut run, &model.graph, allocation)?,
+        _ => options.dims.widths(&layout),
+    };
+    let groups = transform::basis_groups(&layout, options.dims.basis, &widths);
     let bases = match options.dims.basis {
         transform::BasisMode::Global => global_bases(run, model, &widths, &groups)?,
         _ => sequential_bases(run, model, &widths, &groups)?,
@@ -165,16 +177,26 @@ fn lookahead_runs(groups: &[usize]) -> usize {
 /// of the sum of its points' trace-normalized covariances, and the model is rotated once.
 fn global_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups: &[usize]) -> Result<Vec<Basis>> {
     let layout = run.layout;
-    let d = layout.width;
-    let points = widths.len();
-    run.progress.set_length((run.batches.len() * points) as u64);
+    run.progress.set_length((run.batches.len() * widths.len()) as u64);
+    let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
+    let step = Instant::now();
+    let columns: Vec<Mat<f64>> = bases.iter().zip(widths).map(|(b, &k)| b.columns(k)).collect();
+    crate::rotate::rotate_and_slice(&mut model.graph, layout, &columns, groups)?;
+    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+    Ok(bases)
+}
+
+/// The basis of every point's group from one pass over the unsliced `graph`: the PCA of the sum of
+/// the group's trace-normalized covariances.
+fn unsliced_group_bases(run: &mut Runner<'_>, graph: &crate::graph::Graph, groups: &[usize]) -> Result<Vec<Basis>> {
+    let (d, points) = (run.layout.width, groups.len());
     let full_widths = vec![d; points];
     let mut sums: Vec<Option<Covariance>> = vec![None; points];
-    let (mut cov, mut full) = run.segment(&model.graph, None, None, &full_widths)?;
+    let (mut cov, mut full) = run.segment(graph, None, None, &full_widths)?;
     for p in 0..points {
         sums[groups[p]].get_or_insert_with(|| Covariance::new(d)).merge_normalized(&cov);
         if p + 1 < points {
-            (cov, full) = run.segment(&model.graph, Some(p), Some(&full), &full_widths)?;
+            (cov, full) = run.segment(graph, Some(p), Some(&full), &full_widths)?;
         }
     }
     let mut group_bases: Vec<Option<Basis>> = vec![None; points];
@@ -183,12 +205,19 @@ fn global_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups
             group_bases[g] = Some(run.basis(sum)?);
         }
     }
-    let bases: Vec<Basis> = groups.iter().filter_map(|&g| group_bases[g].clone()).collect();
-    let step = Instant::now();
-    let columns: Vec<Mat<f64>> = bases.iter().zip(widths).map(|(b, &k)| b.columns(k)).collect();
-    crate::rotate::rotate_and_slice(&mut model.graph, layout, &columns, groups)?;
-    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-    Ok(bases)
+    Ok(groups.iter().filter_map(|&g| group_bases[g].clone()).collect())
+}
+
+/// Widths under the allocation's budget from the spectra of the unsliced model (one extra pass):
+/// points that the basis mode groups share a spectrum.
+fn allocated_widths(run: &mut Runner<'_>, graph: &crate::graph::Graph, allocation: &Allocation) -> Result<Vec<usize>> {
+    let points = run.layout.stream_points().len();
+    let groups = transform::basis_groups(run.layout, run.options.dims.basis, &vec![run.layout.width; points]);
+    run.progress.set_length((run.batches.len() * points) as u64);
+    let bases = unsliced_group_bases(run, graph, &groups)?;
+    run.progress.reset();
+    let spectra: Vec<Vec<f64>> = bases.into_iter().map(|b| b.eigenvalues).collect();
+    allocation.plan.allocate(&run.options.dims, &allocation.budget, &spectra)
 }
 
 /// One calibration batch: token ids `[b, L]`, their attention mask, and which tokens are real.
