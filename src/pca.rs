@@ -540,6 +540,26 @@ mod tests {
         assert!(max_rel_diff(a.matrix().as_ref(), expected.as_ref()) < 1e-13);
     }
 
+    /// Each merged accumulator counts as its H divided by its trace: a copy scaled by 1000
+    /// weighs the same as the original.
+    #[test]
+    fn normalized_merge_weighs_each_accumulator_by_its_trace() {
+        let d = 5;
+        let rows = random_rows(200, d, 6);
+        let loud: Vec<f32> = rows.iter().map(|x| x * 1000.0f32.sqrt()).collect();
+        let (mut quiet_h, mut loud_h) = (Covariance::new(d), Covariance::new(d));
+        quiet_h.add_rows(&rows, None);
+        loud_h.add_rows(&loud, None);
+        let mut sum = Covariance::new(d);
+        sum.merge_normalized(&quiet_h);
+        sum.merge_normalized(&loud_h);
+        let (h, _) = naive(&rows, d, None);
+        let trace: f64 = (0..d).map(|i| h[(i, i)]).sum();
+        let expected = Mat::from_fn(d, d, |i, j| 2.0 * h[(i, j)] / trace);
+        assert_eq!(sum.tokens(), 400);
+        assert!(max_rel_diff(sum.matrix().as_ref(), expected.as_ref()) < 1e-6);
+    }
+
     #[test]
     fn basis_is_orthogonal_and_diagonalizes_damped_h() {
         let d = 64;

@@ -310,3 +310,21 @@ impl Plan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_targets_parse_as_bytes_or_a_share() {
+        assert_eq!(Budget::parse_size("1000"), Ok(Budget::Bytes(1000)));
+        assert_eq!(Budget::parse_size(" 80% "), Ok(Budget::BytesFraction(0.8)));
+        for bad in ["0%", "101%", "-5", "80 percent", ""] {
+            assert!(Budget::parse_size(bad).is_err(), "{bad}");
+        }
+        let before = Totals { parameters: 10, bytes: 1001 };
+        assert_eq!(Budget::BytesFraction(0.5).limit(before), 500);
+        assert!(Budget::BytesFraction(0.5).check(before, Totals { parameters: 10, bytes: 500 }).is_ok());
+        assert!(Budget::Parameters(9).check(before, Totals { parameters: 10, bytes: 1 }).is_err());
+    }
+}
