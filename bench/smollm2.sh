@@ -20,7 +20,7 @@ rows+=("dense|$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["perp
 for ratio in 0 0.1 0.2 0.25 0.3; do
   sliced="$out/smollm2-$ratio.onnx"
   /usr/bin/time -f "%e %M" -o "$out/time-$ratio.txt" \
-    "$bin" "$model" -o "$sliced" --ratio "$ratio" --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
+    "$bin" "$model" -o "$sliced" --ratio "$ratio" --basis point --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
     --report "$out/report-$ratio.json" --quiet ${slice_flags[@]+"${slice_flags[@]}"}
   ppl=$(evaluate "$sliced")
   rows+=("$ratio|$(python3 - "$ppl" "$out/report-$ratio.json" "$out/time-$ratio.txt" <<'PY'
