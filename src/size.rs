@@ -25,10 +25,11 @@ pub struct Totals {
 
 /// The floating-point initializers of a graph.
 pub fn weight_totals(graph: &Graph) -> Totals {
-    graph.initializers.iter().filter(|t| is_float(t.dtype)).fold(Totals::default(), |sum, t| Totals {
-        parameters: sum.parameters + t.numel(),
-        bytes: sum.bytes + t.byte_len(),
-    })
+    graph
+        .initializers
+        .iter()
+        .filter(|t| is_float(t.dtype))
+        .fold(Totals::default(), |sum, t| Totals { parameters: sum.parameters + t.numel(), bytes: sum.bytes + t.byte_len() })
 }
 
 fn is_float(dtype: DataType) -> bool {

@@ -75,7 +75,10 @@ fn target_size_is_met_on_every_family_and_dry_run_predicts_the_real_run() {
             let widths: Vec<String> = report["widths"].as_array().unwrap().iter().map(|w| w.to_string()).collect();
             let (dry_widths, dry_bytes) = summary_widths_and_bytes(&String::from_utf8_lossy(&dry.stdout));
             if dry_widths != widths.join(", ") || dry_bytes != written.bytes || report["weight_bytes_after"] != written.bytes {
-                failures.push(format!("{arch} {basis}: --dry-run said [{dry_widths}], {dry_bytes} bytes; the run wrote {widths:?}, {} bytes", written.bytes));
+                failures.push(format!(
+                    "{arch} {basis}: --dry-run said [{dry_widths}], {dry_bytes} bytes; the run wrote {widths:?}, {} bytes",
+                    written.bytes
+                ));
             }
             if report["target_limit"] != limit || report["basis"] != basis {
                 failures.push(format!("{arch} {basis}: report target_limit {} basis {}", report["target_limit"], report["basis"]));
