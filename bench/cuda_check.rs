@@ -241,6 +241,7 @@ fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> a
         session: SessionConfig { ep, intra_threads: None },
         center_embeddings: false,
         model_path: Some(path.to_path_buf()),
+        allocation: None,
     };
     let calibrated =
         slice_with_pca(&mut model, set, &options, &ProgressBar::hidden()).with_context(|| format!("slicing {} at {ratio} on {ep}", path.display()))?;

@@ -11,20 +11,8 @@
 # table's name (default smollm2).
 # Needs /usr/bin/time (Debian package `time`) for peak memory. Writes bench/out/$TABLE.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-model="${1:-$HOME/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/model.onnx}"
-tools="${2:-../shared/tools/smollm2}"
-out=bench/out
-table="${TABLE:-smollm2}"
-read -r -a slice_flags <<< "${SLICE_FLAGS:-}"
-mkdir -p "$out"
-scripts/setup-ort.sh >/dev/null
-cargo build --quiet --release --locked
-bin=target/release/onnx-slice
-
-evaluate() { # model → JSON line with the perplexity
-  "$bin" eval "$1" --ids "$tools/eval_ids_brown.npy" --ignore-id 2 --batch 4 --json
-}
+default_table=smollm2
+source "$(dirname "$0")/smollm2-common.sh"
 
 rows=()
 dense=$(evaluate "$model")
@@ -32,7 +20,7 @@ rows+=("dense|$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["perp
 for ratio in 0 0.1 0.2 0.25 0.3; do
   sliced="$out/smollm2-$ratio.onnx"
   /usr/bin/time -f "%e %M" -o "$out/time-$ratio.txt" \
-    "$bin" "$model" -o "$sliced" --ratio "$ratio" --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
+    "$bin" "$model" -o "$sliced" --ratio "$ratio" --basis point --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
     --report "$out/report-$ratio.json" --quiet ${slice_flags[@]+"${slice_flags[@]}"}
   ppl=$(evaluate "$sliced")
   rows+=("$ratio|$(python3 - "$ppl" "$out/report-$ratio.json" "$out/time-$ratio.txt" <<'PY'

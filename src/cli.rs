@@ -14,19 +14,25 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca, CalibrationOptions, Calibrated};
+use crate::calibrate::{slice_with_pca, Allocation, CalibrationOptions, Calibrated};
 use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::Report;
 use crate::runtime::{init_runtime, Ep, SessionConfig};
-use crate::transform::{self, Dimensions, Orientation};
+use crate::size::{Budget, Plan};
+use crate::transform::{self, BasisMode, Dimensions, Orientation};
 use checks::{usage, Checked};
 
 const SLICE_EXAMPLES: &str = "\
 Examples:
+  onnx-slice model.onnx -o model.sliced.onnx --target-size 80%
+      the best model at most 80 % of the input's weight bytes (calibrated on the built-in English
+      text with the tokenizer.json beside the model)
+  onnx-slice model.onnx --target-size 80% --dry-run
+      the widths, parameters and bytes that would be written, in seconds, without calibrating
   onnx-slice model.onnx -o model.sliced.onnx --ratio 0.25
-      calibrate on the built-in English text with the tokenizer.json beside the model
+      a quarter of the stream width removed (a width, not a size)
   onnx-slice model.onnx -o small.onnx --ratio 0.3 --calib corpus.txt --report small.json
       calibrate on your own text; write a JSON report of widths, sizes and times
   onnx-slice model.onnx -o small.onnx --ratio 0.2 --calib-ids tokens.npy --ep cuda
@@ -39,8 +45,9 @@ Exit codes:
   1  the work failed (an unreadable model, ONNX Runtime, calibration data)
   2  the command line is wrong (a flag's value, a path that is missing, a folder, or the input
      itself); found before any long work and before anything is written
-  3  the model is not one onnx-slice can slice: no transformer found in it, or it is the output
-     of onnx-slice already ('onnx-slice inspect MODEL' says which)";
+  3  the model is not one onnx-slice can slice: no transformer found in it, it is quantized, or
+     it is the output of onnx-slice already ('onnx-slice inspect MODEL' says which)
+  4  no slicing meets --target-size / --target-params; nothing was written";
 
 const INSPECT_EXAMPLES: &str = "\
 Examples:
@@ -84,12 +91,38 @@ struct SliceArgs {
     /// The exported model (.onnx; external data files are found beside it).
     #[arg(required = true)]
     model: Option<PathBuf>,
-    /// Where to write the sliced model (a new file; its folder must exist).
-    #[arg(short, long, value_name = "OUT", required = true)]
+    /// Where to write the sliced model (a new file; its folder must exist). Not needed with --dry-run.
+    #[arg(short, long, value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    /// Fraction of the residual stream width to remove (0 ≤ R < 1).
-    #[arg(long, value_name = "R", required = true, allow_negative_numbers = true)]
+    /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see --target-size).
+    #[arg(
+        long,
+        value_name = "R",
+        allow_negative_numbers = true,
+        required_unless_present_any = ["target_size", "target_params"],
+        conflicts_with_all = ["target_size", "target_params"]
+    )]
     ratio: Option<f64>,
+    /// Largest output instead of a ratio: weight bytes (BYTES) or a share of the input's (N%).
+    /// The widest slicing that fits is chosen; if none fits, nothing is written (exit code 4).
+    #[arg(long, value_name = "BYTES|N%", value_parser = Budget::parse_size, conflicts_with = "target_params")]
+    target_size: Option<Budget>,
+    /// Largest number of output parameters instead of a ratio (as --target-size).
+    #[arg(long, value_name = "N")]
+    target_params: Option<u64>,
+    /// Which stream points share a basis: global (one basis, no shortcuts; the best measured
+    /// quality per byte), block (one per block: one shortcut per block) or point (the paper: one
+    /// per point, a shortcut on every skip).
+    #[arg(long, default_value = "global")]
+    basis: BasisMode,
+    /// Print the widths, parameters and bytes the command would write, without calibrating or
+    /// writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// With a target: give each stream point its own width, from the spectra of the unsliced
+    /// model (one more calibration pass), instead of one width everywhere.
+    #[arg(long)]
+    allocate_widths: bool,
     /// Round sliced widths down to a multiple of this.
     #[arg(long, default_value_t = 8)]
     round_to: usize,
@@ -244,21 +277,35 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
 
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (Some(input), Some(output)) = (args.model.clone(), args.output.clone()) else {
+    let Some(input) = args.model.clone() else {
         return Err(usage("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)").into());
     };
     let dims = slice_dimensions(&args)?;
-    checks::slice_command(&args, &input, &output)?;
+    checks::slice_command(&args, &input, args.output.as_deref())?;
     let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
-    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
     transform::refuse_sliced(&model)?;
     crate::structure::refuse_quantized(&model.graph)?;
     checks::slice_tokenizer(&args, &input)?;
+    let budget = args.target_size.or(args.target_params.map(Budget::Parameters));
+    let plan = Plan::new(&model).with_context(|| format!("planning {}", input.display()))?;
+    let dims = match &budget {
+        Some(budget) => plan.solve(&dims, budget)?,
+        None => dims,
+    };
+    if args.dry_run {
+        let p = plan.predict(&dims);
+        print!("{}", inspect::size_summary(plan.layout.width, &p.widths, plan.layout.block_count(), p.before, p.after));
+        println!("basis {}: {} shortcut matrices, {} parameters", dims.basis, p.shortcuts, p.shortcut_parameters);
+        return Ok(());
+    }
+    let Some(output) = args.output.clone() else { return Err(usage("-o OUTPUT is required (or --dry-run)").into()) };
+    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
-            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims)?;
+            let allocation = budget.filter(|_| args.allocate_widths).map(|budget| Allocation { plan, budget });
+            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims, allocation)?;
             let description = format!("pca ({} calibration tokens)", calibrated.tokens);
             (calibrated.rewritten.clone(), description, Some(calibrated))
         }
@@ -271,6 +318,9 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
             (rewritten, orientation.to_string(), None)
         }
     };
+    if let Some(budget) = &budget {
+        budget.check(before.weights, crate::size::weight_totals(&model.graph))?;
+    }
     transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
     let saving = Instant::now();
     let saved = onnx::save(&model, &output, &SaveOptions { storage, ..Default::default() })?;
@@ -280,22 +330,24 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         eprint!("{}", inspect::slicing_summary(&rewritten, &before, &after, &saved));
     }
     if let Some(path) = &args.report {
-        let report = Report::new(&input, &saved, &rewritten, &dims, &orientation, &before, &after, calibration.as_ref(), save_seconds, started);
+        let mut report = Report::new(&input, &saved, &rewritten, &dims, &orientation, &before, &after, calibration.as_ref(), save_seconds, started);
+        report.target = budget;
+        report.target_limit = budget.map(|b| b.limit(before.weights));
         write_json(path, &report)?;
     }
     Ok(())
 }
 
 fn slice_dimensions(args: &SliceArgs) -> Checked<Dimensions> {
-    let Some(ratio) = args.ratio else { return Err(usage("--ratio is required")) };
+    let ratio = args.ratio.unwrap_or(0.0);
     if !(0.0..1.0).contains(&ratio) {
         return Err(usage(format!("--ratio must be at least 0 and less than 1, got {ratio}")));
     }
     checks::at_least_one("--round-to", args.round_to)?;
-    Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head })
+    Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head, basis: args.basis, width: None })
 }
 
-fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions) -> anyhow::Result<Calibrated> {
+fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions, allocation: Option<Allocation>) -> anyhow::Result<Calibrated> {
     init_runtime(args.ort_lib.as_deref())?;
     let set = calibration_set(args, input, model)?;
     let progress = progress_bar(args.quiet, "calibrating", "segment runs");
@@ -305,6 +357,7 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
         session: SessionConfig { ep: args.ep, intra_threads: None },
         center_embeddings: args.center_embeddings,
         model_path: Some(input.to_path_buf()),
+        allocation,
     };
     let calibrated = slice_with_pca(model, &set, &options, &progress).with_context(|| format!("slicing {}", input.display()))?;
     progress.finish_and_clear();

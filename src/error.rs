@@ -35,6 +35,10 @@ pub enum Error {
     #[error("{message}")]
     Calibration { message: String },
 
+    /// A size target (`--target-size`, `--target-params`) that no slicing reaches.
+    #[error("{message}")]
+    Budget { message: String },
+
     #[error(transparent)]
     Detect(#[from] crate::structure::DetectError),
 

@@ -23,6 +23,8 @@ pub struct ModelSummary {
     pub parameter_count: u64,
     /// dtype → (elements, bytes).
     pub parameters_by_dtype: BTreeMap<String, DtypeTotals>,
+    /// The floating-point initializers: what slicing shrinks and size targets count.
+    pub weights: crate::size::Totals,
     pub external_files: Vec<String>,
     /// The `onnx_slice.*` metadata (keys without the prefix) of a model onnx-slice wrote.
     pub sliced_by: Option<BTreeMap<String, String>>,
@@ -78,6 +80,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
         initializer_count: graph.initializers.len(),
         parameter_count: model.parameter_count(),
         parameters_by_dtype: by_dtype,
+        weights: crate::size::weight_totals(graph),
         external_files: model
             .source
             .iter()
@@ -309,24 +312,27 @@ impl std::fmt::Display for LayoutView {
 
 /// The stderr summary of a slicing run.
 pub fn slicing_summary(rewritten: &Rewritten, before: &ModelSummary, after: &ModelSummary, saved: &crate::onnx::Saved) -> String {
-    let widths: Vec<String> = rewritten.widths.iter().map(usize::to_string).collect();
-    let bytes = |s: &ModelSummary| s.parameters_by_dtype.values().map(|t| t.bytes).sum::<u64>();
-    let mut out = format!(
-        "stream width {} → [{}] at {} stream points ({} blocks)\nparameters {} → {} ({:+.1} %), bytes {} → {}\nwrote {}",
-        rewritten.layout.width,
-        widths.join(", "),
-        rewritten.widths.len(),
-        rewritten.layout.block_count(),
-        group_thousands(before.parameter_count),
-        group_thousands(after.parameter_count),
-        100.0 * (after.parameter_count as f64 / before.parameter_count.max(1) as f64 - 1.0),
-        group_thousands(bytes(before)),
-        group_thousands(bytes(after)),
-        saved.path.display(),
-    );
+    let mut out = size_summary(rewritten.layout.width, &rewritten.widths, rewritten.layout.block_count(), before.weights, after.weights);
+    out += &format!("wrote {}", saved.path.display());
     if let Some((data, len)) = &saved.data_file {
         out.push_str(&format!(" and {} ({} bytes)", data.display(), group_thousands(*len)));
     }
     out.push('\n');
     out
+}
+
+/// Widths and weights before → after, for the slicing summary and `--dry-run`.
+pub fn size_summary(width: usize, widths: &[usize], blocks: usize, before: crate::size::Totals, after: crate::size::Totals) -> String {
+    let shown: Vec<String> = widths.iter().map(usize::to_string).collect();
+    format!(
+        "stream width {width} → [{}] at {} stream points ({blocks} blocks)\nparameters {} → {} ({:+.1} %), weight bytes {} → {} ({:.1} % of the input)\n",
+        shown.join(", "),
+        widths.len(),
+        group_thousands(before.parameters),
+        group_thousands(after.parameters),
+        100.0 * (after.parameters as f64 / before.parameters.max(1) as f64 - 1.0),
+        group_thousands(before.bytes),
+        group_thousands(after.bytes),
+        100.0 * after.bytes as f64 / before.bytes.max(1) as f64,
+    )
 }

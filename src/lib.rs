@@ -17,6 +17,7 @@ pub mod pca;
 pub mod report;
 pub mod rotate;
 pub mod runtime;
+pub mod size;
 pub mod structure;
 pub mod transform;
 

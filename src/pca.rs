@@ -171,6 +171,25 @@ impl Covariance {
         self.tokens += other.tokens;
     }
 
+    /// Adds another accumulator's sums divided by their trace: every point that shares a basis
+    /// weighs the same, whatever the norm of the stream there (it grows with depth).
+    ///
+    /// # Panics
+    /// If the widths differ.
+    pub fn merge_normalized(&mut self, other: &Covariance) {
+        assert_eq!(self.d, other.d, "Covariance::merge_normalized: widths differ");
+        let trace: f64 = (0..self.d).map(|i| other.h[(i, i)]).sum();
+        let scale = if trace > 0.0 { 1.0 / trace } else { 0.0 };
+        for j in 0..self.d {
+            let dst = &mut self.h.col_as_slice_mut(j)[j..];
+            let src = &other.h.col_as_slice(j)[j..];
+            for (a, b) in dst.iter_mut().zip(src) {
+                *a += scale * *b;
+            }
+        }
+        self.tokens += other.tokens;
+    }
+
     /// The full symmetric `H` (d × d).
     pub fn matrix(&self) -> Mat<f64> {
         let h = self.h.as_ref();
@@ -509,6 +528,26 @@ mod tests {
         let (expected, tokens) = naive(&rows, d, None);
         assert_eq!(a.tokens(), tokens);
         assert!(max_rel_diff(a.matrix().as_ref(), expected.as_ref()) < 1e-13);
+    }
+
+    /// Each merged accumulator counts as its H divided by its trace: a copy scaled by 1000
+    /// weighs the same as the original.
+    #[test]
+    fn normalized_merge_weighs_each_accumulator_by_its_trace() {
+        let d = 5;
+        let rows = random_rows(200, d, 6);
+        let loud: Vec<f32> = rows.iter().map(|x| x * 1000.0f32.sqrt()).collect();
+        let (mut quiet_h, mut loud_h) = (Covariance::new(d), Covariance::new(d));
+        quiet_h.add_rows(&rows, None);
+        loud_h.add_rows(&loud, None);
+        let mut sum = Covariance::new(d);
+        sum.merge_normalized(&quiet_h);
+        sum.merge_normalized(&loud_h);
+        let (h, _) = naive(&rows, d, None);
+        let trace: f64 = (0..d).map(|i| h[(i, i)]).sum();
+        let expected = Mat::from_fn(d, d, |i, j| 2.0 * h[(i, j)] / trace);
+        assert_eq!(sum.tokens(), 400);
+        assert!(max_rel_diff(sum.matrix().as_ref(), expected.as_ref()) < 1e-6);
     }
 
     #[test]

@@ -18,6 +18,11 @@ pub struct Report {
     pub round_to: usize,
     pub slice_head: bool,
     pub orientation: String,
+    /// Which stream points share a basis: point, block or global.
+    pub basis: crate::transform::BasisMode,
+    /// `--target-size` / `--target-params`, and the limit it set (bytes or parameters).
+    pub target: Option<crate::size::Budget>,
+    pub target_limit: Option<u64>,
     /// Every embedding row's mean was subtracted (`--center-embeddings` on an RMSNorm model).
     pub centered_embeddings: bool,
     /// D, the original residual stream width.
@@ -25,6 +30,7 @@ pub struct Report {
     /// k at every stream point (embeddings first, the head's input last).
     pub widths: Vec<usize>,
     pub blocks: usize,
+    /// Parameters and bytes of the floating-point initializers (weights, biases, shortcuts).
     pub parameters_before: u64,
     pub parameters_after: u64,
     /// Of `parameters_after`: the k_a×k_b matrices on the residual skip paths.
@@ -60,8 +66,7 @@ impl Report {
         save_seconds: f64,
         started: Instant,
     ) -> Self {
-        let bytes = |s: &ModelSummary| s.parameters_by_dtype.values().map(|t| t.bytes).sum();
-        let shortcut_parameters = shortcut_parameters(&rewritten.widths);
+        let shortcut_parameters = shortcut_parameters(&rewritten.widths, &rewritten.groups);
         Report {
             input: input.display().to_string(),
             output: saved.path.display().to_string(),
@@ -70,15 +75,18 @@ impl Report {
             round_to: dims.round_to,
             slice_head: dims.slice_head,
             orientation: orientation.to_string(),
+            basis: dims.basis,
+            target: None,
+            target_limit: None,
             centered_embeddings: rewritten.centered_embeddings,
             stream_width: rewritten.layout.width,
             widths: rewritten.widths.clone(),
             blocks: rewritten.layout.block_count(),
-            parameters_before: before.parameter_count,
-            parameters_after: after.parameter_count,
+            parameters_before: before.weights.parameters,
+            parameters_after: after.weights.parameters,
             shortcut_parameters,
-            weight_bytes_before: bytes(before),
-            weight_bytes_after: bytes(after),
+            weight_bytes_before: before.weights.bytes,
+            weight_bytes_after: after.weights.bytes,
             file_bytes_after: saved.model_bytes + saved.data_file.as_ref().map_or(0, |(_, n)| *n),
             calibration_tokens: calibration.map_or(0, |c| c.tokens),
             calibration_source: calibration.map(|c| c.source.clone()),
@@ -91,7 +99,7 @@ impl Report {
     }
 }
 
-/// One `k_p × k_{p+1}` matrix per segment, on its skip path.
-fn shortcut_parameters(widths: &[usize]) -> u64 {
-    widths.windows(2).map(|w| (w[0] * w[1]) as u64).sum()
+/// One `k_p × k_{p+1}` matrix on the skip path of every segment whose ends have different bases.
+fn shortcut_parameters(widths: &[usize], groups: &[usize]) -> u64 {
+    widths.windows(2).zip(groups.windows(2)).filter(|(_, g)| g[0] != g[1]).map(|(w, _)| (w[0] * w[1]) as u64).sum()
 }

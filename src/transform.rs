@@ -20,26 +20,73 @@ pub enum Orientation {
     Random { seed: u64 },
 }
 
+/// Which stream points share one basis. Between points of one basis the skip stays a plain Add;
+/// between two bases it gets a `k_a × k_b` shortcut MatMul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BasisMode {
+    /// One basis per stream point (the paper): a shortcut on every skip. The library's default;
+    /// the command line's is [`BasisMode::Global`], which measured best per byte (bench/README.md).
+    #[default]
+    Point,
+    /// A block's input and its middle point (after attention) share one basis: one shortcut per
+    /// sequential block, on the MLP's skip. A parallel block (Phi, GPT-NeoX) has no middle point,
+    /// so there `block` is `point`.
+    Block,
+    /// One basis for the whole stream, from one calibration pass over the unsliced model: no
+    /// shortcut, except into the head's input where it keeps the full width D.
+    Global,
+}
+
+impl std::fmt::Display for BasisMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BasisMode::Point => "point",
+            BasisMode::Block => "block",
+            BasisMode::Global => "global",
+        })
+    }
+}
+
+impl std::str::FromStr for BasisMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "point" => Ok(BasisMode::Point),
+            "block" => Ok(BasisMode::Block),
+            "global" => Ok(BasisMode::Global),
+            _ => Err(format!("expected point, block or global, got '{text}'")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Dimensions {
     /// Fraction of the stream width to remove.
     pub ratio: f64,
+    /// The sliced width itself, instead of the one `ratio` gives (a size budget's solution).
+    pub width: Option<usize>,
     /// Sliced widths are rounded down to a multiple of this.
     pub round_to: usize,
     /// Slice the last stream point too (changes the head's input width).
     pub slice_head: bool,
+    pub basis: BasisMode,
 }
 
 impl Default for Dimensions {
     fn default() -> Self {
-        Dimensions { ratio: 0.0, round_to: 8, slice_head: false }
+        Dimensions { ratio: 0.0, width: None, round_to: 8, slice_head: false, basis: BasisMode::default() }
     }
 }
 
 impl Dimensions {
     /// `k = floor((1 − r)·D)` rounded down to a multiple of `round_to` (at least `round_to`, at
-    /// most D).
+    /// most D); or the given `width`, at most D.
     pub fn sliced_width(&self, width: usize) -> usize {
+        if let Some(k) = self.width {
+            return k.min(width);
+        }
         let k = ((1.0 - self.ratio) * width as f64).floor() as usize;
         let round = self.round_to.max(1);
         if k >= width {
@@ -55,6 +102,30 @@ impl Dimensions {
             .map(|p| if p + 1 == points && !self.slice_head { layout.width } else { self.sliced_width(layout.width) })
             .collect()
     }
+
+    /// The basis group of every stream point (see [`basis_groups`]).
+    pub fn groups(&self, layout: &Layout) -> Vec<usize> {
+        basis_groups(layout, self.basis, &self.widths(layout))
+    }
+}
+
+/// `groups[p]` = the first point of the basis point p shares. A point joins the one before it when
+/// the mode says so and both have the same width (a basis has one width).
+pub fn basis_groups(layout: &Layout, mode: BasisMode, widths: &[usize]) -> Vec<usize> {
+    let mut groups = vec![0];
+    let mut first_of_pair = true;
+    for (i, segment) in layout.segments.iter().enumerate() {
+        let shares = match mode {
+            BasisMode::Point => false,
+            BasisMode::Block => !segment.is_parallel() && first_of_pair,
+            BasisMode::Global => true,
+        };
+        if !segment.is_parallel() {
+            first_of_pair = !first_of_pair;
+        }
+        groups.push(if shares && widths[i] == widths[i + 1] { groups[i] } else { i + 1 });
+    }
+    groups
 }
 
 /// What the rewrite found and did.
@@ -62,6 +133,8 @@ impl Dimensions {
 pub struct Rewritten {
     pub layout: Layout,
     pub widths: Vec<usize>,
+    /// The basis group of every stream point ([`basis_groups`]): a shortcut sits between groups.
+    pub groups: Vec<usize>,
     pub weight_copies: usize,
     pub skip_norms_decomposed: usize,
     /// [`center_embeddings`] changed the model.
@@ -80,11 +153,15 @@ pub fn fuse(model: &mut Model) -> Result<Rewritten> {
     let tied_head = structure::detect(&model.graph)?.tied_head;
     let weight_copies = privatize_weights(&mut model.graph)?;
     let mut layout = structure::detect(&model.graph)?;
-    layout.tied_head = tied_head;
+    layout.tied_head = tied_head || fuse::tie::head_reads_embedding(&model.graph, &layout);
+    if layout.tied_head {
+        fuse::tie::share_table(&mut model.graph, &mut layout)?;
+    }
     let opset = model.opset_version("").unwrap_or(1);
     fuse::fuse_norms(&mut model.graph, &layout, opset)?;
     let widths = vec![layout.width; layout.stream_points().len()];
-    Ok(Rewritten { layout, widths, weight_copies, skip_norms_decomposed, centered_embeddings: false })
+    let groups = (0..widths.len()).collect();
+    Ok(Rewritten { layout, widths, groups, weight_copies, skip_norms_decomposed, centered_embeddings: false })
 }
 
 /// The reference implementation's mean subtraction from every embedding row, which it applies to
@@ -92,8 +169,8 @@ pub fn fuse(model: &mut Model) -> Result<Rewritten> {
 /// changes the function a little (SmolLM2-135M: perplexity 37.285 → 37.351), so it is not the
 /// default. But the stream then has no component along the all-ones direction, and at high ratios
 /// PCA slicing matches the reference (SmolLM2 at 0.3: 302.4 → 298.8; reference 298.8). Call after
-/// [`fuse`], which gives a tied head its own copy first; `rewritten.centered_embeddings` says
-/// whether the model changed.
+/// [`fuse`] (a tied table is centred through its adapter, the head keeps reading it as it was);
+/// `rewritten.centered_embeddings` says whether the model changed.
 pub fn center_embeddings(model: &mut Model, rewritten: &mut Rewritten) -> Result<()> {
     if rewritten.layout.norm_kind == crate::pattern::norm::NormKind::RmsNorm {
         fuse::center_embeddings(&mut model.graph, &rewritten.layout)?;
@@ -106,13 +183,15 @@ pub fn center_embeddings(model: &mut Model, rewritten: &mut Rewritten) -> Result
 pub fn rotate(model: &mut Model, orientation: Orientation, dims: &Dimensions) -> Result<Rewritten> {
     let mut rewritten = fuse(model)?;
     let widths = dims.widths(&rewritten.layout);
-    let bases = bases(&rewritten.layout, orientation, &widths)?;
-    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &bases)?;
+    let groups = basis_groups(&rewritten.layout, dims.basis, &widths);
+    let bases = bases(&rewritten.layout, orientation, &widths, &groups)?;
+    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &bases, &groups)?;
     rewritten.widths = widths;
+    rewritten.groups = groups;
     Ok(rewritten)
 }
 
-fn bases(layout: &Layout, orientation: Orientation, widths: &[usize]) -> Result<Vec<Mat<f64>>> {
+fn bases(layout: &Layout, orientation: Orientation, widths: &[usize], groups: &[usize]) -> Result<Vec<Mat<f64>>> {
     let d = layout.width;
     if widths.iter().any(|&k| k == 0 || k > d) {
         return Err(Error::Pass { pass: "rotate", node: "(graph)".into(), message: format!("widths {widths:?} do not fit D = {d}") });
@@ -123,7 +202,7 @@ fn bases(layout: &Layout, orientation: Orientation, widths: &[usize]) -> Result<
         .map(|(p, &k)| {
             let q = match orientation {
                 Orientation::Identity => Mat::<f64>::identity(d, d),
-                Orientation::Random { seed } => math::random_orthogonal(d, seed.wrapping_add(p as u64)),
+                Orientation::Random { seed } => math::random_orthogonal(d, seed.wrapping_add(groups[p] as u64)),
             };
             math::orthonormal_columns(q.as_ref(), k)
         })
@@ -150,6 +229,7 @@ pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimen
         ("onnx_slice.stream_width", rewritten.layout.width.to_string()),
         ("onnx_slice.widths", widths.join(",")),
         ("onnx_slice.orientation", orientation),
+        ("onnx_slice.basis", dims.basis.to_string()),
     ] {
         model.metadata.push((key.to_string(), value));
     }

@@ -12,7 +12,7 @@ use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
 use onnx_slice::graph::Model;
 use onnx_slice::onnx;
 use onnx_slice::runtime::ModelSession;
-use onnx_slice::transform::{self, Dimensions};
+use onnx_slice::transform::{self, BasisMode, Dimensions};
 
 fn calibration_set(arch: &str) -> CalibrationSet {
     let tokenizer = load_tokenizer(&fixture(&format!("_hf/{arch}/tokenizer.json"))).unwrap();
@@ -26,16 +26,21 @@ fn calibrate(path: &std::path::Path, arch: &str, ratio: f64) -> Model {
 }
 
 fn calibrate_with(path: &std::path::Path, arch: &str, ratio: f64, center_embeddings: bool) -> Model {
+    calibrate_dims(path, arch, Dimensions { ratio, ..Dimensions::default() }, center_embeddings)
+}
+
+fn calibrate_dims(path: &std::path::Path, arch: &str, dims: Dimensions, center_embeddings: bool) -> Model {
     let mut model = onnx::load(path).unwrap();
     // Opset-23 dynamo exports run in ONNX Runtime at batch 1 only (an exporter bug, see
     // fixtures/README.md).
     let batch = if path.to_string_lossy().contains("dynamo23") { 1 } else { 4 };
     let options = CalibrationOptions {
-        dims: Dimensions { ratio, ..Dimensions::default() },
+        dims,
         batch,
         session: cpu(),
         center_embeddings,
         model_path: Some(path.to_path_buf()),
+        allocation: None,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden()).unwrap_or_else(|e| panic!("{e}"));
     model
@@ -65,6 +70,28 @@ fn pca_rotation_at_ratio_zero_keeps_the_logits() {
                 }
             }
             Err(e) => failures.push(format!("{arch}/{exporter}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The shared bases (`--basis block`, `--basis global`) have their own calibration order (a
+/// look-ahead run per block; one unsliced pass): exact at ratio 0 on one export of every family.
+#[test]
+fn pca_block_and_global_bases_at_ratio_zero_keep_the_logits() {
+    let mut failures = Vec::new();
+    for arch in ARCHS {
+        let path = fixture(&format!("{arch}/optimum/model.onnx"));
+        let reference = Reference::for_exporter(arch, "optimum");
+        let dir = path.parent().unwrap();
+        let expected = logits(&onnx::load(&path).unwrap(), dir, &reference);
+        for basis in [BasisMode::Block, BasisMode::Global] {
+            let dims = Dimensions { basis, ..Dimensions::default() };
+            let got = logits(&calibrate_dims(&path, arch, dims, false), dir, &reference);
+            let diff = max_abs_diff(&got, &expected);
+            if diff.is_nan() || diff > 1e-4 {
+                failures.push(format!("{arch}/optimum, basis {basis}: max |Δlogits| = {diff}"));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -134,11 +161,15 @@ fn the_command_writes_model_report_and_rotations() {
     assert_eq!(report["calibration_tokens"], 8 * 64);
     let seconds = report["seconds"].as_object().unwrap();
     assert!(seconds.keys().all(|k| k.ends_with("_seconds")) && seconds.contains_key("total_seconds"), "{seconds:?}");
-    let original = onnx::load(&model).unwrap();
+    let original = onnx_slice::size::weight_totals(&onnx::load(&model).unwrap().graph);
     let sliced = onnx::load(&out).unwrap();
-    assert_eq!(report["parameters_before"], original.parameter_count());
-    assert_eq!(report["parameters_after"], sliced.parameter_count());
-    assert_eq!(report["shortcut_parameters"], 48 * 48 * 3 + 48 * 64);
+    let after = onnx_slice::size::weight_totals(&sliced.graph);
+    assert_eq!(report["parameters_before"], original.parameters);
+    assert_eq!(report["parameters_after"], after.parameters);
+    assert_eq!(report["weight_bytes_after"], after.bytes);
+    assert_eq!(report["basis"], "global");
+    // The default basis is global: one shortcut, into the head's input (which keeps D).
+    assert_eq!(report["shortcut_parameters"], 48 * 64);
     assert!(sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.widths" && v == "48,48,48,48,64"), "{:?}", sliced.metadata);
 
     let saved = onnx_slice::pca::load_rotations(&rotations).unwrap();
@@ -160,7 +191,9 @@ fn centered_embeddings_change_rmsnorm_models_only_and_slice_exactly() {
         transform::center_embeddings(&mut centered, &mut rewritten).unwrap();
         let changed = rewritten.centered_embeddings;
         assert_eq!(changed, arch == "llama", "{arch}: centering changed the model: {changed}");
-        let table = centered.graph.initializer(&rewritten.layout.embeddings[0].table).unwrap().to_f32().unwrap();
+        // A tied table (GPT-2) stays as it is: its adapter `A` is centred, which centres `E A`.
+        let token = &rewritten.layout.embeddings[0];
+        let table = centered.graph.initializer(token.adapter.as_ref().unwrap_or(&token.table)).unwrap().to_f32().unwrap();
         let worst_mean = table.chunks(rewritten.layout.width).map(|row| (row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64).abs()).fold(0.0, f64::max);
         assert!(worst_mean < 1e-6, "{arch}: an embedding row has mean {worst_mean}");
 

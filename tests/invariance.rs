@@ -1,13 +1,16 @@
 //! Computational invariance (docs/design.md §1, §7) on every fixture, checked against ONNX Runtime running
 //! the ORIGINAL model, or against counts derived independently of the rewrite:
 //!
-//! 1. fusing the norms, and fusing + rotating by random orthogonal matrices (ratio 0), leave the
-//!    logits unchanged (max |Δ| ≤ 1e-4) on the reference input, on a left-padded batch, and, for
+//! 1. fusing the norms, and fusing + rotating by random orthogonal matrices (ratio 0, with every
+//!    `--basis` grouping), leave the logits unchanged (max |Δ| ≤ 1e-4) on the reference input, on
+//!    a left-padded batch, and, for
 //!    KV-cache exports, on a second decoding step fed with each model's own `present.*` outputs
 //!    (whose K/V must match too);
 //! 2. slicing (random Q, ratio 0.25) gives a model that passes `onnx.checker` (full check), runs
 //!    with the same interface (input/output names, element types, symbolic and fixed dims) and
-//!    output shapes, and has exactly the parameter count the layout predicts, term by term;
+//!    output shapes, and has exactly the parameter count the layout predicts, term by term; a
+//!    tied head still reads the one table; the library's size prediction (`--dry-run`, size
+//!    targets) equals what the rewrite writes, for every `--basis`;
 //! 3. operator counts: no norm op left, one `onnx_slice/norm*/ReduceSum` per norm, one
 //!    `onnx_slice/shortcut*` MatMul per segment (of the predicted k_a × k_b);
 //! 4. graphs the library cannot handle give errors naming a node, never panics (library and binary).
@@ -27,8 +30,9 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use onnx_slice::graph::{DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
 use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::runtime::{ModelSession, TensorValue};
+use onnx_slice::size;
 use onnx_slice::structure::Layout;
-use onnx_slice::transform::{self, Dimensions, Orientation, Rewritten};
+use onnx_slice::transform::{self, BasisMode, Dimensions, Orientation, Rewritten};
 
 const TOLERANCE: f32 = 1e-4;
 /// The id fed at padded positions: `</s>` of the fixtures' tokenizer (any valid id would do).
@@ -58,6 +62,8 @@ struct Meta {
     hidden: usize,
     vocab: usize,
     head_dim: usize,
+    /// The model ties its head to the token embedding (the exporter's word, not onnx-slice's).
+    tied: bool,
 }
 
 impl Fixture {
@@ -121,7 +127,8 @@ impl Meta {
         // dynamo23's meta.json records NaN logit differences (not JSON): they are not read here.
         let json: serde_json::Value = serde_json::from_str(&text.replace("NaN", "null")).unwrap();
         let number = |key: &str| json[key].as_u64().unwrap_or_else(|| panic!("{}: no {key}", path.display())) as usize;
-        Meta { layers: number("num_layers"), hidden: number("hidden_size"), vocab: number("vocab_size"), head_dim: number("head_dim") }
+        let tied = json["tied_embeddings"].as_bool().unwrap_or_else(|| panic!("{}: no tied_embeddings", path.display()));
+        Meta { layers: number("num_layers"), hidden: number("hidden_size"), vocab: number("vocab_size"), head_dim: number("head_dim"), tied }
     }
 }
 
@@ -322,9 +329,14 @@ fn fusion_and_random_rotation_keep_logits_and_kv_cache_on_reference_padded_and_c
         if !expected.padded.iter().all(|v| v.is_finite()) {
             failures.push("the original's left-padded logits are not all finite: this test compares every position".into());
         }
-        let variants: [(&str, Box<Rewrite>); 2] = [
+        let rotated = |basis: BasisMode| -> Box<Rewrite> {
+            Box::new(move |m: &mut Model| transform::rotate(m, Orientation::Random { seed: 7 }, &Dimensions { basis, ..Dimensions::default() }))
+        };
+        let variants: [(&str, Box<Rewrite>); 4] = [
             ("fused", Box::new(|m: &mut Model| transform::fuse(m))),
-            ("rotated (random Q, ratio 0)", Box::new(|m: &mut Model| transform::rotate(m, Orientation::Random { seed: 7 }, &Dimensions::default()))),
+            ("rotated (random Q, ratio 0, basis point)", rotated(BasisMode::Point)),
+            ("basis block", rotated(BasisMode::Block)),
+            ("basis global", rotated(BasisMode::Global)),
         ];
         let mut line = format!("{:<22}", fixture.name());
         for (variant, rewrite) in &variants {
@@ -410,10 +422,10 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
         .map(|t| t.numel() as i64)
         .sum();
     term("- scalar constants of the removed norm nodes", -dropped_scalars);
-    // A tied head becomes its own [D, V] copy.
+    // A tied head keeps reading the one table; an export's duplicate copy of it goes.
     let (vocab, hidden) = (fixture.meta.vocab, fixture.meta.hidden);
-    let untied = if shares_embedding_with_head(original, vocab, hidden) { (vocab * hidden) as i64 } else { 0 };
-    term("+ untied head copy V×D (tied embedding)", untied);
+    let duplicate = if fixture.meta.tied && !shares_embedding_with_head(original, vocab, hidden) { (vocab * hidden) as i64 } else { 0 };
+    term("- the head's duplicate of the tied table", -duplicate);
     // A LayerNorm β folded into a reader without a bias creates that bias: `b = β W` (out).
     // (The fixtures' β are random, never all zero.)
     let new_biases: i64 = layout
@@ -426,7 +438,8 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("+ biases created for bias-less readers of a norm with β", new_biases);
     // The rewrite's own scalars: 1/D, eps per norm (not the shortcuts, counted below).
     let mut rewrite_constants = 0;
-    for t in sliced.graph.initializers.iter().filter(|t| t.name.starts_with("onnx_slice.") && !t.name.starts_with("onnx_slice.shortcut")) {
+    let rewrite_matrix = |name: &str| name.starts_with("onnx_slice.shortcut") || name.contains("_adapter");
+    for t in sliced.graph.initializers.iter().filter(|t| t.name.starts_with("onnx_slice.") && !rewrite_matrix(&t.name)) {
         if t.numel() > 1 {
             return Err(format!("initializer {} {:?} is not a scalar constant", t.name, t.dims));
         }
@@ -439,10 +452,15 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     // Slicing. Embedding tables V×D → V×k_0 (token and learned positions).
     let table_rows = |name: &str| fused.graph.initializer(name).map(|t| t.numel() as i64 / d).ok_or(format!("no table {name}"));
     let mut embeddings = 0;
-    for e in &layout.embeddings {
-        embeddings -= table_rows(&e.table)? * (d - k(0));
+    for (i, e) in layout.embeddings.iter().enumerate() {
+        if i > 0 || !fixture.meta.tied {
+            embeddings -= table_rows(&e.table)? * (d - k(0));
+        }
     }
-    term("- embedding tables V×D → V×k_0", embeddings);
+    term("- embedding tables V×D → V×k_0 (not a tied one)", embeddings);
+    let last = widths.len() - 1;
+    let adapters = if fixture.meta.tied { d * k(0) + k(last) * d } else { 0 };
+    term("+ a tied table's adapters D×k_0 (embedding) and k_L×D (head)", adapters);
     let (mut readers, mut writers, mut writer_biases, mut shortcuts) = (0, 0, 0, 0);
     for (i, segment) in layout.segments.iter().enumerate() {
         // Readers (q/k/v, fc1/gate/up) in×out → k_a×out (their bias, over out, stays).
@@ -469,9 +487,8 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("- writers in×D → in×k_b", writers);
     term("- writer biases D → k_b", writer_biases);
     term("+ shortcuts k_a×k_b, one per segment", shortcuts);
-    let last = widths.len() - 1;
-    let head: i64 = layout.head.readers.iter().map(|r| -(d - k(last)) * r.out_features as i64).sum();
-    term("- head D×V → k_L×V", head);
+    let head: i64 = if fixture.meta.tied { 0 } else { layout.head.readers.iter().map(|r| -(d - k(last)) * r.out_features as i64).sum() };
+    term("- head D×V → k_L×V (not a tied one)", head);
     Ok(terms)
 }
 
@@ -554,6 +571,37 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
         let mut sliced = fixture.model.clone();
         if let Err(e) = transform::rotate(&mut sliced, Orientation::Random { seed: 3 }, &dims) {
             return failures.push(format!("rotate (ratio {RATIO}): {e}"));
+        }
+
+        // (e) a tied head reads the one table the embedding reads: one V×D initializer.
+        if fixture.meta.tied {
+            let tables = sliced.graph.initializers.iter().filter(|t| t.numel() as usize == fixture.meta.vocab * fixture.meta.hidden).count();
+            if tables != 1 {
+                failures.push(format!("tied head: {tables} initializers of V×D elements, expected the one table"));
+            }
+        }
+        // (f) what `--dry-run` and the size targets predict is what the rewrite writes, for every
+        // basis grouping.
+        match size::Plan::new(&fixture.model) {
+            Ok(plan) => {
+                for basis in [BasisMode::Point, BasisMode::Block, BasisMode::Global] {
+                    let dims = Dimensions { basis, ..dims };
+                    let mut model = fixture.model.clone();
+                    let rewritten = match transform::rotate(&mut model, Orientation::Random { seed: 3 }, &dims) {
+                        Ok(r) => r,
+                        Err(e) => return failures.push(format!("rotate (basis {basis}): {e}")),
+                    };
+                    let predicted = plan.predict(&dims);
+                    let written = size::weight_totals(&model.graph);
+                    if predicted.widths != rewritten.widths || predicted.after != written || predicted.before != size::weight_totals(&fixture.model.graph) {
+                        failures.push(format!(
+                            "basis {basis}: predicted widths {:?}, {:?}; written {:?}, {written:?}",
+                            predicted.widths, predicted.after, rewritten.widths
+                        ));
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("size plan: {e}")),
         }
 
         // (d) parameter count.

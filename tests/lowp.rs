@@ -149,6 +149,7 @@ fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> 
         session: cpu(),
         center_embeddings: false,
         model_path: Some(path.to_path_buf()),
+        allocation: None,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())?;
     Ok(model)

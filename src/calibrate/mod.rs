@@ -35,6 +35,14 @@ pub struct CalibrationOptions {
     /// The model file: its folder holds the segments' external data and the config files that
     /// give an empty KV cache's shape.
     pub model_path: Option<PathBuf>,
+    /// Widths per point from their spectra under a size budget, instead of `dims`' uniform width.
+    pub allocation: Option<Allocation>,
+}
+
+/// A size budget for widths allocated point by point ([`crate::size::Plan::allocate`]).
+pub struct Allocation {
+    pub plan: crate::size::Plan,
+    pub budget: crate::size::Budget,
 }
 
 /// The result: the rewritten model's layout and widths, and the basis chosen at every point.
@@ -59,7 +67,8 @@ pub struct Timings {
 }
 
 /// Fuses the norms, then chooses, rotates and slices every stream point by PCA of calibration
-/// activations. `progress` advances once per (segment, batch).
+/// activations, with the points grouped into bases by `options.dims.basis`. `progress` advances
+/// once per (segment, batch).
 pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &CalibrationOptions, progress: &ProgressBar) -> Result<Calibrated> {
     let mut timings = Timings::default();
     let started = Instant::now();
@@ -69,49 +78,143 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     }
     timings.fuse_seconds = started.elapsed().as_secs_f64();
     let layout = rewritten.layout.clone();
-    let widths = options.dims.widths(&layout);
     let batches = set.batches(options.batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect::<Result<Vec<_>>>()?;
-    progress.set_length((batches.len() * (layout.segments.len() + 1)) as u64);
     let shell = Model { graph: Default::default(), ..model.clone() };
-
     let mut run = Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
-    let (cov, mut stream) = run.segment(&model.graph, None, None, &widths)?;
-    let mut bases = vec![run.basis(&cov)?];
-    let mut editor = StreamEditor::new(&mut model.graph, &layout);
-    let rotate_started = Instant::now();
-    let mut q_in = bases[0].columns(widths[0]);
-    editor.rotate_embeddings(q_in.as_ref())?;
-    editor.set_point_width(0, widths[0])?;
-    project(&mut stream, q_in.as_ref())?;
-    run.timings.rotate_seconds += rotate_started.elapsed().as_secs_f64();
-    for i in 0..layout.segments.len() {
-        let step = Instant::now();
-        editor.rotate_readers(i, q_in.as_ref())?;
-        editor.set_shortcut(i, q_in.transpose())?;
-        editor.set_point_width(i + 1, layout.width)?;
-        run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-        let mut current = widths.clone();
-        current[i + 1..].fill(layout.width);
-        let (cov, mut next) = run.segment(editor.graph(), Some(i), Some(&stream), &current)?;
-        let basis = run.basis(&cov)?;
-        let step = Instant::now();
-        let q_out = basis.columns(widths[i + 1]);
-        editor.rotate_writers(i, q_out.as_ref())?;
-        editor.set_shortcut(i, math::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref())?;
-        editor.set_point_width(i + 1, widths[i + 1])?;
-        project(&mut next, q_out.as_ref())?;
-        run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-        stream = next;
-        q_in = q_out;
-        bases.push(basis);
-    }
-    let step = Instant::now();
-    editor.rotate_readers(layout.segments.len(), q_in.as_ref())?;
-    editor.finish()?;
-    timings.rotate_seconds += step.elapsed().as_secs_f64();
+    // One basis for the whole stream has one spectrum: its allocation is the uniform width.
+    let widths = match &options.allocation {
+        Some(allocation) if options.dims.basis != transform::BasisMode::Global => allocated_widths(&mut run, &model.graph, allocation)?,
+        _ => options.dims.widths(&layout),
+    };
+    let groups = transform::basis_groups(&layout, options.dims.basis, &widths);
+    let bases = match options.dims.basis {
+        transform::BasisMode::Global => global_bases(run, model, &widths, &groups)?,
+        _ => sequential_bases(run, model, &widths, &groups)?,
+    };
     rewritten.widths = widths;
+    rewritten.groups = groups;
     let tokens = batches.iter().map(|b| b.real_tokens()).sum();
     Ok(Calibrated { rewritten, bases, tokens, source: set.source.clone(), timings })
+}
+
+/// SliceGPT's order: each segment runs on the sliced stream of the points before it, so every
+/// basis sees the slicing error upstream. A basis shared by a block's input and middle point is
+/// chosen when the input is reached, from the input's covariance and the middle point's as the
+/// unsliced attention computes it (one extra attention run per block); the attention then runs
+/// again on the sliced input.
+fn sequential_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups: &[usize]) -> Result<Vec<Basis>> {
+    let layout = run.layout;
+    let d = layout.width;
+    let points = widths.len();
+    run.progress.set_length((run.batches.len() * (points + lookahead_runs(groups))) as u64);
+    let (mut cov, mut full) = run.segment(&model.graph, None, None, widths)?;
+    let mut editor = StreamEditor::new(&mut model.graph, layout);
+    let mut bases: Vec<Basis> = Vec::with_capacity(points);
+    let mut q_in: Option<Mat<f64>> = None;
+    for p in 0..points {
+        let basis = match bases.last() {
+            Some(shared) if groups[p] == groups[p - 1] => shared.clone(),
+            _ => {
+                let mut group = Covariance::new(d);
+                group.merge_normalized(&cov);
+                let mut ahead: Option<Vec<ArrayD<f32>>> = None;
+                for q in (p + 1..points).take_while(|&q| groups[q] == groups[p]) {
+                    let mut current = widths.to_vec();
+                    current[q - 1..].fill(d);
+                    let (next_cov, next) = run.segment(editor.graph(), Some(q - 1), Some(ahead.as_deref().unwrap_or(&full)), &current)?;
+                    group.merge_normalized(&next_cov);
+                    ahead = Some(next);
+                }
+                run.basis(&group)?
+            }
+        };
+        let step = Instant::now();
+        let q_out = basis.columns(widths[p]);
+        match &q_in {
+            None => editor.rotate_embeddings(q_out.as_ref())?,
+            Some(q_in) => {
+                editor.rotate_writers(p - 1, q_out.as_ref())?;
+                if groups[p] == groups[p - 1] {
+                    editor.clear_shortcut(p - 1)?;
+                } else {
+                    editor.set_shortcut(p - 1, math::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref())?;
+                }
+            }
+        }
+        editor.set_point_width(p, widths[p])?;
+        project(&mut full, q_out.as_ref())?;
+        editor.rotate_readers(p, q_out.as_ref())?;
+        bases.push(basis);
+        if p + 1 < points {
+            // The segment's skip carries the sliced stream back to the original basis, so that it
+            // produces the next point in the original basis at full width.
+            editor.set_shortcut(p, q_out.transpose())?;
+            editor.set_point_width(p + 1, d)?;
+            run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+            let mut current = widths.to_vec();
+            current[p + 1..].fill(d);
+            (cov, full) = run.segment(editor.graph(), Some(p), Some(&full), &current)?;
+        } else {
+            run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+        }
+        q_in = Some(q_out);
+    }
+    let step = Instant::now();
+    editor.finish()?;
+    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+    Ok(bases)
+}
+
+/// Segment runs of the unsliced model that choose shared bases ahead of the sliced runs.
+fn lookahead_runs(groups: &[usize]) -> usize {
+    groups.windows(2).filter(|w| w[0] == w[1]).count()
+}
+
+/// One pass over the unsliced model gives every point's covariance; each group's basis is the PCA
+/// of the sum of its points' trace-normalized covariances, and the model is rotated once.
+fn global_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups: &[usize]) -> Result<Vec<Basis>> {
+    let layout = run.layout;
+    run.progress.set_length((run.batches.len() * widths.len()) as u64);
+    let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
+    let step = Instant::now();
+    let columns: Vec<Mat<f64>> = bases.iter().zip(widths).map(|(b, &k)| b.columns(k)).collect();
+    crate::rotate::rotate_and_slice(&mut model.graph, layout, &columns, groups)?;
+    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+    Ok(bases)
+}
+
+/// The basis of every point's group from one pass over the unsliced `graph`: the PCA of the sum of
+/// the group's trace-normalized covariances.
+fn unsliced_group_bases(run: &mut Runner<'_>, graph: &crate::graph::Graph, groups: &[usize]) -> Result<Vec<Basis>> {
+    let (d, points) = (run.layout.width, groups.len());
+    let full_widths = vec![d; points];
+    let mut sums: Vec<Option<Covariance>> = vec![None; points];
+    let (mut cov, mut full) = run.segment(graph, None, None, &full_widths)?;
+    for p in 0..points {
+        sums[groups[p]].get_or_insert_with(|| Covariance::new(d)).merge_normalized(&cov);
+        if p + 1 < points {
+            (cov, full) = run.segment(graph, Some(p), Some(&full), &full_widths)?;
+        }
+    }
+    let mut group_bases: Vec<Option<Basis>> = vec![None; points];
+    for (g, sum) in sums.iter().enumerate() {
+        if let Some(sum) = sum {
+            group_bases[g] = Some(run.basis(sum)?);
+        }
+    }
+    Ok(groups.iter().filter_map(|&g| group_bases[g].clone()).collect())
+}
+
+/// Widths under the allocation's budget from the spectra of the unsliced model (one extra pass):
+/// points that the basis mode groups share a spectrum.
+fn allocated_widths(run: &mut Runner<'_>, graph: &crate::graph::Graph, allocation: &Allocation) -> Result<Vec<usize>> {
+    let points = run.layout.stream_points().len();
+    let groups = transform::basis_groups(run.layout, run.options.dims.basis, &vec![run.layout.width; points]);
+    run.progress.set_length((run.batches.len() * points) as u64);
+    let bases = unsliced_group_bases(run, graph, &groups)?;
+    run.progress.reset();
+    let spectra: Vec<Vec<f64>> = bases.into_iter().map(|b| b.eigenvalues).collect();
+    allocation.plan.allocate(&run.options.dims, &allocation.budget, &spectra)
 }
 
 /// One calibration batch: token ids `[b, L]`, their attention mask, and which tokens are real.
@@ -245,7 +348,7 @@ impl<'a> Runner<'a> {
 /// CPU provider runs float16 graphs, casting up around the kernels it lacks). The activations are
 /// kept in float32 between segments, as the float16 model's own rounding leaves them.
 fn stream_dtype(graph: &crate::graph::Graph, layout: &Layout) -> Result<DataType> {
-    match math::created_dtype(graph, layout) {
+    match math::created_dtype(math::stream_dtype(graph, layout)) {
         dtype @ (DataType::Float | DataType::Float16) => Ok(dtype),
         other => Err(Error::Pass {
             pass: PASS,

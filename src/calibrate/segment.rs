@@ -104,8 +104,7 @@ fn cut_at(graph: &mut Graph, value: &str, dtype: DataType) {
 /// embedding table) into this one, so each becomes what it is: the token ids' shape `[B, S]` (or
 /// `[B·S]` for a flattened stream) followed by that point's width.
 fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(String, Option<usize>, usize)]) {
-    let token = &layout.embeddings[0].output;
-    let Some(ids) = graph.nodes.iter().find(|n| n.outputs.first() == Some(token)).and_then(|g| g.inputs.get(1).cloned()) else { return };
+    let Some(ids) = layout.embeddings[0].gather(graph).and_then(|g| g.inputs.get(1).cloned()) else { return };
     let mut namer = Namer::new(graph);
     let mut leading: [Option<String>; 2] = [None, None];
     for i in 0..graph.nodes.len() {

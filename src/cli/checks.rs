@@ -10,6 +10,8 @@ use super::{OrientationArg, SliceArgs};
 pub const EXIT_USAGE: u8 = 2;
 /// The model is not one onnx-slice can rewrite: no transformer found, quantized, or already sliced.
 pub const EXIT_UNSUPPORTED_MODEL: u8 = 3;
+/// A size target (--target-size, --target-params) that no slicing meets; nothing was written.
+pub const EXIT_TARGET_NOT_MET: u8 = 4;
 
 /// A mistake on the command line, found before any work: exit code [`EXIT_USAGE`].
 #[derive(Debug)]
@@ -30,7 +32,8 @@ pub fn usage(message: impl Into<String>) -> UsageError {
 }
 
 /// The exit code for an error: [`EXIT_USAGE`] for a command-line mistake, [`EXIT_UNSUPPORTED_MODEL`]
-/// when the model's structure is not one onnx-slice knows, else 1.
+/// when the model's structure is not one onnx-slice knows, [`EXIT_TARGET_NOT_MET`] for a size target
+/// out of reach, else 1.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     let unsupported = |cause: &(dyn std::error::Error + 'static)| {
         cause.downcast_ref::<crate::structure::DetectError>().is_some()
@@ -39,10 +42,13 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
                 .downcast_ref::<crate::Error>()
                 .is_some_and(|e| matches!(e, crate::Error::Detect(_) | crate::Error::AlreadySliced { .. } | crate::Error::Quantized(_)))
     };
+    let unreachable_target = |cause: &(dyn std::error::Error + 'static)| matches!(cause.downcast_ref::<crate::Error>(), Some(crate::Error::Budget { .. }));
     if error.chain().any(|cause| cause.downcast_ref::<UsageError>().is_some()) {
         EXIT_USAGE
     } else if error.chain().any(unsupported) {
         EXIT_UNSUPPORTED_MODEL
+    } else if error.chain().any(unreachable_target) {
+        EXIT_TARGET_NOT_MET
     } else {
         1
     }
@@ -118,10 +124,14 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
 /// Every flag and path of a slicing command, checked before the model is loaded: the inputs
 /// exist and are files, the outputs can be written and overwrite no input (the tokenizer
 /// included). Whether text calibration has a tokenizer at all is [`slice_tokenizer`]'s check.
-pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: &Path) -> Checked {
+pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path>) -> Checked {
     let pca = matches!(args.orientation, OrientationArg::Pca);
     if args.center_embeddings && !pca {
         return Err(usage("--center-embeddings applies to PCA slicing (--orientation pca) only"));
+    }
+    let target = args.target_size.is_some() || args.target_params.is_some();
+    if args.allocate_widths && (!target || args.dry_run || !pca) {
+        return Err(usage("--allocate-widths needs a target (--target-size or --target-params) and PCA calibration (not --dry-run)"));
     }
     at_least_one("--calib-samples", args.calib_samples)?;
     at_least_one("--calib-seqlen", args.calib_seqlen)?;
@@ -133,7 +143,7 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: &Path) -> Ch
     inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
     input_files(inputs.iter().copied())?;
     let tokenizer = crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy").ok();
-    let mut outputs = vec![("-o", output)];
+    let mut outputs: Vec<(&str, &Path)> = output.map(|o| ("-o", o)).into_iter().collect();
     outputs.extend(args.report.iter().map(|p| ("--report", p.as_path())));
     outputs.extend(args.save_rotations.iter().map(|p| ("--save-rotations", p.as_path())));
     let read: Vec<&Path> = inputs.iter().map(|(_, p)| *p).chain(tokenizer.as_deref()).collect();

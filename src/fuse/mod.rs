@@ -3,6 +3,7 @@
 //! subtraction baked into everything that writes to the stream). The function is unchanged and
 //! the norm now commutes with any rotation of the stream (docs/design.md §1).
 pub mod skip;
+pub mod tie;
 mod weights;
 
 pub use weights::privatize_weights;
@@ -24,7 +25,7 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
     let mut namer = Namer::new(graph);
     let mut remove: HashSet<usize> = HashSet::new();
     let mut new_nodes = Vec::new();
-    let stream = math::created_dtype(graph, layout);
+    let stream = math::created_dtype(math::stream_dtype(graph, layout));
     let dtype = math::accumulation_dtype(stream);
     let inv_width = namer.fresh("onnx_slice.norm.inv_width");
     graph.initializers.push(math::scalar_to_tensor(&inv_width, 1.0 / layout.width as f64, dtype));
@@ -170,13 +171,15 @@ fn add_bias(graph: &mut Graph, namer: &mut Namer, linear: &Linear, mut bias: Ten
     graph.initializers.push(bias);
 }
 
-/// Subtracts from every row of the token and position tables its mean.
+/// Subtracts from every row of the token and position tables its mean (of a tied table's adapter:
+/// `E A M` with `A M` centred row by row).
 pub fn center_embeddings(graph: &mut Graph, layout: &Layout) -> Result<()> {
     for embedding in &layout.embeddings {
-        let table = graph.initializer(&embedding.table).cloned().ok_or_else(|| Error::Pass {
+        let name = embedding.adapter.as_ref().unwrap_or(&embedding.table);
+        let table = graph.initializer(name).cloned().ok_or_else(|| Error::Pass {
             pass: PASS,
             node: embedding.output.clone(),
-            message: format!("embedding table '{}' is not an initializer", embedding.table),
+            message: format!("embedding table '{name}' is not an initializer"),
         })?;
         graph.set_initializer(math::center_rows(&table)?);
     }

@@ -1,6 +1,6 @@
-//! Every weight gets an initializer of its own, in the layout its node reads it: a tied head and
-//! its embedding (shared directly or through a Transpose) become two initializers, because after
-//! rotation they differ (the head is `Q_Lᵀ W_Eᵀ`, the embedding `W_E Q_0`).
+//! Every weight gets an initializer of its own, in the layout its node reads it, because after
+//! rotation readers of one weight differ. A tied head and its embedding become two initializers
+//! here; [`super::tie`] then makes them one table again, with the rotations in small adapters.
 use std::collections::HashMap;
 
 use bytes::Bytes;

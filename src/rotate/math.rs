@@ -79,9 +79,15 @@ pub fn shortcut(q_from: MatRef<'_, f64>, q_to: MatRef<'_, f64>) -> Mat<f64> {
 /// table's. A float16 or bfloat16 model stays so (half the bytes of float32, and a MatMul of a
 /// float16 stream by a float32 matrix does not type-check); float64 stays float64; anything else
 /// is float32.
-pub fn created_dtype(graph: &Graph, layout: &Layout) -> DataType {
-    let table = layout.embeddings.first().and_then(|e| graph.initializer(&e.table)).map(|t| t.dtype);
-    Out::result_dtype(table.unwrap_or(DataType::Float))
+///
+/// Size predictions count created tensors with this rule too, so that they stay exact.
+pub fn created_dtype(stream: DataType) -> DataType {
+    Out::result_dtype(stream)
+}
+
+/// The residual stream's element type: the token embedding table's (float32 when there is none).
+pub fn stream_dtype(graph: &Graph, layout: &Layout) -> DataType {
+    layout.embeddings.first().and_then(|e| graph.initializer(&e.table)).map_or(DataType::Float, |t| t.dtype)
 }
 
 /// The element type in which a norm sums squares over a stream of type `stream`: float16 and

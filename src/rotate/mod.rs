@@ -13,10 +13,12 @@ use crate::structure::{Bias, Layout, StreamReshape};
 
 const PASS: &str = "rotate";
 
-/// Rotates (and, where a basis has fewer than D columns, slices) a fused model.
-pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>]) -> Result<()> {
+/// Rotates (and, where a basis has fewer than D columns, slices) a fused model. `groups[p]` names
+/// the basis of point p: consecutive points of one group have the same basis, and the skip between
+/// them stays a plain Add.
+pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>], groups: &[usize]) -> Result<()> {
     let points = layout.stream_points().len();
-    if bases.len() != points || bases.iter().any(|q| q.nrows() != layout.width || q.ncols() == 0 || q.ncols() > layout.width) {
+    if groups.len() != points || bases.len() != points || bases.iter().any(|q| q.nrows() != layout.width || q.ncols() == 0 || q.ncols() > layout.width) {
         return Err(Error::Pass {
             pass: PASS,
             node: "(graph)".into(),
@@ -28,7 +30,9 @@ pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>]) 
     for (i, pair) in bases.windows(2).enumerate() {
         editor.rotate_readers(i, pair[0].as_ref())?;
         editor.rotate_writers(i, pair[1].as_ref())?;
-        editor.set_shortcut(i, math::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
+        if groups[i] != groups[i + 1] {
+            editor.set_shortcut(i, math::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
+        }
     }
     editor.rotate_readers(points - 1, bases[points - 1].as_ref())?;
     if bases.iter().any(|q| q.ncols() != layout.width) {
@@ -55,7 +59,7 @@ impl<'a> StreamEditor<'a> {
     pub fn new(graph: &'a mut Graph, layout: &'a Layout) -> Self {
         let namer = Namer::new(graph);
         let widths = vec![layout.width; layout.stream_points().len()];
-        let dtype = math::created_dtype(graph, layout);
+        let dtype = math::created_dtype(math::stream_dtype(graph, layout));
         StreamEditor { graph, layout, namer, widths, dtype }
     }
 
@@ -63,11 +67,12 @@ impl<'a> StreamEditor<'a> {
         self.graph
     }
 
-    /// `E ← E Q_0` for the token and position tables.
+    /// `E ← E Q_0` for the token and position tables (`A ← A Q_0` for a tied table's adapter).
     pub fn rotate_embeddings(&mut self, q: MatRef<'_, f64>) -> Result<()> {
         for embedding in &self.layout.embeddings {
-            let table = weight(self.graph, &embedding.table, &embedding.output)?;
-            let rotated = named(math::rotate_table(table, q)?, &embedding.table);
+            let name = embedding.adapter.as_ref().unwrap_or(&embedding.table);
+            let table = weight(self.graph, name, &embedding.output)?;
+            let rotated = named(math::rotate_table(table, q)?, name);
             self.graph.set_initializer(rotated);
         }
         Ok(())
@@ -127,6 +132,18 @@ impl<'a> StreamEditor<'a> {
                 self.graph.nodes.push(Node::new("MatMul", name, vec![skip, matrix], vec![rotated.clone()]));
                 self.graph.nodes[add_index].inputs[add.skip_input] = rotated;
             }
+        }
+        Ok(())
+    }
+
+    /// Takes the MatMul of [`Self::set_shortcut`] off the skip path of `segment` again (both ends
+    /// share one basis): the residual Add reads the skip directly.
+    pub fn clear_shortcut(&mut self, segment: usize) -> Result<()> {
+        let add = &self.layout.segments[segment].residual_adds[0];
+        let Some(add_index) = self.graph.node_index_producing(&add.output) else { return Ok(()) };
+        let skip = &self.graph.nodes[add_index].inputs[add.skip_input];
+        if let Some(i) = self.graph.node_index_producing(skip).filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE)) {
+            self.graph.nodes[add_index].inputs[add.skip_input] = self.graph.nodes[i].inputs[0].clone();
         }
         Ok(())
     }

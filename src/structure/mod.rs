@@ -65,6 +65,9 @@ pub struct Embedding {
     pub table: String,
     /// The Gather reads `Transpose(table)` (the table is stored `[D, V]` for a tied head).
     pub through_transpose: Option<String>,
+    /// A tied head keeps the table as it is: the Gather is followed by `MatMul(·, adapter)`, a
+    /// `[D, k]` initializer that carries the rotation instead (set by the rewrite, not detection).
+    pub adapter: Option<String>,
 }
 
 /// The residual Add that joins a segment's skip path and its branch.
@@ -115,13 +118,26 @@ pub struct Layout {
     pub segments: Vec<Segment>,
     /// The final norm and the LM head.
     pub head: Branch,
-    /// The head reads the token embedding's initializer (tied weights).
+    /// The head reads the token embedding's initializer (tied weights). After the rewrite the
+    /// head's reader is a `[D, D]` adapter in front of the unchanged `Transpose(table)` MatMul.
     pub tied_head: bool,
     /// Stream values between the embeddings and the first segment, and after the last one.
     pub stream_values: Vec<String>,
     /// Reshapes applied to stream-width tensors: their shape constants carry D and change when
     /// the stream is sliced.
     pub stream_reshapes: Vec<StreamReshape>,
+}
+
+impl Embedding {
+    /// The Gather reading the table (behind the adapter of a tied table).
+    pub fn gather<'g>(&self, graph: &'g crate::graph::Graph) -> Option<&'g crate::graph::Node> {
+        let producer = |value: &str| graph.nodes.iter().find(|n| n.outputs.first().map(String::as_str) == Some(value));
+        let node = producer(&self.output)?;
+        match &self.adapter {
+            Some(_) if node.is("MatMul") => producer(node.inputs.first()?),
+            _ => Some(node),
+        }
+    }
 }
 
 impl Segment {

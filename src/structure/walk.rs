@@ -140,12 +140,12 @@ impl<'g> Walker<'_, 'g> {
         let output = node.outputs.first()?.clone();
         if let Some(t) = self.index.initializer(data) {
             return (t.dims.len() == 2 && is_float(t.dtype))
-                .then(|| Embedding { role, output, table: t.name.clone(), through_transpose: None });
+                .then(|| Embedding { role, output, table: t.name.clone(), through_transpose: None, adapter: None });
         }
         let transpose = self.index.producer(data)?;
         let table = self.index.initializer(transpose.inputs.first()?)?;
         (is_matrix_transpose(transpose) && table.dims.len() == 2)
-            .then(|| Embedding { role, output, table: table.name.clone(), through_transpose: Some(data.clone()) })
+            .then(|| Embedding { role, output, table: table.name.clone(), through_transpose: Some(data.clone()), adapter: None })
     }
 
     fn table_rows(&self, emb: &Embedding) -> u64 {

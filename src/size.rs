@@ -1,0 +1,333 @@
+//! What a slicing run will write, known before it runs: the parameters and weight bytes of the
+//! output from the layout, the widths, the basis groups and the dtypes ([`Plan::predict`]), and
+//! the widths that fit a size budget ([`Plan::solve`]). The same prediction serves `--dry-run` and
+//! the budget solver; the tests check it against what the real rewrite writes.
+//!
+//! "Parameters" and "weight bytes" count the floating-point initializers (weights, biases,
+//! shortcuts, adapters, the rewrite's scalars); integer initializers are shape constants and
+//! indices, not weights.
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::graph::{DataType, Graph, Model};
+use crate::rotate::math;
+use crate::structure::{self, Layout};
+use crate::transform::{basis_groups, Dimensions};
+
+/// Floating-point parameters and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub parameters: u64,
+    pub bytes: u64,
+}
+
+/// The floating-point initializers of a graph.
+pub fn weight_totals(graph: &Graph) -> Totals {
+    graph
+        .initializers
+        .iter()
+        .filter(|t| is_float(t.dtype))
+        .fold(Totals::default(), |sum, t| Totals { parameters: sum.parameters + t.numel(), bytes: sum.bytes + t.byte_len() })
+}
+
+fn is_float(dtype: DataType) -> bool {
+    matches!(dtype, DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double)
+}
+
+/// A size budget: weight bytes or parameters of the output.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    Bytes(u64),
+    /// A fraction (0 < f ≤ 1) of the input's weight bytes.
+    BytesFraction(f64),
+    Parameters(u64),
+}
+
+impl Budget {
+    /// `BYTES` or `N%` (of the input's weight bytes).
+    pub fn parse_size(text: &str) -> std::result::Result<Budget, String> {
+        let text = text.trim();
+        if let Some(percent) = text.strip_suffix('%') {
+            return match percent.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(Budget::BytesFraction(p / 100.0)),
+                _ => Err(format!("expected a percentage in (0, 100], got '{text}'")),
+            };
+        }
+        text.parse::<u64>().map(Budget::Bytes).map_err(|_| format!("expected a number of bytes or a percentage like 80%, got '{text}'"))
+    }
+
+    /// The limit in the budget's unit, for a model of `before`.
+    pub fn limit(&self, before: Totals) -> u64 {
+        match *self {
+            Budget::Bytes(b) => b,
+            Budget::BytesFraction(f) => (before.bytes as f64 * f).floor() as u64,
+            Budget::Parameters(p) => p,
+        }
+    }
+
+    fn measure(&self, totals: Totals) -> u64 {
+        match self {
+            Budget::Parameters(_) => totals.parameters,
+            _ => totals.bytes,
+        }
+    }
+
+    fn unit(&self) -> &'static str {
+        match self {
+            Budget::Parameters(_) => "parameters",
+            _ => "weight bytes",
+        }
+    }
+
+    /// Whether `after` fits; else the error a CI job gets.
+    pub fn check(&self, before: Totals, after: Totals) -> Result<()> {
+        let (limit, got) = (self.limit(before), self.measure(after));
+        if got <= limit {
+            return Ok(());
+        }
+        Err(Error::Budget { message: format!("the sliced model has {got} {}, over the target of {limit}", self.unit()) })
+    }
+}
+
+/// What the prediction needs from the input model, found without rewriting any weight.
+pub struct Plan {
+    /// The layout of the model as found (before fusion; the tied head not yet adapted).
+    pub layout: Layout,
+    /// The head computes `x Eᵀ` with the token table (kept as one table).
+    pub tied: bool,
+    pub before: Totals,
+    /// Every float initializer that survives fusion: name → (elements, dtype).
+    kept: HashMap<String, (u64, DataType)>,
+    /// Elements the fusion adds (its scalars, biases from folded shifts), with their dtypes.
+    added: Vec<(u64, DataType)>,
+    /// The dtype of the tensors the rewrite creates (shortcuts, adapters).
+    created: DataType,
+}
+
+/// A predicted result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub widths: Vec<usize>,
+    /// Skips that get a shortcut MatMul.
+    pub shortcuts: usize,
+    pub shortcut_parameters: u64,
+    pub before: Totals,
+    pub after: Totals,
+}
+
+impl Plan {
+    /// Decomposes fused norms on a copy, detects the transformer, and notes what fusion removes and
+    /// adds. Reads no weight except the norms' β and, for an untied-looking head, the head and
+    /// the embedding table (to find an exact copy).
+    pub fn new(model: &Model) -> Result<Plan> {
+        let mut graph = model.graph.clone();
+        crate::fuse::skip::decompose_skip_norms(&mut graph)?;
+        let layout = structure::detect(&graph)?;
+        let tied = layout.tied_head || crate::fuse::tie::head_reads_embedding(&graph, &layout);
+        let before = weight_totals(&model.graph);
+        let norm_nodes: HashSet<usize> = layout.branches().flat_map(|b| b.norm.nodes.iter().copied()).collect();
+        let mut read: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
+        read.extend(graph.outputs.iter().map(|v| v.name.as_str()));
+        for (_, node) in graph.nodes.iter().enumerate().filter(|(i, _)| !norm_nodes.contains(i)) {
+            read.extend(node.inputs.iter().map(String::as_str));
+        }
+        let mut kept: HashMap<String, (u64, DataType)> = graph
+            .initializers
+            .iter()
+            .filter(|t| is_float(t.dtype) && read.contains(t.name.as_str()))
+            .map(|t| (t.name.clone(), (t.numel(), t.dtype)))
+            .collect();
+        let stream = math::stream_dtype(&graph, &layout);
+        let created = math::created_dtype(stream);
+        // The norms' constants (1/D, and an epsilon per norm) are in the type they accumulate in.
+        let norm_constants = math::accumulation_dtype(created);
+        let mut added = vec![(1, norm_constants)];
+        added.extend(layout.branches().map(|_| (1, norm_constants)));
+        if tied {
+            for head in &layout.head.readers {
+                if head.weight != layout.embeddings[0].table {
+                    kept.remove(&head.weight);
+                }
+            }
+        }
+        let index = crate::pattern::GraphIndex::new(&graph);
+        for (i, branch) in layout.branches().enumerate() {
+            let shifts = branch.norm.beta.as_deref().and_then(|b| index.constant_f32(b)).is_some_and(|b| b.iter().any(|&v| v != 0.0));
+            if !shifts {
+                continue;
+            }
+            let is_head = i + 1 == layout.branches().count();
+            if is_head && tied {
+                added.push((layout.width as u64, created));
+                continue;
+            }
+            for reader in branch.readers.iter().filter(|r| r.bias.is_none()) {
+                let dtype = kept.get(&reader.weight).map_or(stream, |&(_, t)| t);
+                added.push((reader.out_features as u64, dtype));
+            }
+        }
+        Ok(Plan { layout, tied, before, kept, added, created })
+    }
+
+    /// Parameters and bytes of the output for these dimensions.
+    pub fn predict(&self, dims: &Dimensions) -> Prediction {
+        let widths = dims.widths(&self.layout);
+        let groups = basis_groups(&self.layout, dims.basis, &widths);
+        self.predict_widths(widths, &groups)
+    }
+
+    /// Parameters and bytes of the output for a width and a basis group at every stream point.
+    pub fn predict_widths(&self, widths: Vec<usize>, groups: &[usize]) -> Prediction {
+        let layout = &self.layout;
+        let d = layout.width as u64;
+        let k = |p: usize| widths[p] as u64;
+        let mut sizes = self.kept.clone();
+        let mut resize = |name: &str, elements: u64| {
+            if let Some(entry) = sizes.get_mut(name) {
+                entry.0 = elements;
+            }
+        };
+        let mut created: Vec<u64> = Vec::new();
+        for (e, embedding) in layout.embeddings.iter().enumerate() {
+            if e == 0 && self.tied {
+                created.push(d * k(0));
+            } else {
+                let rows = self.kept.get(&embedding.table).map_or(0, |&(n, _)| n / d);
+                resize(&embedding.table, rows * k(0));
+            }
+        }
+        let last = widths.len() - 1;
+        for (p, branches) in layout.segments.iter().map(|s| s.branches.as_slice()).chain([std::slice::from_ref(&layout.head)]).enumerate() {
+            for reader in branches.iter().flat_map(|b| b.readers.iter()) {
+                if p == last && self.tied {
+                    created.push(k(p) * d);
+                } else {
+                    resize(&reader.weight, k(p) * reader.out_features as u64);
+                }
+            }
+        }
+        let mut shortcuts = 0;
+        let mut shortcut_parameters = 0;
+        for (i, segment) in layout.segments.iter().enumerate() {
+            for writer in &segment.writers {
+                resize(&writer.weight, writer.in_features as u64 * k(i + 1));
+                if let Some(structure::Bias::GemmC(b) | structure::Bias::AddNode { initializer: b, .. }) = &writer.bias {
+                    resize(b, k(i + 1));
+                }
+            }
+            if groups[i] != groups[i + 1] {
+                shortcuts += 1;
+                shortcut_parameters += k(i) * k(i + 1);
+            }
+        }
+        created.push(shortcut_parameters);
+        let element = |dtype: DataType| dtype.byte_size().unwrap_or(4) as u64;
+        let mut after = Totals::default();
+        for &(n, dtype) in sizes.values().chain(self.added.iter()) {
+            after.parameters += n;
+            after.bytes += n * element(dtype);
+        }
+        let created: u64 = created.iter().sum();
+        after.parameters += created;
+        after.bytes += created * element(self.created);
+        Prediction { widths, shortcuts, shortcut_parameters, before: self.before, after }
+    }
+
+    /// Widths allocated to the stream points from their spectra under `budget`: each point keeps
+    /// the smallest width (a multiple of `round_to`) whose leading eigenvalues hold the share τ of
+    /// its energy, with the largest τ that fits. `spectra[p]` holds the eigenvalues of point p's
+    /// basis, decreasing; points that share a basis share a spectrum, hence a width. The head's
+    /// input keeps D unless `dims.slice_head`.
+    pub fn allocate(&self, dims: &Dimensions, budget: &Budget, spectra: &[Vec<f64>]) -> Result<Vec<usize>> {
+        let (d, round, last) = (self.layout.width, dims.round_to.max(1), spectra.len().saturating_sub(1));
+        let widths_for = |tau: f64| -> Vec<usize> {
+            spectra
+                .iter()
+                .enumerate()
+                .map(|(p, spectrum)| {
+                    if p == last && !dims.slice_head {
+                        return d;
+                    }
+                    let total: f64 = spectrum.iter().sum();
+                    let mut held = 0.0;
+                    let k = spectrum.iter().position(|v| {
+                        held += v;
+                        held >= tau * total
+                    });
+                    (k.map_or(d, |i| i + 1).div_ceil(round) * round).clamp(round.min(d), d)
+                })
+                .collect()
+        };
+        let limit = budget.limit(self.before);
+        let size = |widths: &[usize]| budget.measure(self.predict_widths(widths.to_vec(), &basis_groups(&self.layout, dims.basis, widths)).after);
+        let narrowest = widths_for(0.0);
+        if size(&narrowest) > limit {
+            return Err(Error::Budget {
+                message: format!("no stream width fits the target of {limit} {}: the narrowest widths give {}", budget.unit(), size(&narrowest)),
+            });
+        }
+        let (mut fitting, mut over) = (0.0, 1.0);
+        for _ in 0..40 {
+            let tau = (fitting + over) / 2.0;
+            if size(&widths_for(tau)) <= limit {
+                fitting = tau;
+            } else {
+                over = tau;
+            }
+        }
+        Ok(widths_for(fitting))
+    }
+
+    /// The widest uniform slicing (a multiple of `dims.round_to`) whose output fits `budget`, or
+    /// [`Error::Budget`] when even the narrowest does not.
+    pub fn solve(&self, dims: &Dimensions, budget: &Budget) -> Result<Dimensions> {
+        let round = dims.round_to.max(1);
+        let limit = budget.limit(self.before);
+        let candidate = |k: usize| Dimensions { width: Some(k), ..*dims };
+        let fits = |k: usize| budget.measure(self.predict(&candidate(k)).after) <= limit;
+        let full = self.layout.width;
+        let mut widths: Vec<usize> = (1..=full / round).map(|m| m * round).collect();
+        if widths.last() != Some(&full) {
+            widths.push(full);
+        }
+        // Size grows with k: the first that does not fit bounds the search.
+        let fitting = widths.partition_point(|&k| fits(k));
+        match fitting {
+            0 => {
+                let smallest = self.predict(&candidate(widths[0])).after;
+                Err(Error::Budget {
+                    message: format!(
+                        "no stream width fits the target of {limit} {}: the narrowest ({}) gives {} (at --round-to {round}, basis {}{})",
+                        budget.unit(),
+                        widths[0],
+                        budget.measure(smallest),
+                        dims.basis,
+                        if dims.slice_head { ", head sliced" } else { "; --slice-head would shrink it further" }
+                    ),
+                })
+            }
+            n => Ok(candidate(widths[n - 1])),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_targets_parse_as_bytes_or_a_share() {
+        assert_eq!(Budget::parse_size("1000"), Ok(Budget::Bytes(1000)));
+        assert_eq!(Budget::parse_size(" 80% "), Ok(Budget::BytesFraction(0.8)));
+        for bad in ["0%", "101%", "-5", "80 percent", ""] {
+            assert!(Budget::parse_size(bad).is_err(), "{bad}");
+        }
+        let before = Totals { parameters: 10, bytes: 1001 };
+        assert_eq!(Budget::BytesFraction(0.5).limit(before), 500);
+        assert!(Budget::BytesFraction(0.5).check(before, Totals { parameters: 10, bytes: 500 }).is_ok());
+        assert!(Budget::Parameters(9).check(before, Totals { parameters: 10, bytes: 1 }).is_err());
+    }
+}
