@@ -2,6 +2,7 @@
 //!
 //! Data flow: `onnx` (load) → `graph` (own IR) → … → `onnx` (save); `runtime` runs models in
 //! ONNX Runtime.
+pub mod algebra;
 pub mod calibrate;
 pub mod cli;
 pub mod error;

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Graph, Model};
-use crate::rotate::math;
+use crate::algebra;
 use crate::structure::{self, Layout};
 use crate::transform::{basis_groups, Dimensions};
 
@@ -140,10 +140,10 @@ impl Plan {
             .filter(|t| is_float(t.dtype) && read.contains(t.name.as_str()))
             .map(|t| (t.name.clone(), (t.numel(), t.dtype)))
             .collect();
-        let stream = math::stream_dtype(&graph, &layout);
-        let created = math::created_dtype(stream);
+        let stream = algebra::stream_dtype(&graph, &layout);
+        let created = algebra::created_dtype(stream);
         // The norms' constants (1/D, and an epsilon per norm) are in the type they accumulate in.
-        let norm_constants = math::accumulation_dtype(created);
+        let norm_constants = algebra::accumulation_dtype(created);
         let mut added = vec![(1, norm_constants)];
         added.extend(layout.branches().map(|_| (1, norm_constants)));
         if tied {

@@ -8,7 +8,8 @@ use faer::Mat;
 use crate::error::{Error, Result};
 use crate::fuse::{self, privatize_weights};
 use crate::graph::Model;
-use crate::rotate::{self, math};
+use crate::rotate;
+use crate::algebra;
 use crate::structure::{self, Layout};
 
 /// How the basis at each stream point is chosen (without calibration).
@@ -202,9 +203,9 @@ fn bases(layout: &Layout, orientation: Orientation, widths: &[usize], groups: &[
         .map(|(p, &k)| {
             let q = match orientation {
                 Orientation::Identity => Mat::<f64>::identity(d, d),
-                Orientation::Random { seed } => math::random_orthogonal(d, seed.wrapping_add(groups[p] as u64)),
+                Orientation::Random { seed } => algebra::random_orthogonal(d, seed.wrapping_add(groups[p] as u64)),
             };
-            math::orthonormal_columns(q.as_ref(), k)
+            q.subcols(0, k).to_owned()
         })
         .collect())
 }

@@ -16,7 +16,8 @@ use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
 use onnx_slice::error::Error;
 use onnx_slice::graph::{DataType, Model};
 use onnx_slice::onnx::{self, SaveOptions};
-use onnx_slice::rotate::{math, SHORTCUT_NODE};
+use onnx_slice::rotate::SHORTCUT_NODE;
+use onnx_slice::algebra;
 use onnx_slice::runtime::ModelSession;
 use onnx_slice::transform::{self, Dimensions, Orientation};
 
@@ -178,7 +179,7 @@ fn scale_embeddings(model: &mut Model, factor: f64) {
     let table = model.graph.initializer(&layout.embeddings[0].table).unwrap().clone();
     let values: Vec<f64> = table.to_f32().unwrap().iter().map(|&v| v as f64 * factor).collect();
     let matrix = faer::MatRef::from_row_major_slice(&values, table.dims[0] as usize, table.dims[1] as usize);
-    model.graph.set_initializer(math::mat_to_tensor(table.name.clone(), matrix, table.dtype));
+    model.graph.set_initializer(algebra::mat_to_tensor(table.name.clone(), matrix, table.dtype));
 }
 
 /// Real models carry stream values whose squares, summed over D in float16, pass 65504: at D = 64
@@ -247,7 +248,7 @@ fn a_mistyped_graph_is_refused_and_nothing_is_written() {
     let matrix = model.graph.initializer(&shortcut.inputs[1]).unwrap().clone();
     let values: Vec<f64> = matrix.to_f32().unwrap().iter().map(|&v| v as f64).collect();
     let (rows, cols) = (matrix.dims[0] as usize, matrix.dims[1] as usize);
-    let f32_matrix = math::mat_to_tensor(matrix.name.clone(), faer::MatRef::from_row_major_slice(&values, rows, cols), DataType::Float);
+    let f32_matrix = algebra::mat_to_tensor(matrix.name.clone(), faer::MatRef::from_row_major_slice(&values, rows, cols), DataType::Float);
     model.graph.set_initializer(f32_matrix);
 
     runtime();

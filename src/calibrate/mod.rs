@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::graph::{DataType, Model};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
-use crate::rotate::{math, StreamEditor};
+use crate::rotate::StreamEditor;
+use crate::algebra;
 use crate::runtime::{ModelSession, SessionConfig, TensorValue};
 use crate::structure::Layout;
 use crate::transform::{self, Dimensions, Rewritten};
@@ -137,7 +138,7 @@ fn sequential_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], gr
                 if groups[p] == groups[p - 1] {
                     editor.clear_shortcut(p - 1)?;
                 } else {
-                    editor.set_shortcut(p - 1, math::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref())?;
+                    editor.set_shortcut(p - 1, algebra::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref())?;
                 }
             }
         }
@@ -348,7 +349,7 @@ impl<'a> Runner<'a> {
 /// CPU provider runs float16 graphs, casting up around the kernels it lacks). The activations are
 /// kept in float32 between segments, as the float16 model's own rounding leaves them.
 fn stream_dtype(graph: &crate::graph::Graph, layout: &Layout) -> Result<DataType> {
-    match math::created_dtype(math::stream_dtype(graph, layout)) {
+    match algebra::created_dtype(algebra::stream_dtype(graph, layout)) {
         dtype @ (DataType::Float | DataType::Float16) => Ok(dtype),
         other => Err(Error::Pass {
             pass: PASS,

@@ -13,7 +13,7 @@ const PASS: &str = "calibrate";
 pub struct Cut {
     pub value: String,
     pub rank: Option<usize>,
-    /// The stream's element type ([`crate::rotate::math::created_dtype`]).
+    /// The stream's element type ([`crate::algebra::created_dtype`]).
     pub dtype: DataType,
 }
 

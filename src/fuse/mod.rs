@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::graph::{cleanup, toposort, AttrValue, DataType, Graph, Namer, Node, Tensor};
 use crate::pattern::norm::{NormKind, NormMatch};
 use crate::pattern::GraphIndex;
-use crate::rotate::math;
+use crate::algebra;
 use crate::structure::{Bias, Layout, Linear};
 
 const PASS: &str = "fuse-norms";
@@ -25,10 +25,10 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
     let mut namer = Namer::new(graph);
     let mut remove: HashSet<usize> = HashSet::new();
     let mut new_nodes = Vec::new();
-    let stream = math::created_dtype(math::stream_dtype(graph, layout));
-    let dtype = math::accumulation_dtype(stream);
+    let stream = algebra::created_dtype(algebra::stream_dtype(graph, layout));
+    let dtype = algebra::accumulation_dtype(stream);
     let inv_width = namer.fresh("onnx_slice.norm.inv_width");
-    graph.initializers.push(math::scalar_to_tensor(&inv_width, 1.0 / layout.width as f64, dtype));
+    graph.initializers.push(algebra::scalar_to_tensor(&inv_width, 1.0 / layout.width as f64, dtype));
     let axes = (opset >= 13).then(|| namer.fresh("onnx_slice.norm.axes"));
     if let Some(axes) = &axes {
         graph.initializers.push(Tensor::from_i64(axes.clone(), vec![1], &[-1]));
@@ -40,7 +40,7 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
         }
         remove.extend(branch.norm.nodes.iter().copied());
         let eps = namer.fresh(&format!("onnx_slice.norm{i}.eps"));
-        graph.initializers.push(math::scalar_to_tensor(&eps, branch.norm.epsilon as f64, dtype));
+        graph.initializers.push(algebra::scalar_to_tensor(&eps, branch.norm.epsilon as f64, dtype));
         let prefix = namer.fresh(&format!("onnx_slice/norm{i}"));
         let (x, y) = (&branch.norm.input, &branch.norm.output);
         new_nodes.extend(rms_over_width(&prefix, x, y, &inv_width, &eps, axes.as_deref(), (dtype, stream)));
@@ -60,7 +60,7 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
 
 /// `y = x / sqrt(sum(x²)/D + eps)` over the last axis, D being the ORIGINAL stream width, so that
 /// the same nodes stay exact on a sliced stream (docs/design.md §1, "Norm width").
-/// `(accumulate, output)` are [`math::accumulation_dtype`] and the stream's type; when they differ
+/// `(accumulate, output)` are [`algebra::accumulation_dtype`] and the stream's type; when they differ
 /// (a float16 or bfloat16 stream), x is cast up first and y cast back.
 ///
 /// ```text
@@ -130,7 +130,7 @@ fn fold_into_reader(graph: &mut Graph, namer: &mut Namer, reader: &Linear, gamma
     let weight = initializer(graph, &reader.weight, reader)?.clone();
     if let Some(beta) = beta.filter(|b| b.iter().any(|&v| v != 0.0)) {
         let bias = bias_initializer(graph, reader).cloned();
-        let mut folded = math::fold_norm_shift(&weight, reader.layout, beta, bias.as_ref())?;
+        let mut folded = algebra::fold_norm_shift(&weight, reader.layout, beta, bias.as_ref())?;
         match bias {
             Some(b) => {
                 folded.name = b.name.clone();
@@ -140,7 +140,7 @@ fn fold_into_reader(graph: &mut Graph, namer: &mut Namer, reader: &Linear, gamma
         }
     }
     if let Some(gamma) = gamma {
-        let mut scaled = math::fold_norm_scale(&weight, reader.layout, gamma)?;
+        let mut scaled = algebra::fold_norm_scale(&weight, reader.layout, gamma)?;
         scaled.name = weight.name.clone();
         graph.set_initializer(scaled);
     }
@@ -181,7 +181,7 @@ pub fn center_embeddings(graph: &mut Graph, layout: &Layout) -> Result<()> {
             node: embedding.output.clone(),
             message: format!("embedding table '{name}' is not an initializer"),
         })?;
-        graph.set_initializer(math::center_rows(&table)?);
+        graph.set_initializer(algebra::center_rows(&table)?);
     }
     Ok(())
 }
@@ -192,10 +192,10 @@ fn center_stream_writers(graph: &mut Graph, layout: &Layout) -> Result<()> {
     center_embeddings(graph, layout)?;
     for writer in layout.segments.iter().flat_map(|s| s.writers.iter()) {
         let weight = initializer(graph, &writer.weight, writer)?;
-        let centered = math::center_out_axis(weight, writer.layout)?;
+        let centered = algebra::center_out_axis(weight, writer.layout)?;
         graph.set_initializer(centered);
         if let Some(bias) = bias_initializer(graph, writer) {
-            let centered = math::center_bias(bias)?;
+            let centered = algebra::center_bias(bias)?;
             graph.set_initializer(centered);
         }
     }

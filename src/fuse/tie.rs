@@ -13,7 +13,7 @@ use faer::Mat;
 
 use crate::error::{Error, Result};
 use crate::graph::{cleanup, Graph, Namer, Node};
-use crate::rotate::math;
+use crate::algebra;
 use crate::structure::{Layout, Linear, WeightLayout};
 
 const PASS: &str = "tie-head";
@@ -47,14 +47,14 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
     let mut namer = Namer::new(graph);
     let d = layout.width;
     let identity = Mat::<f64>::identity(d, d);
-    let dtype = math::created_dtype(math::stream_dtype(graph, layout));
+    let dtype = algebra::created_dtype(algebra::stream_dtype(graph, layout));
     let fail = |node: &str, message: &str| Error::Pass { pass: PASS, node: node.into(), message: message.into() };
     let token = &mut layout.embeddings[0];
     let gather = graph.node_index_producing(&token.output).ok_or_else(|| fail(&token.output, "the token embedding's Gather is gone"))?;
     let gathered = namer.fresh(&format!("{}.rows", token.output));
     graph.nodes[gather].outputs[0] = gathered.clone();
     let adapter = namer.fresh("onnx_slice.embedding_adapter");
-    graph.initializers.push(math::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
+    graph.initializers.push(algebra::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
     let name = namer.fresh("onnx_slice/EmbeddingAdapter");
     graph.nodes.push(Node::new("MatMul", name, vec![gathered, adapter.clone()], vec![token.output.clone()]));
     token.adapter = Some(adapter);
@@ -77,7 +77,7 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
     graph.nodes[node].inputs[0] = adapted.clone();
     graph.nodes[node].inputs[1] = weight;
     let adapter = namer.fresh("onnx_slice.head_adapter");
-    graph.initializers.push(math::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
+    graph.initializers.push(algebra::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
     let node_name = namer.fresh("onnx_slice/HeadAdapter");
     graph.nodes.push(Node::new("MatMul", node_name.clone(), vec![input, adapter.clone()], vec![adapted.clone()]));
     layout.head.readers = vec![Linear {

@@ -2,7 +2,6 @@
 //! every stream point: readers get `Q_aᵀ W`, writers `W Q_b`, embeddings `E Q_0`, the head
 //! `Q_Lᵀ W`, and each skip path a MatMul by `Q_aᵀ Q_b` before its residual Add. Shape constants
 //! applied to stream tensors get the new widths.
-pub mod math;
 
 use faer::{Mat, MatRef};
 
@@ -10,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor};
 use crate::pattern::GraphIndex;
 use crate::structure::{Bias, Layout, StreamReshape};
+use crate::algebra;
 
 const PASS: &str = "rotate";
 
@@ -31,7 +31,7 @@ pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>], 
         editor.rotate_readers(i, pair[0].as_ref())?;
         editor.rotate_writers(i, pair[1].as_ref())?;
         if groups[i] != groups[i + 1] {
-            editor.set_shortcut(i, math::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
+            editor.set_shortcut(i, algebra::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
         }
     }
     editor.rotate_readers(points - 1, bases[points - 1].as_ref())?;
@@ -51,7 +51,7 @@ pub struct StreamEditor<'a> {
     layout: &'a Layout,
     namer: Namer,
     widths: Vec<usize>,
-    /// The element type of the matrices the editor creates ([`math::created_dtype`]).
+    /// The element type of the matrices the editor creates ([`algebra::created_dtype`]).
     dtype: DataType,
 }
 
@@ -59,7 +59,7 @@ impl<'a> StreamEditor<'a> {
     pub fn new(graph: &'a mut Graph, layout: &'a Layout) -> Self {
         let namer = Namer::new(graph);
         let widths = vec![layout.width; layout.stream_points().len()];
-        let dtype = math::created_dtype(math::stream_dtype(graph, layout));
+        let dtype = algebra::created_dtype(algebra::stream_dtype(graph, layout));
         StreamEditor { graph, layout, namer, widths, dtype }
     }
 
@@ -72,7 +72,7 @@ impl<'a> StreamEditor<'a> {
         for embedding in &self.layout.embeddings {
             let name = embedding.adapter.as_ref().unwrap_or(&embedding.table);
             let table = weight(self.graph, name, &embedding.output)?;
-            let rotated = named(math::rotate_table(table, q)?, name);
+            let rotated = named(algebra::rotate_table(table, q)?, name);
             self.graph.set_initializer(rotated);
         }
         Ok(())
@@ -87,7 +87,7 @@ impl<'a> StreamEditor<'a> {
         };
         for reader in branches.iter().flat_map(|b| b.readers.iter()) {
             let w = weight(self.graph, &reader.weight, &reader.node_name)?;
-            let rotated = named(math::rotate_reader(w, reader.layout, q)?, &reader.weight);
+            let rotated = named(algebra::rotate_reader(w, reader.layout, q)?, &reader.weight);
             self.graph.set_initializer(rotated);
         }
         Ok(())
@@ -97,11 +97,11 @@ impl<'a> StreamEditor<'a> {
     pub fn rotate_writers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
         for writer in &self.layout.segments[segment].writers {
             let w = weight(self.graph, &writer.weight, &writer.node_name)?;
-            let rotated = named(math::rotate_writer(w, writer.layout, q)?, &writer.weight);
+            let rotated = named(algebra::rotate_writer(w, writer.layout, q)?, &writer.weight);
             self.graph.set_initializer(rotated);
             if let Some(Bias::GemmC(b) | Bias::AddNode { initializer: b, .. }) = &writer.bias {
                 let bias = weight(self.graph, b, &writer.node_name)?;
-                let rotated = named(math::rotate_bias(bias, q)?, b);
+                let rotated = named(algebra::rotate_bias(bias, q)?, b);
                 self.graph.set_initializer(rotated);
             }
         }
@@ -122,12 +122,12 @@ impl<'a> StreamEditor<'a> {
         match existing {
             Some(i) => {
                 let matrix = self.graph.nodes[i].inputs[1].clone();
-                self.graph.set_initializer(math::mat_to_tensor(matrix, s, self.dtype));
+                self.graph.set_initializer(algebra::mat_to_tensor(matrix, s, self.dtype));
             }
             None => {
                 let matrix = self.namer.fresh(&format!("onnx_slice.shortcut{segment}"));
                 let rotated = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}/output"));
-                self.graph.initializers.push(math::mat_to_tensor(matrix.clone(), s, self.dtype));
+                self.graph.initializers.push(algebra::mat_to_tensor(matrix.clone(), s, self.dtype));
                 let name = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}"));
                 self.graph.nodes.push(Node::new("MatMul", name, vec![skip, matrix], vec![rotated.clone()]));
                 self.graph.nodes[add_index].inputs[add.skip_input] = rotated;
