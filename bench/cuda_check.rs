@@ -133,7 +133,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         EpArg::Cuda => Ep::Cuda,
         EpArg::Cpu => Ep::Cpu,
     };
-    ensure!(args.calib_samples > 0 && args.calib_seqlen > 0, "--calib-samples and --calib-seqlen must be at least 1");
+    ensure!(
+        args.calib_samples > 0 && args.calib_seqlen > 0,
+        "--calib-samples and --calib-seqlen must be at least 1"
+    );
     let calibration = Calibration { samples: args.calib_samples, seqlen: args.calib_seqlen };
     let library = init_runtime(None)?;
     let models = if args.models.is_empty() { fixture_models()? } else { args.models };
@@ -179,8 +182,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     // `<=` is false for NaN, so a NaN difference fails.
-    let pass = aborted.is_none() && rows.iter().all(|r| r.measures.as_ref().is_some_and(|m| m.diff_ratio0 <= TOLERANCE));
-    let failed = rows.iter().filter(|r| !r.measures.as_ref().is_some_and(|m| m.diff_ratio0 <= TOLERANCE)).count();
+    let pass = aborted.is_none()
+        && rows.iter().all(|r| r.measures.as_ref().is_some_and(|m| m.diff_ratio0 <= TOLERANCE));
+    let failed = rows
+        .iter()
+        .filter(|r| !r.measures.as_ref().is_some_and(|m| m.diff_ratio0 <= TOLERANCE))
+        .count();
     let seconds = started.elapsed().as_secs_f64();
     let skipped = models.len() - rows.len();
     println!(
@@ -191,9 +198,18 @@ fn run(args: Args) -> anyhow::Result<bool> {
         if skipped > 0 { format!(", {skipped} not run") } else { String::new() }
     );
     if let Some(path) = &args.json {
-        let summary =
-            Summary { ep: ep.to_string(), ort_library: library.display().to_string(), tolerance: TOLERANCE, pass, aborted, calibration, seconds, models: rows };
-        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        let summary = Summary {
+            ep: ep.to_string(),
+            ort_library: library.display().to_string(),
+            tolerance: TOLERANCE,
+            pass,
+            aborted,
+            calibration,
+            seconds,
+            models: rows,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(pass)
 }
@@ -210,7 +226,8 @@ fn check(path: &Path, ep: Ep, calibration: &Calibration) -> anyhow::Result<Measu
     let (seconds_ratio0_ep, calibration_tokens) = slice(path, &set, 0.0, ep, &r0)?;
     let (ratio0, _) = logits(&r0, path, ep, &input)?;
 
-    let (on_ep, on_cpu) = (scratch.path().join("r025-ep.onnx"), scratch.path().join("r025-cpu.onnx"));
+    let (on_ep, on_cpu) =
+        (scratch.path().join("r025-ep.onnx"), scratch.path().join("r025-cpu.onnx"));
     let (seconds_ratio025_ep, _) = slice(path, &set, 0.25, ep, &on_ep)?;
     let (seconds_ratio025_cpu, _) = slice(path, &set, 0.25, Ep::Cpu, &on_cpu)?;
     let (ep_sliced, _) = logits(&on_ep, path, Ep::Cpu, &input)?;
@@ -231,7 +248,13 @@ fn check(path: &Path, ep: Ep, calibration: &Calibration) -> anyhow::Result<Measu
 
 /// The CLI's default slice command: load, calibrate with PCA on `ep`, record, save. Returns the
 /// seconds it took and the calibration tokens.
-fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> anyhow::Result<(f64, u64)> {
+fn slice(
+    path: &Path,
+    set: &CalibrationSet,
+    ratio: f64,
+    ep: Ep,
+    out: &Path,
+) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
     let mut model = onnx::load(path)?;
     let dims = Dimensions { ratio, ..Dimensions::default() };
@@ -243,8 +266,8 @@ fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> a
         model_path: Some(path.to_path_buf()),
         allocation: None,
     };
-    let calibrated =
-        slice_with_pca(&mut model, set, &options, &ProgressBar::hidden()).with_context(|| format!("slicing {} at {ratio} on {ep}", path.display()))?;
+    let calibrated = slice_with_pca(&mut model, set, &options, &ProgressBar::hidden())
+        .with_context(|| format!("slicing {} at {ratio} on {ep}", path.display()))?;
     let orientation = format!("pca ({} calibration tokens)", calibrated.tokens);
     transform::record_in_metadata(&mut model, &calibrated.rewritten, &dims, &orientation);
     onnx::save(&model, out, &SaveOptions::default())?;
@@ -255,20 +278,32 @@ fn slice(path: &Path, set: &CalibrationSet, ratio: f64, ep: Ep, out: &Path) -> a
 /// capped by the model's position limit, the default seed.
 fn calibration_set(path: &Path, calibration: &Calibration) -> anyhow::Result<CalibrationSet> {
     let model = onnx::load(path)?;
-    let seqlen = interface::position_limit(&model).map_or(calibration.seqlen, |limit| limit.min(calibration.seqlen));
+    let seqlen = interface::position_limit(&model)
+        .map_or(calibration.seqlen, |limit| limit.min(calibration.seqlen));
     let tokenizer = match interface::find_tokenizer(path, None, "--calib-ids FILE.npy") {
         Ok(found) => found,
         Err(_) => fixture_dir(path).join(format!("_hf/{}/tokenizer.json", arch(path))),
     };
     let tokenizer = interface::load_tokenizer(&tokenizer)?;
     let texts = [data::default_calibration_text().to_string()];
-    Ok(CalibrationSet::from_texts(&texts, &tokenizer, calibration.samples, seqlen, data::DEFAULT_SEED)?)
+    Ok(CalibrationSet::from_texts(
+        &texts,
+        &tokenizer,
+        calibration.samples,
+        seqlen,
+        data::DEFAULT_SEED,
+    )?)
 }
 
 /// The logits of `model` on `ep` for the reference input, and the EP the session got. The
 /// inputs are planned with the config files beside `original` (a sliced model has the same
 /// interface).
-fn logits(model: &Path, original: &Path, ep: Ep, input: &ReferenceInput) -> anyhow::Result<(ArrayD<f32>, String)> {
+fn logits(
+    model: &Path,
+    original: &Path,
+    ep: Ep,
+    input: &ReferenceInput,
+) -> anyhow::Result<(ArrayD<f32>, String)> {
     let mut session = ModelSession::from_file(model, &SessionConfig { ep, intra_threads: None })?;
     let plan = InputPlan::for_session(&session, Some(original))?;
     let logits = plan.logits(&mut session, &input.ids, Some(&input.mask))?;
@@ -299,13 +334,22 @@ impl ReferenceInput {
 fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> anyhow::Result<f32> {
     ensure!(a.shape() == b.shape(), "logits of shapes {:?} and {:?}", a.shape(), b.shape());
     // NaN propagates (f32::max would drop it).
-    Ok(a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) }))
+    Ok(a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| {
+        if d.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(d)
+        }
+    }))
 }
 
 fn cuda_unavailable(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         matches!(cause.downcast_ref::<RuntimeError>(), Some(RuntimeError::CudaUnavailable { .. }))
-            || matches!(cause.downcast_ref::<onnx_slice::Error>(), Some(onnx_slice::Error::Runtime(RuntimeError::CudaUnavailable { .. })))
+            || matches!(
+                cause.downcast_ref::<onnx_slice::Error>(),
+                Some(onnx_slice::Error::Runtime(RuntimeError::CudaUnavailable { .. }))
+            )
     })
 }
 
@@ -354,7 +398,10 @@ fn fixture_dir(path: &Path) -> PathBuf {
 }
 
 fn component(path: &Path, up: usize) -> String {
-    path.ancestors().nth(up).and_then(Path::file_name).map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    path.ancestors()
+        .nth(up)
+        .and_then(Path::file_name)
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
 fn display_name(path: &Path) -> String {

@@ -26,7 +26,8 @@ const HEAD_DIM: usize = 64;
 const SAMPLES: usize = 32;
 const SEQLEN: usize = 512;
 /// ../shared/tools/smollm2/REFERENCE.md: rotate_and_slice seconds per ratio (TransformerCompression, 2 threads).
-const REFERENCE: [(f64, f64); 5] = [(0.0, 92.6), (0.1, 94.0), (0.2, 88.8), (0.25, 89.7), (0.3, 84.1)];
+const REFERENCE: [(f64, f64); 5] =
+    [(0.0, 92.6), (0.1, 94.0), (0.2, 88.8), (0.25, 89.7), (0.3, 84.1)];
 
 fn main() {
     let f32_rate = gemm_rate::<f32>();
@@ -44,12 +45,16 @@ fn main() {
         // Readers take the sliced width k, writers give the full width D (the PCA needs it).
         let readers = dk * (ATTENTION + 2 * KEY_VALUE + 2 * MLP) as f64;
         let writers = (ATTENTION + MLP) as f64 * df;
-        let attention = 2.0 * 2.0 * (SAMPLES * (ATTENTION / HEAD_DIM)) as f64 * (SEQLEN * SEQLEN * HEAD_DIM) as f64;
+        let attention = 2.0
+            * 2.0
+            * (SAMPLES * (ATTENTION / HEAD_DIM)) as f64
+            * (SEQLEN * SEQLEN * HEAD_DIM) as f64;
         let forward = LAYERS as f64 * (2.0 * tokens * (readers + writers) + attention) / f32_rate;
         let covariance = points * tokens * df * (df + 1.0) / f64_rate;
         let eigens = points * eigh;
         let projection = (points - 1.0) * 2.0 * tokens * df * dk / f32_rate;
-        let weights = LAYERS as f64 * (readers * df + writers * dk) * 2.0 + 2.0 * VOCABULARY as f64 * df * (dk + df);
+        let weights = LAYERS as f64 * (readers * df + writers * dk) * 2.0
+            + 2.0 * VOCABULARY as f64 * df * (dk + df);
         let rotation = weights / f64_rate;
         let floor = forward + covariance + eigens + projection + rotation;
         println!(
@@ -71,7 +76,16 @@ fn gemm_rate<T: faer::traits::ComplexField + From<f32>>() -> f64 {
     let a = Mat::<T>::from_fn(m, k, |i, j| T::from(((i * 7 + j * 3) % 11) as f32 * 0.1));
     let b = Mat::<T>::from_fn(k, n, |i, j| T::from(((i * 5 + j) % 13) as f32 * 0.1));
     let mut c = Mat::<T>::zeros(m, n);
-    let mut product = || faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, a.as_ref(), b.as_ref(), T::from(1.0), faer::get_global_parallelism());
+    let mut product = || {
+        faer::linalg::matmul::matmul(
+            c.as_mut(),
+            Accum::Replace,
+            a.as_ref(),
+            b.as_ref(),
+            T::from(1.0),
+            faer::get_global_parallelism(),
+        )
+    };
     product();
     let repeats = 20;
     (0..5)
@@ -85,7 +99,8 @@ fn gemm_rate<T: faer::traits::ComplexField + From<f32>>() -> f64 {
 
 /// The library's own PCA of a D×D covariance (best of 3).
 fn eigh_seconds() -> f64 {
-    let rows: Vec<f32> = (0..4096 * D).map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let rows: Vec<f32> =
+        (0..4096 * D).map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut cov = Covariance::new(D);
     cov.add_rows(&rows, None);
     (0..3)

@@ -9,16 +9,27 @@ use onnx_slice::onnx::{self, SaveOptions, Storage};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let model_path = PathBuf::from(args.first().ok_or_else(|| anyhow::anyhow!("usage: io_bench MODEL.onnx [REPEATS]"))?);
+    let model_path = PathBuf::from(
+        args.first().ok_or_else(|| anyhow::anyhow!("usage: io_bench MODEL.onnx [REPEATS]"))?,
+    );
     let repeats: usize = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(3);
     let scratch = tempfile::tempdir()?;
     let inputs = input_files(&model_path)?;
-    let total: u64 = inputs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
-    println!("model: {} ({:.1} MB in {} file(s)), {repeats} repeats, median", model_path.display(), mb(total), inputs.len());
+    let total: u64 =
+        inputs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    println!(
+        "model: {} ({:.1} MB in {} file(s)), {repeats} repeats, median",
+        model_path.display(),
+        mb(total),
+        inputs.len()
+    );
 
     let cp = median(repeats, || {
         for p in &inputs {
-            let status = Command::new("cp").arg(p).arg(scratch.path().join(p.file_name().unwrap())).status()?;
+            let status = Command::new("cp")
+                .arg(p)
+                .arg(scratch.path().join(p.file_name().unwrap()))
+                .status()?;
             anyhow::ensure!(status.success(), "cp failed");
         }
         Ok(())
@@ -31,11 +42,14 @@ fn main() -> anyhow::Result<()> {
     let model = onnx::load(&model_path)?;
     let inline_fits = onnx::to_bytes(&model).is_ok();
     let save_inline = if inline_fits {
-        Some(median(repeats, || save(&model, &scratch.path().join("inline.onnx"), Storage::Inline))?)
+        Some(median(repeats, || {
+            save(&model, &scratch.path().join("inline.onnx"), Storage::Inline)
+        })?)
     } else {
         None
     };
-    let save_external = median(repeats, || save(&model, &scratch.path().join("external.onnx"), Storage::External))?;
+    let save_external =
+        median(repeats, || save(&model, &scratch.path().join("external.onnx"), Storage::External))?;
 
     println!("{:<34} {:>9} {:>9} {:>12}", "operation", "seconds", "MB/s", "time vs cp");
     row("cp (baseline)", cp, total, cp);
@@ -86,5 +100,9 @@ fn mb(bytes: u64) -> f64 {
 }
 
 fn row(name: &str, seconds: f64, bytes: u64, baseline: f64) {
-    println!("{name:<34} {seconds:>9.3} {:>9.0} {:>11.2}x", mb(bytes) / seconds, seconds / baseline);
+    println!(
+        "{name:<34} {seconds:>9.3} {:>9.0} {:>11.2}x",
+        mb(bytes) / seconds,
+        seconds / baseline
+    );
 }

@@ -16,8 +16,13 @@ const EIGEN_LIMIT_S: f64 = 60.0;
 
 fn main() -> anyhow::Result<()> {
     let widths: Vec<usize> = {
-        let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
-        if args.is_empty() { vec![576, 1024, 2048, 4096] } else { args }
+        let args: Vec<usize> =
+            std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+        if args.is_empty() {
+            vec![576, 1024, 2048, 4096]
+        } else {
+            args
+        }
     };
     println!(
         "faer parallelism: {:?}, cores: {}",
@@ -33,7 +38,11 @@ fn main() -> anyhow::Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(d as u64);
         // A few distinct sequences, reused, so generating data is not what we time.
         let sequences: Vec<Vec<f32>> = (0..4)
-            .map(|_| (0..ROWS_PER_CALL * d).map(|i| (rng.random::<f32>() - 0.5) * (1 + i % 7) as f32).collect())
+            .map(|_| {
+                (0..ROWS_PER_CALL * d)
+                    .map(|i| (rng.random::<f32>() - 0.5) * (1 + i % 7) as f32)
+                    .collect()
+            })
             .collect();
         let mask: Vec<bool> = (0..ROWS_PER_CALL).map(|i| i % 16 != 15).collect();
         let kept = mask.iter().filter(|&&m| m).count();
@@ -65,9 +74,16 @@ fn main() -> anyhow::Result<()> {
             last_eigen = Some((d, s));
             let same = if s < 20.0 {
                 let b = principal_basis(&cov, DEFAULT_DAMPING)?;
-                let identical = a.eigenvalues.iter().zip(&b.eigenvalues).all(|(x, y)| x.to_bits() == y.to_bits())
+                let identical = a
+                    .eigenvalues
+                    .iter()
+                    .zip(&b.eigenvalues)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
                     && (0..d).all(|j| {
-                        a.q.col_as_slice(j).iter().zip(b.q.col_as_slice(j)).all(|(x, y)| x.to_bits() == y.to_bits())
+                        a.q.col_as_slice(j)
+                            .iter()
+                            .zip(b.q.col_as_slice(j))
+                            .all(|(x, y)| x.to_bits() == y.to_bits())
                     });
                 identical.to_string()
             } else {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca, Allocation, CalibrationOptions, Calibrated};
+use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
 use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
@@ -245,7 +245,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Convert(args)) => run_convert(args),
-        Some(Command::Eval(args)) => checks::eval_command(&args).map_err(anyhow::Error::from).and_then(|()| crate::eval::run_eval_command(&args)),
+        Some(Command::Eval(args)) => checks::eval_command(&args)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| crate::eval::run_eval_command(&args)),
         None => run_slice(cli.slice),
     };
     match result {
@@ -295,16 +297,31 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     };
     if args.dry_run {
         let p = plan.predict(&dims);
-        print!("{}", inspect::size_summary(plan.layout.width, &p.widths, plan.layout.block_count(), p.before, p.after));
-        println!("basis {}: {} shortcut matrices, {} parameters", dims.basis, p.shortcuts, p.shortcut_parameters);
+        print!(
+            "{}",
+            inspect::size_summary(
+                plan.layout.width,
+                &p.widths,
+                plan.layout.block_count(),
+                p.before,
+                p.after
+            )
+        );
+        println!(
+            "basis {}: {} shortcut matrices, {} parameters",
+            dims.basis, p.shortcuts, p.shortcut_parameters
+        );
         return Ok(());
     }
-    let Some(output) = args.output.clone() else { return Err(usage("-o OUTPUT is required (or --dry-run)").into()) };
+    let Some(output) = args.output.clone() else {
+        return Err(usage("-o OUTPUT is required (or --dry-run)").into());
+    };
     onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
-            let allocation = budget.filter(|_| args.allocate_widths).map(|budget| Allocation { plan, budget });
+            let allocation =
+                budget.filter(|_| args.allocate_widths).map(|budget| Allocation { plan, budget });
             let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims, allocation)?;
             let description = format!("pca ({} calibration tokens)", calibrated.tokens);
             (calibrated.rewritten.clone(), description, Some(calibrated))
@@ -314,7 +331,8 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
                 OrientationArg::Random => Orientation::Random { seed: args.seed },
                 _ => Orientation::Identity,
             };
-            let rewritten = transform::rotate(&mut model, orientation, &dims).with_context(|| format!("rewriting {}", input.display()))?;
+            let rewritten = transform::rotate(&mut model, orientation, &dims)
+                .with_context(|| format!("rewriting {}", input.display()))?;
             (rewritten, orientation.to_string(), None)
         }
     };
@@ -330,7 +348,18 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         eprint!("{}", inspect::slicing_summary(&rewritten, &before, &after, &saved));
     }
     if let Some(path) = &args.report {
-        let mut report = Report::new(&input, &saved, &rewritten, &dims, &orientation, &before, &after, calibration.as_ref(), save_seconds, started);
+        let mut report = Report::new(
+            &input,
+            &saved,
+            &rewritten,
+            &dims,
+            &orientation,
+            &before,
+            &after,
+            calibration.as_ref(),
+            save_seconds,
+            started,
+        );
         report.target = budget;
         report.target_limit = budget.map(|b| b.limit(before.weights));
         write_json(path, &report)?;
@@ -344,10 +373,22 @@ fn slice_dimensions(args: &SliceArgs) -> Checked<Dimensions> {
         return Err(usage(format!("--ratio must be at least 0 and less than 1, got {ratio}")));
     }
     checks::at_least_one("--round-to", args.round_to)?;
-    Ok(Dimensions { ratio, round_to: args.round_to, slice_head: args.slice_head, basis: args.basis, width: None })
+    Ok(Dimensions {
+        ratio,
+        round_to: args.round_to,
+        slice_head: args.slice_head,
+        basis: args.basis,
+        width: None,
+    })
 }
 
-fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: &Dimensions, allocation: Option<Allocation>) -> anyhow::Result<Calibrated> {
+fn calibrate_and_slice(
+    args: &SliceArgs,
+    input: &Path,
+    model: &mut Model,
+    dims: &Dimensions,
+    allocation: Option<Allocation>,
+) -> anyhow::Result<Calibrated> {
     init_runtime(args.ort_lib.as_deref())?;
     let set = calibration_set(args, input, model)?;
     let progress = progress_bar(args.quiet, "calibrating", "segment runs");
@@ -359,7 +400,8 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
         model_path: Some(input.to_path_buf()),
         allocation,
     };
-    let calibrated = slice_with_pca(model, &set, &options, &progress).with_context(|| format!("slicing {}", input.display()))?;
+    let calibrated = slice_with_pca(model, &set, &options, &progress)
+        .with_context(|| format!("slicing {}", input.display()))?;
     progress.finish_and_clear();
     if let Some(path) = &args.save_rotations {
         let points: Vec<(String, &crate::pca::Basis, usize)> = calibrated
@@ -374,7 +416,11 @@ fn calibrate_and_slice(args: &SliceArgs, input: &Path, model: &mut Model, dims: 
     Ok(calibrated)
 }
 
-fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Result<CalibrationSet> {
+fn calibration_set(
+    args: &SliceArgs,
+    input: &Path,
+    model: &Model,
+) -> anyhow::Result<CalibrationSet> {
     let limit = crate::interface::position_limit(model);
     let seqlen = limit.map_or(args.calib_seqlen, |l| args.calib_seqlen.min(l));
     if let Some(ids) = &args.calib_ids {
@@ -387,12 +433,22 @@ fn calibration_set(args: &SliceArgs, input: &Path, model: &Model) -> anyhow::Res
     } else {
         args.calib
             .iter()
-            .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading calibration text {}", p.display())))
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading calibration text {}", p.display()))
+            })
             .collect::<anyhow::Result<_>>()?
     };
-    let tokenizer_path = crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")?;
+    let tokenizer_path =
+        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")?;
     let tokenizer = crate::interface::load_tokenizer(&tokenizer_path)?;
-    let set = CalibrationSet::from_texts(&texts, &tokenizer, args.calib_samples, seqlen, args.calib_seed)?;
+    let set = CalibrationSet::from_texts(
+        &texts,
+        &tokenizer,
+        args.calib_samples,
+        seqlen,
+        args.calib_seed,
+    )?;
     warn_if_short(&set, args.calib_samples, "windows in the text; give more text with --calib");
     if let Some(unknown) = data::unknown_tokens(&set, &tokenizer) {
         if unknown.share() > UNKNOWN_WARNING_SHARE {
@@ -433,7 +489,8 @@ pub fn progress_bar(quiet: bool, what: &str, unit: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let template = format!("{what} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}, {{eta}} left");
-    let style = ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
     ProgressBar::no_length().with_style(style.progress_chars("=> "))
 }
 
@@ -448,7 +505,8 @@ fn storage_of(external_data: bool, inline: bool) -> Storage {
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
-    crate::files::write_atomically(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    crate::files::write_atomically(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
@@ -458,7 +516,8 @@ fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
     let model = onnx::load(&args.input)?;
     onnx::check_save_target(&model, &args.output).map_err(|e| usage(format!("-o: {e}")))?;
     let options = SaveOptions { storage, size_threshold: args.size_threshold };
-    let saved = onnx::save(&model, &args.output, &options).with_context(|| format!("converting {}", args.input.display()))?;
+    let saved = onnx::save(&model, &args.output, &options)
+        .with_context(|| format!("converting {}", args.input.display()))?;
     eprintln!("wrote {} ({} bytes)", saved.path.display(), saved.model_bytes);
     if let Some((data, len)) = saved.data_file {
         eprintln!("wrote {} ({} bytes)", data.display(), len);

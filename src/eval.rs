@@ -22,7 +22,9 @@ use anyhow::Context as _;
 use ndarray::{Array2, ArrayView2, Axis};
 
 use crate::calibrate::data::{join_documents, token_rows};
-use crate::interface::{find_tokenizer, load_tokenizer, plain_tokenizer, position_limit, InputPlan};
+use crate::interface::{
+    find_tokenizer, load_tokenizer, plain_tokenizer, position_limit, InputPlan,
+};
 use crate::runtime::npy::read_npy;
 use crate::runtime::{init_runtime, Ep, ModelSession, SessionConfig};
 use crate::{Error, Result};
@@ -52,7 +54,8 @@ pub fn perplexity(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Perplexity> {
     let label = PathBuf::from(session.label());
-    let plan = InputPlan::for_session(session, Some(label.as_path()).filter(|path| path.is_file()))?;
+    let plan =
+        InputPlan::for_session(session, Some(label.as_path()).filter(|path| path.is_file()))?;
     perplexity_with_plan(session, &plan, windows, ignore, batch, progress)
 }
 
@@ -67,7 +70,9 @@ pub fn perplexity_with_plan(
 ) -> Result<Perplexity> {
     let length = windows.first().map_or(0, Vec::len);
     if length < 2 {
-        return Err(eval_error(format!("perplexity needs windows of at least 2 tokens, got {length}")));
+        return Err(eval_error(format!(
+            "perplexity needs windows of at least 2 tokens, got {length}"
+        )));
     }
     if let Some(bad) = windows.iter().position(|window| window.len() != length) {
         return Err(eval_error(format!(
@@ -80,7 +85,8 @@ pub fn perplexity_with_plan(
     let mut tokens = 0;
     for (index, chunk) in windows.chunks(batch).enumerate() {
         let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
-        let ids = Array2::from_shape_vec((chunk.len(), length), flat).expect("windows have equal lengths");
+        let ids = Array2::from_shape_vec((chunk.len(), length), flat)
+            .expect("windows have equal lengths");
         let logits = plan.logits(session, &ids, None)?;
         for (row, window) in logits.axis_iter(Axis(0)).zip(chunk) {
             let row = row.into_dimensionality::<ndarray::Ix2>().expect("logits are [b, L, V]");
@@ -101,20 +107,31 @@ pub fn perplexity_with_plan(
 
 /// Sum and count of `−log softmax(logits[t])[ids[t+1]]` over `t` whose target is not `ignore`,
 /// in f64. `logits` is `[L, V]`, `ids` has L tokens.
-pub fn window_nll(logits: ArrayView2<'_, f32>, ids: &[i64], ignore: Option<i64>) -> Result<(f64, usize)> {
+pub fn window_nll(
+    logits: ArrayView2<'_, f32>,
+    ids: &[i64],
+    ignore: Option<i64>,
+) -> Result<(f64, usize)> {
     let (length, vocab) = logits.dim();
-    let targets: Vec<(usize, usize)> = (0..length.saturating_sub(1).min(ids.len().saturating_sub(1)))
-        .filter(|&t| Some(ids[t + 1]) != ignore)
-        .map(|t| {
-            usize::try_from(ids[t + 1])
-                .ok()
-                .filter(|&target| target < vocab)
-                .map(|target| (t, target))
-                .ok_or_else(|| eval_error(format!("token id {} is outside the model's vocabulary of {vocab}", ids[t + 1])))
-        })
-        .collect::<Result<_>>()?;
+    let targets: Vec<(usize, usize)> =
+        (0..length.saturating_sub(1).min(ids.len().saturating_sub(1)))
+            .filter(|&t| Some(ids[t + 1]) != ignore)
+            .map(|t| {
+                usize::try_from(ids[t + 1])
+                    .ok()
+                    .filter(|&target| target < vocab)
+                    .map(|target| (t, target))
+                    .ok_or_else(|| {
+                        eval_error(format!(
+                            "token id {} is outside the model's vocabulary of {vocab}",
+                            ids[t + 1]
+                        ))
+                    })
+            })
+            .collect::<Result<_>>()?;
     let mut nll = vec![0.0f64; targets.len()];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(targets.len().max(1));
+    let threads =
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(targets.len().max(1));
     let per_thread = targets.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|scope| {
         for (out, jobs) in nll.chunks_mut(per_thread).zip(targets.chunks(per_thread)) {
@@ -139,9 +156,15 @@ fn token_nll(row: ndarray::ArrayView1<'_, f32>, target: usize) -> f64 {
 /// Evaluation windows from text: the documents of all texts joined with `"\n\n"`, tokenized once
 /// with the tokenizer's default special tokens (as `tokenizer(text)` does in the reference), cut
 /// into `seqlen`-token windows; the last partial window is dropped.
-pub fn text_windows(tokenizer: &tokenizers::Tokenizer, texts: &[String], seqlen: usize) -> Result<Vec<Vec<i64>>> {
+pub fn text_windows(
+    tokenizer: &tokenizers::Tokenizer,
+    texts: &[String],
+    seqlen: usize,
+) -> Result<Vec<Vec<i64>>> {
     if seqlen < 2 {
-        return Err(eval_error(format!("the evaluation window must be at least 2 tokens, got {seqlen}")));
+        return Err(eval_error(format!(
+            "the evaluation window must be at least 2 tokens, got {seqlen}"
+        )));
     }
     let tokenizer = plain_tokenizer(tokenizer)?;
     let joined = join_documents(texts);
@@ -155,7 +178,10 @@ pub fn text_windows(tokenizer: &tokenizers::Tokenizer, texts: &[String], seqlen:
             ids.len()
         )));
     }
-    Ok(ids.chunks_exact(seqlen).map(|window| window.iter().map(|&id| i64::from(id)).collect()).collect())
+    Ok(ids
+        .chunks_exact(seqlen)
+        .map(|window| window.iter().map(|&id| i64::from(id)).collect())
+        .collect())
 }
 
 fn eval_error(message: impl Into<String>) -> Error {
@@ -168,7 +194,12 @@ pub struct EvalArgs {
     /// The model (.onnx).
     pub model: PathBuf,
     /// Evaluation text (UTF-8; paragraphs separated by blank lines are documents). Repeatable.
-    #[arg(long = "text", value_name = "FILE", required_unless_present = "ids", conflicts_with = "ids")]
+    #[arg(
+        long = "text",
+        value_name = "FILE",
+        required_unless_present = "ids",
+        conflicts_with = "ids"
+    )]
     pub text: Vec<PathBuf>,
     /// Token ids [N, L] (int64/int32 .npy): each row is one window; --seqlen does not apply.
     #[arg(long, value_name = "FILE.npy")]
@@ -223,11 +254,15 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
         eprintln!("note: {}", session.ep());
     }
     let bar = indicatif::ProgressBar::new(windows.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("evaluating {bar:30} {pos}/{len} windows [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "evaluating {bar:30} {pos}/{len} windows [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    let result = perplexity(&mut session, &windows, args.ignore_id, args.batch, &mut |done, _| bar.set_position(done as u64));
+    let result = perplexity(&mut session, &windows, args.ignore_id, args.batch, &mut |done, _| {
+        bar.set_position(done as u64)
+    });
     bar.finish_and_clear();
     let result = result?;
     let seconds = start.elapsed().as_secs_f64();
@@ -253,7 +288,8 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
         writeln!(out, "perplexity  {:.4}", result.value)?;
         writeln!(out, "mean NLL    {:.6} nats/token", result.mean_nll)?;
         writeln!(out, "windows     {} × {length} tokens", result.windows)?;
-        let ignored = args.ignore_id.map_or(String::new(), |id| format!(" (targets = {id} ignored)"));
+        let ignored =
+            args.ignore_id.map_or(String::new(), |id| format!(" (targets = {id} ignored)"));
         writeln!(out, "tokens      {} predicted{ignored}", result.tokens)?;
         writeln!(out, "time        {seconds:.1} s on {ep}")?;
     }
@@ -262,7 +298,8 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
 
 fn load_windows(args: &EvalArgs) -> anyhow::Result<(Vec<Vec<i64>>, String)> {
     if let Some(path) = &args.ids {
-        let array = read_npy(path).with_context(|| format!("reading token ids from {}", path.display()))?;
+        let array =
+            read_npy(path).with_context(|| format!("reading token ids from {}", path.display()))?;
         let rows = token_rows(array, path)?;
         let source = format!("{} ({} rows × {} tokens)", path.display(), rows.len(), rows[0].len());
         return Ok((rows, source));
@@ -275,12 +312,20 @@ fn load_windows(args: &EvalArgs) -> anyhow::Result<(Vec<Vec<i64>>, String)> {
     let texts = args
         .text
         .iter()
-        .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading evaluation text {}", path.display())))
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading evaluation text {}", path.display()))
+        })
         .collect::<anyhow::Result<Vec<String>>>()?;
     let windows = text_windows(&tokenizer, &texts, args.seqlen)?;
     let names: Vec<String> = args.text.iter().map(|path| path.display().to_string()).collect();
-    let source =
-        format!("{} ({} windows × {} tokens, tokenizer {})", names.join(", "), windows.len(), args.seqlen, tokenizer_path.display());
+    let source = format!(
+        "{} ({} windows × {} tokens, tokenizer {})",
+        names.join(", "),
+        windows.len(),
+        args.seqlen,
+        tokenizer_path.display()
+    );
     Ok((windows, source))
 }
 

@@ -17,12 +17,16 @@ pub struct Staged {
 
 impl Staged {
     pub fn new(target: &Path) -> Result<Self> {
-        let name = target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| Error::Save { output: target.into(), message: "the path has no file name".into() })?;
+        let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::Save {
+            output: target.into(),
+            message: "the path has no file name".into(),
+        })?;
         let dir = parent_folder(target);
-        let file = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".part").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
+        let file = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".part")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
         Ok(Staged { target: target.into(), writer: BufWriter::with_capacity(1 << 20, file) })
     }
 

@@ -59,7 +59,10 @@ pub fn summarize(model: &Model) -> ModelSummary {
     let graph = &model.graph;
     let mut ops: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for node in &graph.nodes {
-        *ops.entry(display_domain(&node.domain)).or_default().entry(node.op_type.clone()).or_default() += 1;
+        *ops.entry(display_domain(&node.domain))
+            .or_default()
+            .entry(node.op_type.clone())
+            .or_default() += 1;
     }
     let mut by_dtype: BTreeMap<String, DtypeTotals> = BTreeMap::new();
     for t in &graph.initializers {
@@ -72,8 +75,17 @@ pub fn summarize(model: &Model) -> ModelSummary {
         path: model.source.as_ref().map(|s| s.path.display().to_string()),
         producer,
         ir_version: model.ir_version,
-        opsets: model.opset_imports.iter().map(|o| (display_domain(&o.domain), o.version)).collect(),
-        inputs: graph.inputs.iter().filter(|v| graph.initializer(&v.name).is_none()).map(value_summary).collect(),
+        opsets: model
+            .opset_imports
+            .iter()
+            .map(|o| (display_domain(&o.domain), o.version))
+            .collect(),
+        inputs: graph
+            .inputs
+            .iter()
+            .filter(|v| graph.initializer(&v.name).is_none())
+            .map(value_summary)
+            .collect(),
         outputs: graph.outputs.iter().map(value_summary).collect(),
         node_count: graph.nodes.len(),
         ops,
@@ -95,7 +107,11 @@ impl std::fmt::Display for ModelSummary {
         if let Some(path) = &self.path {
             writeln!(f, "model:        {path}")?;
         }
-        writeln!(f, "producer:     {}", if self.producer.is_empty() { "(none)" } else { &self.producer })?;
+        writeln!(
+            f,
+            "producer:     {}",
+            if self.producer.is_empty() { "(none)" } else { &self.producer }
+        )?;
         if let Some(entries) = &self.sliced_by {
             writeln!(f, "sliced by:    {}", crate::transform::describe_slicing(entries))?;
         }
@@ -119,7 +135,12 @@ impl std::fmt::Display for ModelSummary {
         writeln!(f, "initializers: {}", self.initializer_count)?;
         writeln!(f, "parameters:   {}", group_thousands(self.parameter_count))?;
         for (dtype, t) in &self.parameters_by_dtype {
-            writeln!(f, "  {dtype:<10} {:>15} elements {:>15} bytes", group_thousands(t.elements), group_thousands(t.bytes))?;
+            writeln!(
+                f,
+                "  {dtype:<10} {:>15} elements {:>15} bytes",
+                group_thousands(t.elements),
+                group_thousands(t.bytes)
+            )?;
         }
         if !self.external_files.is_empty() {
             writeln!(f, "external data:")?;
@@ -196,7 +217,11 @@ pub fn describe_layout(model: &Model, explain: bool) -> LayoutSummary {
             error: None,
             rejected_norm_candidates: rejected,
         },
-        Err(e) => LayoutSummary { found: None, error: Some(why_not_found(model, &e)), rejected_norm_candidates: rejected },
+        Err(e) => LayoutSummary {
+            found: None,
+            error: Some(why_not_found(model, &e)),
+            rejected_norm_candidates: rejected,
+        },
     }
 }
 
@@ -215,14 +240,21 @@ fn why_not_found(model: &Model, error: &crate::Error) -> String {
 fn layout_view(model: &Model, layout: &Layout, skip_norms_decomposed: usize) -> LayoutView {
     let graph = &model.graph;
     let linear = |l: &Linear| {
-        let shape = graph.initializer(&l.weight).map(|t| format!("{:?}", t.dims)).unwrap_or_default();
+        let shape =
+            graph.initializer(&l.weight).map(|t| format!("{:?}", t.dims)).unwrap_or_default();
         let bias = if l.bias.is_some() { " +bias" } else { "" };
         format!("{} {shape}{bias}", l.weight)
     };
     let norm = |n: &NormMatch| {
-        let op = graph.nodes.iter().find(|node| node.name == n.anchor || node.outputs.contains(&n.output)).map(|n| n.op_type.as_str());
+        let op = graph
+            .nodes
+            .iter()
+            .find(|node| node.name == n.anchor || node.outputs.contains(&n.output))
+            .map(|n| n.op_type.as_str());
         let form = match op {
-            Some(op @ ("LayerNormalization" | "RMSNormalization" | "SimplifiedLayerNormalization")) => op.to_string(),
+            Some(
+                op @ ("LayerNormalization" | "RMSNormalization" | "SimplifiedLayerNormalization"),
+            ) => op.to_string(),
             _ => format!("decomposed {}", kind_name(n.kind)),
         };
         format!("{form} (eps {:e}) on {}", n.epsilon, n.input)
@@ -234,7 +266,14 @@ fn layout_view(model: &Model, layout: &Layout, skip_norms_decomposed: usize) -> 
         embeddings: layout
             .embeddings
             .iter()
-            .map(|e| format!("{:?} {}{}", e.role, e.table, if e.through_transpose.is_some() { " (transposed)" } else { "" }))
+            .map(|e| {
+                format!(
+                    "{:?} {}{}",
+                    e.role,
+                    e.table,
+                    if e.through_transpose.is_some() { " (transposed)" } else { "" }
+                )
+            })
             .collect(),
         segments: layout
             .segments
@@ -252,7 +291,11 @@ fn layout_view(model: &Model, layout: &Layout, skip_norms_decomposed: usize) -> 
         head: layout.head.readers.iter().map(linear).collect(),
         tied_head: layout.tied_head,
         skip_norms_decomposed,
-        stream_shape_constants: layout.stream_reshapes.iter().map(|r| format!("{} (point {})", r.output, r.point)).collect(),
+        stream_shape_constants: layout
+            .stream_reshapes
+            .iter()
+            .map(|r| format!("{} (point {})", r.output, r.point))
+            .collect(),
     }
 }
 
@@ -283,7 +326,11 @@ impl std::fmt::Display for LayoutSummary {
 
 impl std::fmt::Display for LayoutView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "  stream width D: {}    norms: {}    blocks: {}    tied head: {}", self.width, self.norm_kind, self.blocks, self.tied_head)?;
+        writeln!(
+            f,
+            "  stream width D: {}    norms: {}    blocks: {}    tied head: {}",
+            self.width, self.norm_kind, self.blocks, self.tied_head
+        )?;
         for e in &self.embeddings {
             writeln!(f, "  embedding {e}")?;
         }
@@ -304,15 +351,38 @@ impl std::fmt::Display for LayoutView {
             writeln!(f, "  head      {h}")?;
         }
         if self.skip_norms_decomposed > 0 {
-            writeln!(f, "  fused Skip*Normalization ops (decomposed before rewriting): {}", self.skip_norms_decomposed)?;
+            writeln!(
+                f,
+                "  fused Skip*Normalization ops (decomposed before rewriting): {}",
+                self.skip_norms_decomposed
+            )?;
         }
-        writeln!(f, "  stream shape constants: {}", if self.stream_shape_constants.is_empty() { "none".into() } else { self.stream_shape_constants.join(", ") })
+        writeln!(
+            f,
+            "  stream shape constants: {}",
+            if self.stream_shape_constants.is_empty() {
+                "none".into()
+            } else {
+                self.stream_shape_constants.join(", ")
+            }
+        )
     }
 }
 
 /// The stderr summary of a slicing run.
-pub fn slicing_summary(rewritten: &Rewritten, before: &ModelSummary, after: &ModelSummary, saved: &crate::onnx::Saved) -> String {
-    let mut out = size_summary(rewritten.layout.width, &rewritten.widths, rewritten.layout.block_count(), before.weights, after.weights);
+pub fn slicing_summary(
+    rewritten: &Rewritten,
+    before: &ModelSummary,
+    after: &ModelSummary,
+    saved: &crate::onnx::Saved,
+) -> String {
+    let mut out = size_summary(
+        rewritten.layout.width,
+        &rewritten.widths,
+        rewritten.layout.block_count(),
+        before.weights,
+        after.weights,
+    );
     out += &format!("wrote {}", saved.path.display());
     if let Some((data, len)) = &saved.data_file {
         out.push_str(&format!(" and {} ({} bytes)", data.display(), group_thousands(*len)));
@@ -322,7 +392,13 @@ pub fn slicing_summary(rewritten: &Rewritten, before: &ModelSummary, after: &Mod
 }
 
 /// Widths and weights before → after, for the slicing summary and `--dry-run`.
-pub fn size_summary(width: usize, widths: &[usize], blocks: usize, before: crate::size::Totals, after: crate::size::Totals) -> String {
+pub fn size_summary(
+    width: usize,
+    widths: &[usize],
+    blocks: usize,
+    before: crate::size::Totals,
+    after: crate::size::Totals,
+) -> String {
     let shown: Vec<String> = widths.iter().map(usize::to_string).collect();
     format!(
         "stream width {width} → [{}] at {} stream points ({blocks} blocks)\nparameters {} → {} ({:+.1} %), weight bytes {} → {} ({:.1} % of the input)\n",

@@ -52,7 +52,10 @@ pub struct Covariance {
 
 impl fmt::Debug for Covariance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Covariance").field("d", &self.d).field("tokens", &self.tokens).finish_non_exhaustive()
+        f.debug_struct("Covariance")
+            .field("d", &self.d)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,10 +86,19 @@ impl Covariance {
     /// If `rows.len()` is not a multiple of `d`, or `mask` does not have one entry per row.
     pub fn add_rows(&mut self, rows: &[f32], mask: Option<&[bool]>) {
         let d = self.d;
-        assert!(rows.len() % d == 0, "Covariance::add_rows: {} values are not rows of width {d}", rows.len());
+        assert!(
+            rows.len() % d == 0,
+            "Covariance::add_rows: {} values are not rows of width {d}",
+            rows.len()
+        );
         let n = rows.len() / d;
         if let Some(mask) = mask {
-            assert_eq!(mask.len(), n, "Covariance::add_rows: mask has {} entries for {n} rows", mask.len());
+            assert_eq!(
+                mask.len(),
+                n,
+                "Covariance::add_rows: mask has {} entries for {n} rows",
+                mask.len()
+            );
         }
         let capacity = chunk_rows_for(d);
         if self.chunk.nrows() != capacity {
@@ -325,7 +337,9 @@ impl View for F64View<'_> {
                     }
                 }
             }
-            F64Source::Vector(v) => v.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes())),
+            F64Source::Vector(v) => {
+                v.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()))
+            }
         }
         bytes.into()
     }
@@ -353,7 +367,10 @@ pub fn save_rotations(path: impl AsRef<Path>, points: &[(String, &Basis, usize)]
         if *k > d {
             return Err(refuse(format!("point '{name}': k = {k} exceeds d = {d}")));
         }
-        tensors.push((format!("q.{name}"), F64View { shape: vec![d, d], source: F64Source::Matrix(basis.q.as_ref()) }));
+        tensors.push((
+            format!("q.{name}"),
+            F64View { shape: vec![d, d], source: F64Source::Matrix(basis.q.as_ref()) },
+        ));
         tensors.push((
             format!("eigenvalues.{name}"),
             F64View { shape: vec![d], source: F64Source::Vector(&basis.eigenvalues) },
@@ -361,11 +378,13 @@ pub fn save_rotations(path: impl AsRef<Path>, points: &[(String, &Basis, usize)]
         metadata.insert(format!("k.{name}"), k.to_string());
     }
     let names: Vec<&str> = points.iter().map(|(n, _, _)| n.as_str()).collect();
-    metadata.insert("points".to_string(), serde_json::to_string(&names).expect("strings serialize"));
+    metadata
+        .insert("points".to_string(), serde_json::to_string(&names).expect("strings serialize"));
     metadata.insert("format".to_string(), FORMAT.to_string());
 
     let staged = crate::files::Staged::new(path)?;
-    safetensors::serialize_to_file(tensors, Some(metadata), staged.temporary_path()).map_err(|e| refuse(e.to_string()))?;
+    safetensors::serialize_to_file(tensors, Some(metadata), staged.temporary_path())
+        .map_err(|e| refuse(e.to_string()))?;
     staged.commit()
 }
 
@@ -376,14 +395,20 @@ pub fn load_rotations(path: impl AsRef<Path>) -> Result<Vec<(String, Basis, usiz
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only map of a file we do not modify; tensors are copied out before returning.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let tensors = SafeTensors::deserialize(&map).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&map)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let tensors =
+        SafeTensors::deserialize(&map).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     if metadata.get("format").map(String::as_str) != Some(FORMAT) {
-        return Err(bad(format!("not an onnx-slice rotations file (format {:?})", metadata.get("format"))));
+        return Err(bad(format!(
+            "not an onnx-slice rotations file (format {:?})",
+            metadata.get("format")
+        )));
     }
-    let names: Vec<String> = serde_json::from_str(metadata.get("points").map(String::as_str).unwrap_or(""))
-        .map_err(|e| bad(format!("metadata 'points': {e}")))?;
+    let names: Vec<String> =
+        serde_json::from_str(metadata.get("points").map(String::as_str).unwrap_or(""))
+            .map_err(|e| bad(format!("metadata 'points': {e}")))?;
     let read_f64 = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
         let view = tensors.tensor(name).map_err(|e| bad(format!("tensor '{name}': {e}")))?;
         if view.dtype() != Dtype::F64 || view.shape() != shape {
@@ -393,7 +418,11 @@ pub fn load_rotations(path: impl AsRef<Path>) -> Result<Vec<(String, Basis, usiz
                 view.shape()
             )));
         }
-        Ok(view.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+        Ok(view
+            .data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect())
     };
     let mut points = Vec::with_capacity(names.len());
     for name in names {
@@ -579,7 +608,8 @@ mod tests {
         // Sign convention.
         for j in 0..d {
             let col = basis.q.col_as_slice(j);
-            let pivot = col.iter().copied().fold(0.0f64, |m, v| if v.abs() > m.abs() { v } else { m });
+            let pivot =
+                col.iter().copied().fold(0.0f64, |m, v| if v.abs() > m.abs() { v } else { m });
             assert!(pivot > 0.0, "column {j}: largest-magnitude entry is negative");
         }
         assert_eq!(basis.columns(5).ncols(), 5);
@@ -644,7 +674,11 @@ mod tests {
         };
         let (h1, b1) = run();
         let (h2, b2) = run();
-        let bits = |m: &Mat<f64>| m.col_iter().flat_map(|c| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()).collect::<Vec<u64>>();
+        let bits = |m: &Mat<f64>| {
+            m.col_iter()
+                .flat_map(|c| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<u64>>()
+        };
         assert_eq!(bits(&h1), bits(&h2));
         assert_eq!(bits(&b1.q), bits(&b2.q));
         assert_eq!(
@@ -696,7 +730,8 @@ mod tests {
             principal_basis(&cov, DEFAULT_DAMPING).unwrap()
         };
         let (a, b) = (make(12, 9), make(20, 10));
-        let points = vec![("block.0.input".to_string(), &a, 8), ("block.0.mid".to_string(), &b, 16)];
+        let points =
+            vec![("block.0.input".to_string(), &a, 8), ("block.0.mid".to_string(), &b, 16)];
         save_rotations(&path, &points).unwrap();
         // Overwrite atomically with the same content; no temporary left behind.
         save_rotations(&path, &points).unwrap();
@@ -710,7 +745,13 @@ mod tests {
         }
         // Refusals.
         assert!(save_rotations(&path, &[("x".to_string(), &a, 13)]).is_err());
-        assert!(save_rotations(&path, &[("x".to_string(), &a, 1), ("x".to_string(), &b, 1)]).is_err());
-        assert_eq!(load_rotations(&path).unwrap().len(), 2, "a refused save must leave the file intact");
+        assert!(
+            save_rotations(&path, &[("x".to_string(), &a, 1), ("x".to_string(), &b, 1)]).is_err()
+        );
+        assert_eq!(
+            load_rotations(&path).unwrap().len(),
+            2,
+            "a refused save must leave the file intact"
+        );
     }
 }

@@ -101,5 +101,10 @@ impl Report {
 
 /// One `k_p × k_{p+1}` matrix on the skip path of every segment whose ends have different bases.
 fn shortcut_parameters(widths: &[usize], groups: &[usize]) -> u64 {
-    widths.windows(2).zip(groups.windows(2)).filter(|(_, g)| g[0] != g[1]).map(|(w, _)| (w[0] * w[1]) as u64).sum()
+    widths
+        .windows(2)
+        .zip(groups.windows(2))
+        .filter(|(_, g)| g[0] != g[1])
+        .map(|(w, _)| (w[0] * w[1]) as u64)
+        .sum()
 }

@@ -10,9 +10,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use crate::algebra;
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Graph, Model};
-use crate::algebra;
 use crate::structure::{self, Layout};
 use crate::transform::{basis_groups, Dimensions};
 
@@ -25,11 +25,9 @@ pub struct Totals {
 
 /// The floating-point initializers of a graph.
 pub fn weight_totals(graph: &Graph) -> Totals {
-    graph
-        .initializers
-        .iter()
-        .filter(|t| is_float(t.dtype))
-        .fold(Totals::default(), |sum, t| Totals { parameters: sum.parameters + t.numel(), bytes: sum.bytes + t.byte_len() })
+    graph.initializers.iter().filter(|t| is_float(t.dtype)).fold(Totals::default(), |sum, t| {
+        Totals { parameters: sum.parameters + t.numel(), bytes: sum.bytes + t.byte_len() }
+    })
 }
 
 fn is_float(dtype: DataType) -> bool {
@@ -56,7 +54,9 @@ impl Budget {
                 _ => Err(format!("expected a percentage in (0, 100], got '{text}'")),
             };
         }
-        text.parse::<u64>().map(Budget::Bytes).map_err(|_| format!("expected a number of bytes or a percentage like 80%, got '{text}'"))
+        text.parse::<u64>().map(Budget::Bytes).map_err(|_| {
+            format!("expected a number of bytes or a percentage like 80%, got '{text}'")
+        })
     }
 
     /// The limit in the budget's unit, for a model of `before`.
@@ -88,7 +88,12 @@ impl Budget {
         if got <= limit {
             return Ok(());
         }
-        Err(Error::Budget { message: format!("the sliced model has {got} {}, over the target of {limit}", self.unit()) })
+        Err(Error::Budget {
+            message: format!(
+                "the sliced model has {got} {}, over the target of {limit}",
+                self.unit()
+            ),
+        })
     }
 }
 
@@ -128,7 +133,8 @@ impl Plan {
         let layout = structure::detect(&graph)?;
         let tied = layout.tied_head || crate::fuse::tie::head_reads_embedding(&graph, &layout);
         let before = weight_totals(&model.graph);
-        let norm_nodes: HashSet<usize> = layout.branches().flat_map(|b| b.norm.nodes.iter().copied()).collect();
+        let norm_nodes: HashSet<usize> =
+            layout.branches().flat_map(|b| b.norm.nodes.iter().copied()).collect();
         let mut read: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
         read.extend(graph.outputs.iter().map(|v| v.name.as_str()));
         for (_, node) in graph.nodes.iter().enumerate().filter(|(i, _)| !norm_nodes.contains(i)) {
@@ -155,7 +161,12 @@ impl Plan {
         }
         let index = crate::pattern::GraphIndex::new(&graph);
         for (i, branch) in layout.branches().enumerate() {
-            let shifts = branch.norm.beta.as_deref().and_then(|b| index.constant_f32(b)).is_some_and(|b| b.iter().any(|&v| v != 0.0));
+            let shifts = branch
+                .norm
+                .beta
+                .as_deref()
+                .and_then(|b| index.constant_f32(b))
+                .is_some_and(|b| b.iter().any(|&v| v != 0.0));
             if !shifts {
                 continue;
             }
@@ -200,7 +211,13 @@ impl Plan {
             }
         }
         let last = widths.len() - 1;
-        for (p, branches) in layout.segments.iter().map(|s| s.branches.as_slice()).chain([std::slice::from_ref(&layout.head)]).enumerate() {
+        for (p, branches) in layout
+            .segments
+            .iter()
+            .map(|s| s.branches.as_slice())
+            .chain([std::slice::from_ref(&layout.head)])
+            .enumerate()
+        {
             for reader in branches.iter().flat_map(|b| b.readers.iter()) {
                 if p == last && self.tied {
                     created.push(k(p) * d);
@@ -214,7 +231,10 @@ impl Plan {
         for (i, segment) in layout.segments.iter().enumerate() {
             for writer in &segment.writers {
                 resize(&writer.weight, writer.in_features as u64 * k(i + 1));
-                if let Some(structure::Bias::GemmC(b) | structure::Bias::AddNode { initializer: b, .. }) = &writer.bias {
+                if let Some(
+                    structure::Bias::GemmC(b) | structure::Bias::AddNode { initializer: b, .. },
+                ) = &writer.bias
+                {
                     resize(b, k(i + 1));
                 }
             }
@@ -241,8 +261,14 @@ impl Plan {
     /// its energy, with the largest τ that fits. `spectra[p]` holds the eigenvalues of point p's
     /// basis, decreasing; points that share a basis share a spectrum, hence a width. The head's
     /// input keeps D unless `dims.slice_head`.
-    pub fn allocate(&self, dims: &Dimensions, budget: &Budget, spectra: &[Vec<f64>]) -> Result<Vec<usize>> {
-        let (d, round, last) = (self.layout.width, dims.round_to.max(1), spectra.len().saturating_sub(1));
+    pub fn allocate(
+        &self,
+        dims: &Dimensions,
+        budget: &Budget,
+        spectra: &[Vec<f64>],
+    ) -> Result<Vec<usize>> {
+        let (d, round, last) =
+            (self.layout.width, dims.round_to.max(1), spectra.len().saturating_sub(1));
         let widths_for = |tau: f64| -> Vec<usize> {
             spectra
                 .iter()
@@ -262,11 +288,23 @@ impl Plan {
                 .collect()
         };
         let limit = budget.limit(self.before);
-        let size = |widths: &[usize]| budget.measure(self.predict_widths(widths.to_vec(), &basis_groups(&self.layout, dims.basis, widths)).after);
+        let size = |widths: &[usize]| {
+            budget.measure(
+                self.predict_widths(
+                    widths.to_vec(),
+                    &basis_groups(&self.layout, dims.basis, widths),
+                )
+                .after,
+            )
+        };
         let narrowest = widths_for(0.0);
         if size(&narrowest) > limit {
             return Err(Error::Budget {
-                message: format!("no stream width fits the target of {limit} {}: the narrowest widths give {}", budget.unit(), size(&narrowest)),
+                message: format!(
+                    "no stream width fits the target of {limit} {}: the narrowest widths give {}",
+                    budget.unit(),
+                    size(&narrowest)
+                ),
             });
         }
         let (mut fitting, mut over) = (0.0, 1.0);
@@ -327,7 +365,9 @@ mod tests {
         }
         let before = Totals { parameters: 10, bytes: 1001 };
         assert_eq!(Budget::BytesFraction(0.5).limit(before), 500);
-        assert!(Budget::BytesFraction(0.5).check(before, Totals { parameters: 10, bytes: 500 }).is_ok());
+        assert!(Budget::BytesFraction(0.5)
+            .check(before, Totals { parameters: 10, bytes: 500 })
+            .is_ok());
         assert!(Budget::Parameters(9).check(before, Totals { parameters: 10, bytes: 1 }).is_err());
     }
 }

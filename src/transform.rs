@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use faer::Mat;
 
+use crate::algebra;
 use crate::error::{Error, Result};
 use crate::fuse::{self, privatize_weights};
 use crate::graph::Model;
 use crate::rotate;
-use crate::algebra;
 use crate::structure::{self, Layout};
 
 /// How the basis at each stream point is chosen (without calibration).
@@ -77,7 +77,13 @@ pub struct Dimensions {
 
 impl Default for Dimensions {
     fn default() -> Self {
-        Dimensions { ratio: 0.0, width: None, round_to: 8, slice_head: false, basis: BasisMode::default() }
+        Dimensions {
+            ratio: 0.0,
+            width: None,
+            round_to: 8,
+            slice_head: false,
+            basis: BasisMode::default(),
+        }
     }
 }
 
@@ -100,7 +106,13 @@ impl Dimensions {
     pub fn widths(&self, layout: &Layout) -> Vec<usize> {
         let points = layout.stream_points().len();
         (0..points)
-            .map(|p| if p + 1 == points && !self.slice_head { layout.width } else { self.sliced_width(layout.width) })
+            .map(|p| {
+                if p + 1 == points && !self.slice_head {
+                    layout.width
+                } else {
+                    self.sliced_width(layout.width)
+                }
+            })
             .collect()
     }
 
@@ -162,7 +174,14 @@ pub fn fuse(model: &mut Model) -> Result<Rewritten> {
     fuse::fuse_norms(&mut model.graph, &layout, opset)?;
     let widths = vec![layout.width; layout.stream_points().len()];
     let groups = (0..widths.len()).collect();
-    Ok(Rewritten { layout, widths, groups, weight_copies, skip_norms_decomposed, centered_embeddings: false })
+    Ok(Rewritten {
+        layout,
+        widths,
+        groups,
+        weight_copies,
+        skip_norms_decomposed,
+        centered_embeddings: false,
+    })
 }
 
 /// The reference implementation's mean subtraction from every embedding row, which it applies to
@@ -192,10 +211,19 @@ pub fn rotate(model: &mut Model, orientation: Orientation, dims: &Dimensions) ->
     Ok(rewritten)
 }
 
-fn bases(layout: &Layout, orientation: Orientation, widths: &[usize], groups: &[usize]) -> Result<Vec<Mat<f64>>> {
+fn bases(
+    layout: &Layout,
+    orientation: Orientation,
+    widths: &[usize],
+    groups: &[usize],
+) -> Result<Vec<Mat<f64>>> {
     let d = layout.width;
     if widths.iter().any(|&k| k == 0 || k > d) {
-        return Err(Error::Pass { pass: "rotate", node: "(graph)".into(), message: format!("widths {widths:?} do not fit D = {d}") });
+        return Err(Error::Pass {
+            pass: "rotate",
+            node: "(graph)".into(),
+            message: format!("widths {widths:?} do not fit D = {d}"),
+        });
     }
     Ok(widths
         .iter()
@@ -203,7 +231,9 @@ fn bases(layout: &Layout, orientation: Orientation, widths: &[usize], groups: &[
         .map(|(p, &k)| {
             let q = match orientation {
                 Orientation::Identity => Mat::<f64>::identity(d, d),
-                Orientation::Random { seed } => algebra::random_orthogonal(d, seed.wrapping_add(groups[p] as u64)),
+                Orientation::Random { seed } => {
+                    algebra::random_orthogonal(d, seed.wrapping_add(groups[p] as u64))
+                }
             };
             q.subcols(0, k).to_owned()
         })
@@ -220,7 +250,12 @@ impl std::fmt::Display for Orientation {
 }
 
 /// Records what was done in the model's metadata_props (replacing earlier onnx-slice entries).
-pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimensions, orientation: &str) {
+pub fn record_in_metadata(
+    model: &mut Model,
+    rewritten: &Rewritten,
+    dims: &Dimensions,
+    orientation: &str,
+) {
     model.metadata.retain(|(k, _)| !k.starts_with("onnx_slice."));
     let widths: Vec<String> = rewritten.widths.iter().map(usize::to_string).collect();
     let orientation = orientation.to_string();
@@ -242,15 +277,22 @@ pub fn record_in_metadata(model: &mut Model, rewritten: &Rewritten, dims: &Dimen
 /// The `onnx_slice.*` metadata of a model onnx-slice wrote (what sliced it, and how), keys without
 /// the prefix; `None` for any other model.
 pub fn sliced_by(model: &Model) -> Option<BTreeMap<String, String>> {
-    let entries: BTreeMap<String, String> =
-        model.metadata.iter().filter_map(|(k, v)| k.strip_prefix("onnx_slice.").map(|key| (key.to_string(), v.clone()))).collect();
+    let entries: BTreeMap<String, String> = model
+        .metadata
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("onnx_slice.").map(|key| (key.to_string(), v.clone())))
+        .collect();
     (!entries.is_empty()).then_some(entries)
 }
 
 /// One line for people: "onnx-slice 0.1.0 (orientation pca (…), ratio 0.25, widths 48,48,64, …)".
 pub fn describe_slicing(entries: &BTreeMap<String, String>) -> String {
     let version = entries.get("version").map_or("?", String::as_str);
-    let details: Vec<String> = entries.iter().filter(|(k, _)| *k != "version").map(|(k, v)| format!("{} {v}", k.replace('_', " "))).collect();
+    let details: Vec<String> = entries
+        .iter()
+        .filter(|(k, _)| *k != "version")
+        .map(|(k, v)| format!("{} {v}", k.replace('_', " ")))
+        .collect();
     format!("onnx-slice {version} ({})", details.join(", "))
 }
 
@@ -260,7 +302,10 @@ pub fn describe_slicing(entries: &BTreeMap<String, String>) -> String {
 pub fn refuse_sliced(model: &Model) -> Result<()> {
     match sliced_by(model) {
         Some(entries) => Err(Error::AlreadySliced {
-            model: model.source.as_ref().map_or("the model".into(), |s| s.path.display().to_string()),
+            model: model
+                .source
+                .as_ref()
+                .map_or("the model".into(), |s| s.path.display().to_string()),
             by: describe_slicing(&entries),
         }),
         None => Ok(()),

@@ -29,7 +29,13 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in files {
         let relative = file.strip_prefix(&src).expect("under src/");
-        let first = relative.components().next().expect("a path").as_os_str().to_string_lossy().into_owned();
+        let first = relative
+            .components()
+            .next()
+            .expect("a path")
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned();
         let module = first.trim_end_matches(".rs").to_string();
         if module == "lib" || module == "main" || module == "error" {
             continue;
@@ -39,7 +45,10 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
         let code = text.lines().filter(|line| !line.trim_start().starts_with("//"));
         for line in code {
             for (at, _) in line.match_indices("crate::") {
-                let name: String = line[at + 7..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let name: String = line[at + 7..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
                 if !name.is_empty() && name != module && !(module == "graph" && name == "onnx") {
                     uses.insert(name);
                 }
@@ -70,6 +79,7 @@ fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option
 fn top_level_modules_form_no_cycle() {
     let graph = module_graph();
     assert!(graph.len() >= 10, "expected the crate's modules, found {:?}", graph.keys());
-    let cycles: Vec<String> = graph.keys().filter_map(|m| cycle_from(&graph, m)).map(|c| c.join(" → ")).collect();
+    let cycles: Vec<String> =
+        graph.keys().filter_map(|m| cycle_from(&graph, m)).map(|c| c.join(" → ")).collect();
     assert!(cycles.is_empty(), "module cycles:\n{}", cycles.join("\n"));
 }

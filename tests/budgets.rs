@@ -28,14 +28,21 @@ fn stderr(run: &Output) -> String {
 
 /// `stream width D → [k, …] at …` and `… weight bytes B → A (…)` from the size summary.
 fn summary_widths_and_bytes(text: &str) -> (String, u64) {
-    let widths = text.lines().find(|l| l.starts_with("stream width")).and_then(|l| l.split('[').nth(1)).and_then(|l| l.split(']').next());
+    let widths = text
+        .lines()
+        .find(|l| l.starts_with("stream width"))
+        .and_then(|l| l.split('[').nth(1))
+        .and_then(|l| l.split(']').next());
     let bytes = text
         .lines()
         .find_map(|l| l.split("weight bytes ").nth(1))
         .and_then(|b| b.split(" → ").nth(1))
         .and_then(|b| b.split(" (").next())
         .map(|b| b.replace(',', "").parse::<u64>().unwrap());
-    (widths.unwrap_or_else(|| panic!("no widths in {text}")).to_string(), bytes.unwrap_or_else(|| panic!("no bytes in {text}")))
+    (
+        widths.unwrap_or_else(|| panic!("no widths in {text}")).to_string(),
+        bytes.unwrap_or_else(|| panic!("no bytes in {text}")),
+    )
 }
 
 /// The optimum export of every family, with its weight totals.
@@ -56,32 +63,55 @@ fn target_size_is_met_on_every_family_and_dry_run_predicts_the_real_run() {
             let out = dir.path().join(format!("{arch}-{basis}.onnx"));
             let report = dir.path().join(format!("{arch}-{basis}.json"));
             let args = ["--target-size", target, "--basis", basis];
-            let dry = Command::new(env!("CARGO_BIN_EXE_onnx-slice")).arg(&model).args(args).arg("--dry-run").output().unwrap();
+            let dry = Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
+                .arg(&model)
+                .args(args)
+                .arg("--dry-run")
+                .output()
+                .unwrap();
             if !dry.status.success() || out.exists() {
-                failures.push(format!("{arch} {basis}: --dry-run failed or wrote a file: {}", stderr(&dry)));
+                failures.push(format!(
+                    "{arch} {basis}: --dry-run failed or wrote a file: {}",
+                    stderr(&dry)
+                ));
                 continue;
             }
-            let run = slice(&model, &out, &[&args[..], &["--report", report.to_str().unwrap()]].concat());
+            let run =
+                slice(&model, &out, &[&args[..], &["--report", report.to_str().unwrap()]].concat());
             if !run.status.success() {
                 failures.push(format!("{arch} {basis} --target-size {target}: {}", stderr(&run)));
                 continue;
             }
             let written = weight_totals(&onnx::load(&out).unwrap().graph);
-            let limit = (before.bytes as f64 * target.trim_end_matches('%').parse::<f64>().unwrap() / 100.0).floor() as u64;
+            let limit = (before.bytes as f64 * target.trim_end_matches('%').parse::<f64>().unwrap()
+                / 100.0)
+                .floor() as u64;
             if written.bytes > limit {
-                failures.push(format!("{arch} {basis}: {} weight bytes, over the target {limit}", written.bytes));
+                failures.push(format!(
+                    "{arch} {basis}: {} weight bytes, over the target {limit}",
+                    written.bytes
+                ));
             }
-            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-            let widths: Vec<String> = report["widths"].as_array().unwrap().iter().map(|w| w.to_string()).collect();
-            let (dry_widths, dry_bytes) = summary_widths_and_bytes(&String::from_utf8_lossy(&dry.stdout));
-            if dry_widths != widths.join(", ") || dry_bytes != written.bytes || report["weight_bytes_after"] != written.bytes {
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            let widths: Vec<String> =
+                report["widths"].as_array().unwrap().iter().map(|w| w.to_string()).collect();
+            let (dry_widths, dry_bytes) =
+                summary_widths_and_bytes(&String::from_utf8_lossy(&dry.stdout));
+            if dry_widths != widths.join(", ")
+                || dry_bytes != written.bytes
+                || report["weight_bytes_after"] != written.bytes
+            {
                 failures.push(format!(
                     "{arch} {basis}: --dry-run said [{dry_widths}], {dry_bytes} bytes; the run wrote {widths:?}, {} bytes",
                     written.bytes
                 ));
             }
             if report["target_limit"] != limit || report["basis"] != basis {
-                failures.push(format!("{arch} {basis}: report target_limit {} basis {}", report["target_limit"], report["basis"]));
+                failures.push(format!(
+                    "{arch} {basis}: report target_limit {} basis {}",
+                    report["target_limit"], report["basis"]
+                ));
             }
         }
     }
@@ -94,10 +124,16 @@ fn an_unreachable_target_fails_with_its_own_exit_code_and_writes_nothing() {
     for arch in ARCHS {
         let model = fixture(&format!("{arch}/optimum/model.onnx"));
         let out = dir.path().join(format!("{arch}.onnx"));
-        for target in [["--target-size", "1000"], ["--target-params", "10"], ["--target-size", "1%"]] {
+        for target in
+            [["--target-size", "1000"], ["--target-params", "10"], ["--target-size", "1%"]]
+        {
             let run = slice(&model, &out, &target);
             assert_eq!(run.status.code(), Some(4), "{arch} {target:?}: {}", stderr(&run));
-            assert!(stderr(&run).contains("no stream width fits the target"), "{arch} {target:?}: {}", stderr(&run));
+            assert!(
+                stderr(&run).contains("no stream width fits the target"),
+                "{arch} {target:?}: {}",
+                stderr(&run)
+            );
             assert!(!out.exists(), "{arch} {target:?}: an output file was written");
         }
     }
@@ -110,7 +146,8 @@ fn a_target_params_run_is_at_or_under_the_target() {
     let before = weight_totals(&onnx::load(&model).unwrap().graph);
     let target = before.parameters * 9 / 10;
     let out = dir.path().join("sliced.onnx");
-    let run = slice(&model, &out, &["--target-params", &target.to_string(), "--orientation", "random"]);
+    let run =
+        slice(&model, &out, &["--target-params", &target.to_string(), "--orientation", "random"]);
     assert!(run.status.success(), "{}", stderr(&run));
     let after = weight_totals(&onnx::load(&out).unwrap().graph);
     assert!(after.parameters <= target, "{} parameters, target {target}", after.parameters);
@@ -126,18 +163,38 @@ fn allocated_widths_meet_the_target_on_every_family() {
         for basis in ["point", "block"] {
             let out = dir.path().join(format!("{arch}-{basis}.onnx"));
             let report = dir.path().join(format!("{arch}-{basis}.json"));
-            let run = slice(&model, &out, &["--target-size", "85%", "--basis", basis, "--allocate-widths", "--report", report.to_str().unwrap()]);
+            let run = slice(
+                &model,
+                &out,
+                &[
+                    "--target-size",
+                    "85%",
+                    "--basis",
+                    basis,
+                    "--allocate-widths",
+                    "--report",
+                    report.to_str().unwrap(),
+                ],
+            );
             if !run.status.success() {
                 failures.push(format!("{arch} {basis}: {}", stderr(&run)));
                 continue;
             }
             let written = weight_totals(&onnx::load(&out).unwrap().graph);
             let limit = before.bytes * 85 / 100;
-            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-            let widths: Vec<u64> = report["widths"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            let widths: Vec<u64> =
+                report["widths"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
             let d = report["stream_width"].as_u64().unwrap();
-            if written.bytes > limit || widths.iter().any(|k| k % 8 != 0 || *k > d) || widths.last() != Some(&d) {
-                failures.push(format!("{arch} {basis}: {} bytes (limit {limit}), widths {widths:?}", written.bytes));
+            if written.bytes > limit
+                || widths.iter().any(|k| k % 8 != 0 || *k > d)
+                || widths.last() != Some(&d)
+            {
+                failures.push(format!(
+                    "{arch} {basis}: {} bytes (limit {limit}), widths {widths:?}",
+                    written.bytes
+                ));
             }
         }
     }

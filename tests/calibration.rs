@@ -7,9 +7,9 @@ use common::reference::*;
 use common::*;
 use indicatif::ProgressBar;
 use onnx_slice::calibrate::data::CalibrationSet;
-use onnx_slice::interface::load_tokenizer;
 use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
 use onnx_slice::graph::Model;
+use onnx_slice::interface::load_tokenizer;
 use onnx_slice::onnx;
 use onnx_slice::runtime::ModelSession;
 use onnx_slice::transform::{self, BasisMode, Dimensions};
@@ -25,11 +25,21 @@ fn calibrate(path: &std::path::Path, arch: &str, ratio: f64) -> Model {
     calibrate_with(path, arch, ratio, false)
 }
 
-fn calibrate_with(path: &std::path::Path, arch: &str, ratio: f64, center_embeddings: bool) -> Model {
+fn calibrate_with(
+    path: &std::path::Path,
+    arch: &str,
+    ratio: f64,
+    center_embeddings: bool,
+) -> Model {
     calibrate_dims(path, arch, Dimensions { ratio, ..Dimensions::default() }, center_embeddings)
 }
 
-fn calibrate_dims(path: &std::path::Path, arch: &str, dims: Dimensions, center_embeddings: bool) -> Model {
+fn calibrate_dims(
+    path: &std::path::Path,
+    arch: &str,
+    dims: Dimensions,
+    center_embeddings: bool,
+) -> Model {
     let mut model = onnx::load(path).unwrap();
     // Opset-23 dynamo exports run in ONNX Runtime at batch 1 only (an exporter bug, see
     // fixtures/README.md).
@@ -42,14 +52,16 @@ fn calibrate_dims(path: &std::path::Path, arch: &str, dims: Dimensions, center_e
         model_path: Some(path.to_path_buf()),
         allocation: None,
     };
-    slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden()).unwrap_or_else(|e| panic!("{e}"));
+    slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())
+        .unwrap_or_else(|e| panic!("{e}"));
     model
 }
 
 fn logits(model: &Model, dir: &std::path::Path, reference: &Reference) -> ndarray::ArrayD<f32> {
     runtime();
     let bytes = onnx::to_bytes(model).unwrap();
-    let mut session = ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"));
+    let mut session =
+        ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"));
     let inputs = reference.inputs_for(&session);
     run_logits(&mut session, &inputs)
 }
@@ -61,7 +73,8 @@ fn pca_rotation_at_ratio_zero_keeps_the_logits() {
         let reference = Reference::for_exporter(&arch, &exporter);
         let dir = path.parent().unwrap();
         let expected = logits(&onnx::load(&path).unwrap(), dir, &reference);
-        let result = std::panic::catch_unwind(|| logits(&calibrate(&path, &arch, 0.0), dir, &reference));
+        let result =
+            std::panic::catch_unwind(|| logits(&calibrate(&path, &arch, 0.0), dir, &reference));
         match result {
             Ok(got) => {
                 let diff = max_abs_diff(&got, &expected);
@@ -69,7 +82,10 @@ fn pca_rotation_at_ratio_zero_keeps_the_logits() {
                     failures.push(format!("{arch}/{exporter}: max |Δlogits| = {diff}"));
                 }
             }
-            Err(e) => failures.push(format!("{arch}/{exporter}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default())),
+            Err(e) => failures.push(format!(
+                "{arch}/{exporter}: {}",
+                e.downcast_ref::<String>().cloned().unwrap_or_default()
+            )),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -112,12 +128,21 @@ fn pca_sliced_models_keep_every_output_shape() {
         });
         match result {
             Ok(got) => {
-                let shapes = |o: &[(String, onnx_slice::runtime::TensorValue)]| o.iter().map(|(n, v)| (n.clone(), v.shape().to_vec())).collect::<Vec<_>>();
+                let shapes = |o: &[(String, onnx_slice::runtime::TensorValue)]| {
+                    o.iter().map(|(n, v)| (n.clone(), v.shape().to_vec())).collect::<Vec<_>>()
+                };
                 if shapes(&got) != shapes(&expected) {
-                    failures.push(format!("{arch}/{exporter}: outputs {:?}, expected {:?}", shapes(&got), shapes(&expected)));
+                    failures.push(format!(
+                        "{arch}/{exporter}: outputs {:?}, expected {:?}",
+                        shapes(&got),
+                        shapes(&expected)
+                    ));
                 }
             }
-            Err(e) => failures.push(format!("{arch}/{exporter}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default())),
+            Err(e) => failures.push(format!(
+                "{arch}/{exporter}: {}",
+                e.downcast_ref::<String>().cloned().unwrap_or_default()
+            )),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -142,7 +167,13 @@ fn the_command_writes_model_report_and_rotations() {
     let rotations = dir.path().join("rotations.safetensors");
     let model = fixture("gpt2/optimum/model.onnx");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
-        .args([model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--ratio".as_ref(), "0.25".as_ref()])
+        .args([
+            model.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--ratio".as_ref(),
+            "0.25".as_ref(),
+        ])
         .args(["--calib-samples", "8", "--calib-seqlen", "64", "--quiet"])
         .arg("--calib")
         .arg(fixture("calibration.txt"))
@@ -155,12 +186,16 @@ fn the_command_writes_model_report_and_rotations() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(run.stderr.is_empty(), "--quiet printed: {}", String::from_utf8_lossy(&run.stderr));
 
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(report["widths"], serde_json::json!([48, 48, 48, 48, 64]));
     assert_eq!(report["stream_width"], 64);
     assert_eq!(report["calibration_tokens"], 8 * 64);
     let seconds = report["seconds"].as_object().unwrap();
-    assert!(seconds.keys().all(|k| k.ends_with("_seconds")) && seconds.contains_key("total_seconds"), "{seconds:?}");
+    assert!(
+        seconds.keys().all(|k| k.ends_with("_seconds")) && seconds.contains_key("total_seconds"),
+        "{seconds:?}"
+    );
     let original = onnx_slice::size::weight_totals(&onnx::load(&model).unwrap().graph);
     let sliced = onnx::load(&out).unwrap();
     let after = onnx_slice::size::weight_totals(&sliced.graph);
@@ -170,13 +205,20 @@ fn the_command_writes_model_report_and_rotations() {
     assert_eq!(report["basis"], "global");
     // The default basis is global: one shortcut, into the head's input (which keeps D).
     assert_eq!(report["shortcut_parameters"], 48 * 64);
-    assert!(sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.widths" && v == "48,48,48,48,64"), "{:?}", sliced.metadata);
+    assert!(
+        sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.widths" && v == "48,48,48,48,64"),
+        "{:?}",
+        sliced.metadata
+    );
 
     let saved = onnx_slice::pca::load_rotations(&rotations).unwrap();
     assert_eq!(saved.len(), 5);
     let kept: Vec<usize> = saved.iter().map(|(_, _, k)| *k).collect();
     assert_eq!(kept, [48, 48, 48, 48, 64]);
-    assert!(saved.iter().all(|(_, basis, _)| basis.q.nrows() == 64 && basis.eigenvalues.windows(2).all(|w| w[0] >= w[1])));
+    assert!(saved
+        .iter()
+        .all(|(_, basis, _)| basis.q.nrows() == 64
+            && basis.eigenvalues.windows(2).all(|w| w[0] >= w[1])));
 }
 
 /// `--center-embeddings` changes an RMSNorm model (and only such a model), and PCA slicing at
@@ -193,8 +235,16 @@ fn centered_embeddings_change_rmsnorm_models_only_and_slice_exactly() {
         assert_eq!(changed, arch == "llama", "{arch}: centering changed the model: {changed}");
         // A tied table (GPT-2) stays as it is: its adapter `A` is centred, which centres `E A`.
         let token = &rewritten.layout.embeddings[0];
-        let table = centered.graph.initializer(token.adapter.as_ref().unwrap_or(&token.table)).unwrap().to_f32().unwrap();
-        let worst_mean = table.chunks(rewritten.layout.width).map(|row| (row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64).abs()).fold(0.0, f64::max);
+        let table = centered
+            .graph
+            .initializer(token.adapter.as_ref().unwrap_or(&token.table))
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        let worst_mean = table
+            .chunks(rewritten.layout.width)
+            .map(|row| (row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64).abs())
+            .fold(0.0, f64::max);
         assert!(worst_mean < 1e-6, "{arch}: an embedding row has mean {worst_mean}");
 
         let original = logits(&onnx::load(&path).unwrap(), dir, &reference);
@@ -203,7 +253,10 @@ fn centered_embeddings_change_rmsnorm_models_only_and_slice_exactly() {
         assert_eq!(moved > 1e-4, changed, "{arch}: centering moved the logits by {moved}");
         let sliced = logits(&calibrate_with(&path, arch, 0.0, true), dir, &reference);
         let diff = max_abs_diff(&sliced, &expected);
-        assert!(diff <= 1e-4, "{arch}: ratio 0 after centering differs from the centered model by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{arch}: ratio 0 after centering differs from the centered model by {diff}"
+        );
     }
 }
 
@@ -215,18 +268,36 @@ fn the_command_records_centered_embeddings_and_refuses_them_without_pca() {
     let model = fixture("llama/optimum/model.onnx");
     let slice = |extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
-            .args([model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--ratio".as_ref(), "0.25".as_ref()])
-            .args(["--calib-samples", "4", "--calib-seqlen", "32", "--quiet", "--center-embeddings"])
+            .args([
+                model.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                "--ratio".as_ref(),
+                "0.25".as_ref(),
+            ])
+            .args([
+                "--calib-samples",
+                "4",
+                "--calib-seqlen",
+                "32",
+                "--quiet",
+                "--center-embeddings",
+            ])
             .args(extra)
             .output()
             .unwrap()
     };
     let run = slice(&["--report", report.to_str().unwrap()]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(report["centered_embeddings"], true);
     let sliced = onnx::load(&out).unwrap();
-    assert!(sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.centered_embeddings" && v == "true"), "{:?}", sliced.metadata);
+    assert!(
+        sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.centered_embeddings" && v == "true"),
+        "{:?}",
+        sliced.metadata
+    );
 
     std::fs::remove_file(&out).unwrap();
     let refused = slice(&["--orientation", "random"]);

@@ -4,7 +4,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, scratch};
-use onnx_slice::calibrate::data::{default_calibration_text, documents, join_documents, special_tokens, CalibrationSet};
+use onnx_slice::calibrate::data::{
+    default_calibration_text, documents, join_documents, special_tokens, CalibrationSet,
+};
 use onnx_slice::interface::{find_tokenizer, load_tokenizer, position_limit};
 use onnx_slice::Error;
 use tokenizers::Tokenizer;
@@ -37,7 +39,10 @@ fn documents_are_paragraphs_between_blank_lines() {
     let text = "\n  first line\nsecond line\n\n\n  \t \nnext\r\n\r\nlast  \n";
     let docs: Vec<&str> = documents(text).collect();
     assert_eq!(docs, ["first line\nsecond line", "next", "last"]);
-    assert_eq!(join_documents(&[text.to_string(), "more\n\n".to_string()]), "first line\nsecond line\n\nnext\n\nlast\n\nmore");
+    assert_eq!(
+        join_documents(&[text.to_string(), "more\n\n".to_string()]),
+        "first line\nsecond line\n\nnext\n\nlast\n\nmore"
+    );
     assert_eq!(documents("").count(), 0);
     assert_eq!(documents(" \n\n \n").count(), 0);
 }
@@ -54,15 +59,32 @@ fn text_becomes_non_overlapping_windows_of_the_stream() {
     assert!(set.mask.iter().flatten().all(|&m| m == 1));
     let starts: Vec<i64> = set.ids.iter().map(|row| row[0]).collect();
     for (row, &start) in set.ids.iter().zip(&starts) {
-        assert_eq!((start - 3) % 50, 0, "a window starts at a multiple of the window length: {start}");
-        assert_eq!(row, &(start..start + 50).collect::<Vec<i64>>(), "a window is a contiguous run of the stream");
+        assert_eq!(
+            (start - 3) % 50,
+            0,
+            "a window starts at a multiple of the window length: {start}"
+        );
+        assert_eq!(
+            row,
+            &(start..start + 50).collect::<Vec<i64>>(),
+            "a window is a contiguous run of the stream"
+        );
     }
-    assert!(starts.windows(2).all(|w| w[0] < w[1]), "windows are distinct and in text order: {starts:?}");
-    assert!(set.source.contains("4 samples × 50 tokens") && set.source.contains("10 windows"), "{}", set.source);
+    assert!(
+        starts.windows(2).all(|w| w[0] < w[1]),
+        "windows are distinct and in text order: {starts:?}"
+    );
+    assert!(
+        set.source.contains("4 samples × 50 tokens") && set.source.contains("10 windows"),
+        "{}",
+        set.source
+    );
 
     let again = CalibrationSet::from_texts(&text, &tokenizer, 4, 50, 42).unwrap();
     assert_eq!(again, set, "same seed, same samples");
-    let differs = (0..8u64).any(|seed| CalibrationSet::from_texts(&text, &tokenizer, 4, 50, seed).unwrap().ids != set.ids);
+    let differs = (0..8u64).any(|seed| {
+        CalibrationSet::from_texts(&text, &tokenizer, 4, 50, seed).unwrap().ids != set.ids
+    });
     assert!(differs, "other seeds choose other windows");
 }
 
@@ -82,10 +104,16 @@ fn short_text_gives_every_window_and_says_so() {
 #[test]
 fn too_little_text_is_an_error() {
     let tokenizer = fixture_tokenizer();
-    let error = CalibrationSet::from_texts(&[numbered_text(3, 2, 10)], &tokenizer, 4, 50, 0).unwrap_err();
+    let error =
+        CalibrationSet::from_texts(&[numbered_text(3, 2, 10)], &tokenizer, 4, 50, 0).unwrap_err();
     assert!(matches!(error, Error::Calibration { .. }));
     let message = error.to_string();
-    assert!(message.contains("too short") && message.contains("20 tokens") && message.contains("needs 50"), "{message}");
+    assert!(
+        message.contains("too short")
+            && message.contains("20 tokens")
+            && message.contains("needs 50"),
+        "{message}"
+    );
     let empty = CalibrationSet::from_texts(&["\n\n".to_string()], &tokenizer, 1, 8, 0).unwrap_err();
     assert!(empty.to_string().contains("too short"), "{empty}");
     assert!(CalibrationSet::from_texts(&[numbered_text(3, 2, 10)], &tokenizer, 0, 5, 0).is_err());
@@ -94,7 +122,10 @@ fn too_little_text_is_an_error() {
 /// A copy of the fixture tokenizer whose post-processor puts `<s>` (id 1) before every sequence,
 /// as LLaMA-2's does.
 fn tokenizer_with_bos(dir: &Path) -> Tokenizer {
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("_hf/llama/tokenizer.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("_hf/llama/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
     json["post_processor"] = serde_json::json!({
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -114,7 +145,11 @@ fn special_tokens_of_the_post_processor_start_every_sample() {
     let dir = scratch();
     let tokenizer = tokenizer_with_bos(dir.path());
     assert_eq!(special_tokens(&tokenizer).unwrap(), (vec![1], vec![]));
-    assert_eq!(special_tokens(&fixture_tokenizer()).unwrap(), (vec![], vec![]), "no post-processor, nothing added");
+    assert_eq!(
+        special_tokens(&fixture_tokenizer()).unwrap(),
+        (vec![], vec![]),
+        "no post-processor, nothing added"
+    );
     let text = vec![numbered_text(3, 10, 49)]; // 490 tokens: 10 windows of 49 + <s>
     let set = CalibrationSet::from_texts(&text, &tokenizer, 10, 50, 1).unwrap();
     assert_eq!(set.len(), 10);
@@ -139,7 +174,10 @@ fn npy_ids_round_trip() {
     let values: Vec<i64> = (0..15).map(|v| v * 7 + 1).collect();
     common::write_npy(&path, "<i8", &[3, 5], &i64_bytes(&values));
     let set = CalibrationSet::from_npy(&path, None).unwrap();
-    assert_eq!(set.ids, vec![values[0..5].to_vec(), values[5..10].to_vec(), values[10..15].to_vec()]);
+    assert_eq!(
+        set.ids,
+        vec![values[0..5].to_vec(), values[5..10].to_vec(), values[10..15].to_vec()]
+    );
     assert_eq!(set.mask, vec![vec![1; 5]; 3]);
     assert_eq!(set.tokens(), 15);
     assert!(set.source.contains("3 samples × 5 tokens"), "{}", set.source);
@@ -174,7 +212,12 @@ fn npy_with_the_wrong_type_or_rank_is_refused() {
     let floats = dir.path().join("floats.npy");
     common::write_npy(&floats, "<f4", &[2, 2], &[0u8; 16]);
     let message = CalibrationSet::from_npy(&floats, None).unwrap_err().to_string();
-    assert!(message.contains("int64 or int32") && message.contains("float32") && message.contains("floats.npy"), "{message}");
+    assert!(
+        message.contains("int64 or int32")
+            && message.contains("float32")
+            && message.contains("floats.npy"),
+        "{message}"
+    );
 
     let flat = dir.path().join("flat.npy");
     common::write_npy(&flat, "<i8", &[4], &i64_bytes(&[1, 2, 3, 4]));
@@ -185,7 +228,8 @@ fn npy_with_the_wrong_type_or_rank_is_refused() {
     common::write_npy(&negative, "<i8", &[1, 2], &i64_bytes(&[1, -5]));
     assert!(CalibrationSet::from_npy(&negative, None).unwrap_err().to_string().contains("-5"));
 
-    let missing = CalibrationSet::from_npy(&dir.path().join("missing.npy"), None).unwrap_err().to_string();
+    let missing =
+        CalibrationSet::from_npy(&dir.path().join("missing.npy"), None).unwrap_err().to_string();
     assert!(missing.contains("missing.npy"), "{missing}");
 }
 
@@ -198,12 +242,16 @@ fn tokenizer_is_the_flag_or_beside_the_model() {
     let error = find_tokenizer(&model, None, "--calib-ids FILE.npy").unwrap_err().to_string();
     let beside = dir.path().join("tokenizer.json");
     assert!(error.contains(&beside.display().to_string()), "names the path tried: {error}");
-    assert!(error.contains("--tokenizer") && error.contains("--calib-ids"), "suggests the flags: {error}");
+    assert!(
+        error.contains("--tokenizer") && error.contains("--calib-ids"),
+        "suggests the flags: {error}"
+    );
 
     let explicit = fixture("_hf/llama/tokenizer.json");
     assert_eq!(find_tokenizer(&model, Some(&explicit), "--calib-ids FILE.npy").unwrap(), explicit);
     let absent = dir.path().join("nope.json");
-    let error = find_tokenizer(&model, Some(&absent), "--calib-ids FILE.npy").unwrap_err().to_string();
+    let error =
+        find_tokenizer(&model, Some(&absent), "--calib-ids FILE.npy").unwrap_err().to_string();
     assert!(error.contains("nope.json") && error.contains("--tokenizer"), "{error}");
 
     std::fs::copy(&explicit, &beside).unwrap();
@@ -234,12 +282,16 @@ fn position_limit_of_learned_tables_and_configs() {
     let copy = |arch: &str| -> PathBuf {
         let target = dir.path().join(arch);
         std::fs::create_dir_all(&target).unwrap();
-        std::fs::copy(fixture(&format!("{arch}/optimum/model.onnx")), target.join("model.onnx")).unwrap();
+        std::fs::copy(fixture(&format!("{arch}/optimum/model.onnx")), target.join("model.onnx"))
+            .unwrap();
         target
     };
     let llama = copy("llama");
     std::fs::write(llama.join("config.json"), r#"{"max_position_embeddings": 4096}"#).unwrap();
-    assert_eq!(position_limit(&onnx_slice::onnx::load(llama.join("model.onnx")).unwrap()), Some(4096));
+    assert_eq!(
+        position_limit(&onnx_slice::onnx::load(llama.join("model.onnx")).unwrap()),
+        Some(4096)
+    );
     let gpt2 = copy("gpt2");
     std::fs::write(gpt2.join("config.json"), r#"{"n_positions": 64}"#).unwrap();
     assert_eq!(position_limit(&onnx_slice::onnx::load(gpt2.join("model.onnx")).unwrap()), Some(64));
@@ -259,10 +311,19 @@ fn default_text_is_built_in() {
 #[ignore = "needs ~/.cache/onnx-slice-models/smollm2"]
 fn default_text_holds_the_reference_calibration_set_for_smollm2() {
     let home = std::env::var("HOME").unwrap();
-    let tokenizer =
-        load_tokenizer(Path::new(&format!("{home}/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/tokenizer.json"))).unwrap();
+    let tokenizer = load_tokenizer(Path::new(&format!(
+        "{home}/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/tokenizer.json"
+    )))
+    .unwrap();
     let start = std::time::Instant::now();
-    let set = CalibrationSet::from_texts(&[default_calibration_text().to_string()], &tokenizer, 128, 2048, 42).unwrap();
+    let set = CalibrationSet::from_texts(
+        &[default_calibration_text().to_string()],
+        &tokenizer,
+        128,
+        2048,
+        42,
+    )
+    .unwrap();
     eprintln!("{} ({:.1} s)", set.source, start.elapsed().as_secs_f64());
     assert_eq!(set.len(), 128);
 }

@@ -27,7 +27,10 @@ fn args(list: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
 /// about 2 minutes on a 2-core machine).
 fn long_calibration(dir: &Path) -> PathBuf {
     let (rows, cols) = (20_000usize, 128usize);
-    let data: Vec<u8> = (0..rows * cols).map(|i| (3 + (i * 7919) % 997) as i64).flat_map(i64::to_le_bytes).collect();
+    let data: Vec<u8> = (0..rows * cols)
+        .map(|i| (3 + (i * 7919) % 997) as i64)
+        .flat_map(i64::to_le_bytes)
+        .collect();
     let path = dir.join("long-calibration.npy");
     write_npy(&path, "<i8", &[rows, cols], &data);
     path
@@ -39,7 +42,11 @@ fn assert_usage_error(run: &Outcome, expected: &str, outputs: &Path) {
     assert_eq!(run.code, Some(2), "stderr: {}", run.stderr);
     assert!(run.stderr.starts_with("error: "), "{}", run.stderr);
     assert!(run.stderr.contains(expected), "expected {expected:?} in: {}", run.stderr);
-    assert!(!run.stderr.contains("os error") && !run.stderr.contains(".part"), "a raw OS error: {}", run.stderr);
+    assert!(
+        !run.stderr.contains("os error") && !run.stderr.contains(".part"),
+        "a raw OS error: {}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     assert_eq!(snapshot(outputs), vec![], "files were written");
     assert!(run.seconds < CHECK_SECONDS, "the check took {:.1} s", run.seconds);
@@ -55,13 +62,25 @@ fn output_mistakes_fail_before_a_long_calibration() {
     let out = outputs.path().join("out.onnx");
     let missing = outputs.path().join("no-such-folder").join("out.onnx");
     let slice = |extra: &[&dyn AsRef<std::ffi::OsStr>]| {
-        let mut all = args(&[&model(), &"--ratio", &"0.25", &"--calib-ids", &calibration, &"--calib-samples", &"20000"]);
+        let mut all = args(&[
+            &model(),
+            &"--ratio",
+            &"0.25",
+            &"--calib-ids",
+            &calibration,
+            &"--calib-samples",
+            &"20000",
+        ]);
         all.extend(args(extra));
         onnx_slice(all)
     };
 
     let run = slice(&[&"-o", &missing]);
-    assert_usage_error(&run, &format!("its folder {} does not exist", missing.parent().unwrap().display()), outputs.path());
+    assert_usage_error(
+        &run,
+        &format!("its folder {} does not exist", missing.parent().unwrap().display()),
+        outputs.path(),
+    );
     assert!(run.stderr.contains("-o"), "names the flag: {}", run.stderr);
 
     let run = slice(&[&"-o", &outputs.path()]);
@@ -81,11 +100,30 @@ fn output_mistakes_fail_before_a_long_calibration() {
     let inputs = scratch();
     let input = inputs.path().join("model.onnx");
     std::fs::copy(model(), &input).unwrap();
-    std::fs::copy(fixture("llama/optimum/tokenizer.json"), inputs.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(fixture("llama/optimum/tokenizer.json"), inputs.path().join("tokenizer.json"))
+        .unwrap();
     let before = snapshot(inputs.path());
-    let run = onnx_slice(args(&[&input, &"-o", &input, &"--ratio", &"0.25", &"--calib-ids", &calibration, &"--calib-samples", &"20000"]));
+    let run = onnx_slice(args(&[
+        &input,
+        &"-o",
+        &input,
+        &"--ratio",
+        &"0.25",
+        &"--calib-ids",
+        &calibration,
+        &"--calib-samples",
+        &"20000",
+    ]));
     assert_usage_error(&run, "is the input file", outputs.path());
-    let run = onnx_slice(args(&[&input, &"-o", &out, &"--ratio", &"0.25", &"--report", &inputs.path().join("tokenizer.json")]));
+    let run = onnx_slice(args(&[
+        &input,
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--report",
+        &inputs.path().join("tokenizer.json"),
+    ]));
     assert_usage_error(&run, "--report", outputs.path());
     assert!(run.stderr.contains("is the input file"), "{}", run.stderr);
     assert_eq!(snapshot(inputs.path()), before, "the input folder changed");
@@ -106,9 +144,21 @@ fn input_mistakes_name_the_flag_and_the_path() {
     assert_usage_error(&run, "no such file", outputs.path());
 
     let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--calib", &missing]));
-    assert_usage_error(&run, &format!("--calib {}: no such file", missing.display()), outputs.path());
+    assert_usage_error(
+        &run,
+        &format!("--calib {}: no such file", missing.display()),
+        outputs.path(),
+    );
 
-    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--tokenizer", &folder.path()]));
+    let run = onnx_slice(args(&[
+        &model(),
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--tokenizer",
+        &folder.path(),
+    ]));
     assert_usage_error(&run, "--tokenizer", outputs.path());
 
     // No tokenizer beside a model copied alone: the slicing command suggests its own flags.
@@ -122,7 +172,11 @@ fn input_mistakes_name_the_flag_and_the_path() {
     std::fs::write(&text, "t5 t6 t7\n").unwrap();
     let run = onnx_slice(args(&[&"eval", &alone, &"--text", &text]));
     assert_eq!(run.code, Some(2), "{}", run.stderr);
-    assert!(run.stderr.contains("--ids FILE.npy") && !run.stderr.contains("--calib-ids"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("--ids FILE.npy") && !run.stderr.contains("--calib-ids"),
+        "{}",
+        run.stderr
+    );
 
     for command in ["inspect", "eval"] {
         let mut list = args(&[&command, &folder.path()]);
@@ -142,9 +196,15 @@ fn input_mistakes_name_the_flag_and_the_path() {
     assert!(error.contains("it is a folder") && !error.contains("os error"), "{error}");
     let loaded = onnx_slice::onnx::load(model()).unwrap();
     let nowhere = outputs.path().join("no-such-folder").join("out.onnx");
-    let error = onnx_slice::onnx::save(&loaded, &nowhere, &Default::default()).unwrap_err().to_string();
-    assert!(error.contains("does not exist") && !error.contains("os error") && !error.contains(".part"), "{error}");
-    let error = onnx_slice::onnx::save(&loaded, outputs.path(), &Default::default()).unwrap_err().to_string();
+    let error =
+        onnx_slice::onnx::save(&loaded, &nowhere, &Default::default()).unwrap_err().to_string();
+    assert!(
+        error.contains("does not exist") && !error.contains("os error") && !error.contains(".part"),
+        "{error}"
+    );
+    let error = onnx_slice::onnx::save(&loaded, outputs.path(), &Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("it is a folder") && !error.contains("os error"), "{error}");
     assert_eq!(snapshot(outputs.path()), vec![]);
 }
@@ -155,13 +215,26 @@ fn flag_values_are_checked_with_plain_messages() {
     let out = outputs.path().join("out.onnx");
     for ratio in ["-0.1", "1", "1.5"] {
         let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &ratio]));
-        assert_usage_error(&run, &format!("--ratio must be at least 0 and less than 1, got {ratio}"), outputs.path());
+        assert_usage_error(
+            &run,
+            &format!("--ratio must be at least 0 and less than 1, got {ratio}"),
+            outputs.path(),
+        );
     }
     for flag in ["--calib-samples", "--calib-seqlen", "--calib-batch", "--round-to"] {
         let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &flag, &"0"]));
         assert_usage_error(&run, &format!("{flag} must be at least 1"), outputs.path());
     }
-    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--orientation", &"random", &"--center-embeddings"]));
+    let run = onnx_slice(args(&[
+        &model(),
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--orientation",
+        &"random",
+        &"--center-embeddings",
+    ]));
     assert_usage_error(&run, "--center-embeddings applies to PCA slicing", outputs.path());
 }
 
@@ -171,15 +244,34 @@ fn flag_values_are_checked_with_plain_messages() {
 fn the_tool_knows_its_own_output() {
     let dir = scratch();
     let sliced = dir.path().join("model.sliced.onnx");
-    let run = onnx_slice(args(&[&model(), &"-o", &sliced, &"--ratio", &"0.25", &"--orientation", &"random", &"--seed", &"3", &"--quiet"]));
+    let run = onnx_slice(args(&[
+        &model(),
+        &"-o",
+        &sliced,
+        &"--ratio",
+        &"0.25",
+        &"--orientation",
+        &"random",
+        &"--seed",
+        &"3",
+        &"--quiet",
+    ]));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
 
     let inspect = onnx_slice(args(&[&"inspect", &sliced]));
     assert_eq!(inspect.code, Some(0), "{}", inspect.stderr);
     assert!(inspect.stdout.contains("sliced by:    onnx-slice "), "{}", inspect.stdout);
-    assert!(inspect.stdout.contains("ratio 0.25") && inspect.stdout.contains("widths 48,48,48,48,64"), "{}", inspect.stdout);
+    assert!(
+        inspect.stdout.contains("ratio 0.25") && inspect.stdout.contains("widths 48,48,48,48,64"),
+        "{}",
+        inspect.stdout
+    );
     assert!(inspect.stdout.contains("orientation random (seed 3)"), "{}", inspect.stdout);
-    assert!(inspect.stdout.contains("this model is the output of onnx-slice"), "{}", inspect.stdout);
+    assert!(
+        inspect.stdout.contains("this model is the output of onnx-slice"),
+        "{}",
+        inspect.stdout
+    );
     let json = onnx_slice(args(&[&"inspect", &sliced, &"--json"]));
     let json: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(json["model"]["sliced_by"]["ratio"], "0.25");
@@ -191,9 +283,24 @@ fn the_tool_knows_its_own_output() {
     let calibration = long_calibration(dir.path());
     let outputs = scratch();
     let again = outputs.path().join("again.onnx");
-    let run = onnx_slice(args(&[&sliced, &"-o", &again, &"--ratio", &"0.25", &"--calib-ids", &calibration, &"--calib-samples", &"20000"]));
+    let run = onnx_slice(args(&[
+        &sliced,
+        &"-o",
+        &again,
+        &"--ratio",
+        &"0.25",
+        &"--calib-ids",
+        &calibration,
+        &"--calib-samples",
+        &"20000",
+    ]));
     assert_eq!(run.code, Some(3), "{}", run.stderr);
-    assert!(run.stderr.contains("already sliced by onnx-slice") && run.stderr.contains("slice the original model"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("already sliced by onnx-slice")
+            && run.stderr.contains("slice the original model"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains(&sliced.display().to_string()), "names the model: {}", run.stderr);
     assert_eq!(snapshot(outputs.path()), vec![]);
     assert!(run.seconds < CHECK_SECONDS, "the refusal took {:.1} s", run.seconds);
@@ -203,7 +310,9 @@ fn the_tool_knows_its_own_output() {
     assert_eq!(run.code, Some(3), "{}", run.stderr);
     assert!(run.stderr.contains("already sliced by onnx-slice"), "{}", run.stderr);
 
-    let library = onnx_slice::transform::fuse(&mut onnx_slice::onnx::load(&sliced).unwrap()).unwrap_err().to_string();
+    let library = onnx_slice::transform::fuse(&mut onnx_slice::onnx::load(&sliced).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(library.contains("already sliced"), "{library}");
 }
 
@@ -216,9 +325,21 @@ fn a_model_without_a_transformer_exits_with_3() {
     let broken = dir.path().join("no-embedding.onnx");
     onnx_slice::onnx::save(&model, &broken, &Default::default()).unwrap();
     let out = dir.path().join("out.onnx");
-    let run = onnx_slice(args(&[&broken, &"-o", &out, &"--ratio", &"0.25", &"--orientation", &"identity"]));
+    let run = onnx_slice(args(&[
+        &broken,
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--orientation",
+        &"identity",
+    ]));
     assert_eq!(run.code, Some(3), "{}", run.stderr);
-    assert!(run.stderr.contains("structure detection stopped") || run.stderr.contains("embedding"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("structure detection stopped") || run.stderr.contains("embedding"),
+        "{}",
+        run.stderr
+    );
     assert!(!out.exists());
 }
 
@@ -230,18 +351,57 @@ fn calibration_short_of_what_was_asked_or_unknown_to_the_tokenizer_is_warned_abo
     let dir = scratch();
     let out = dir.path().join("out.onnx");
     let short = dir.path().join("short.txt");
-    std::fs::write(&short, (0..300).map(|i| format!("t{}", 3 + i % 997)).collect::<Vec<_>>().join(" ")).unwrap();
-    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--calib", &short, &"--quiet"]));
+    std::fs::write(
+        &short,
+        (0..300).map(|i| format!("t{}", 3 + i % 997)).collect::<Vec<_>>().join(" "),
+    )
+    .unwrap();
+    let run = onnx_slice(args(&[
+        &model(),
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--calib",
+        &short,
+        &"--quiet",
+    ]));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stderr.contains("warning: calibrating on 2 of the 128 samples asked for"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("warning: calibrating on 2 of the 128 samples asked for"),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("unknown token"), "{}", run.stderr);
 
-    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--calib-samples", &"4", &"--quiet"]));
+    let run = onnx_slice(args(&[
+        &model(),
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--calib-samples",
+        &"4",
+        &"--quiet",
+    ]));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stderr.contains("of the calibration tokens are the unknown token '<unk>'"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("of the calibration tokens are the unknown token '<unk>'"),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("calibrating on"), "{}", run.stderr);
 
-    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--calib", &fixture("calibration.txt"), &"--quiet"]));
+    let run = onnx_slice(args(&[
+        &model(),
+        &"-o",
+        &out,
+        &"--ratio",
+        &"0.25",
+        &"--calib",
+        &fixture("calibration.txt"),
+        &"--quiet",
+    ]));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(!run.stderr.contains("warning"), "{}", run.stderr);
 }
@@ -260,7 +420,9 @@ fn every_command_has_help_and_examples() {
         if !cmd.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")) {
             missing.push(format!("{}: no examples", cmd.get_name()));
         }
-        for arg in cmd.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
+        for arg in
+            cmd.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+        {
             if arg.get_help().is_none() {
                 missing.push(format!("{} {}: no help", cmd.get_name(), arg.get_id()));
             }
@@ -268,5 +430,9 @@ fn every_command_has_help_and_examples() {
     }
     assert!(missing.is_empty(), "{missing:#?}");
     let help = onnx_slice(["--help"]);
-    assert!(help.stdout.contains("Exit codes:") && help.stdout.contains("Examples:"), "{}", help.stdout);
+    assert!(
+        help.stdout.contains("Exit codes:") && help.stdout.contains("Examples:"),
+        "{}",
+        help.stdout
+    );
 }

@@ -15,7 +15,11 @@ fn assert_refused(input: &Path, output: &Path, expected_message: &str) {
     let expected_code = if input == output { 2 } else { 1 };
     assert_eq!(convert.code, Some(expected_code), "convert: stderr: {}", convert.stderr);
     assert!(convert.stderr.starts_with("error: "), "convert: {}", convert.stderr);
-    assert!(convert.stderr.contains(expected_message), "expected {expected_message:?} in: {}", convert.stderr);
+    assert!(
+        convert.stderr.contains(expected_message),
+        "expected {expected_message:?} in: {}",
+        convert.stderr
+    );
     assert!(!convert.stderr.contains("panicked"), "{}", convert.stderr);
     if output != input {
         assert!(!output.exists(), "an output file was left behind");
@@ -68,7 +72,12 @@ fn empty_file() {
 fn missing_input_file() {
     let outputs = scratch();
     let missing = outputs.path().join("nothing-here.onnx");
-    let run = onnx_slice([Path::new("convert"), &missing, Path::new("-o"), &outputs.path().join("out.onnx")]);
+    let run = onnx_slice([
+        Path::new("convert"),
+        &missing,
+        Path::new("-o"),
+        &outputs.path().join("out.onnx"),
+    ]);
     assert_eq!(run.code, Some(2));
     assert!(run.stderr.contains("no such file"), "{}", run.stderr);
 }
@@ -103,12 +112,26 @@ fn output_data_file_would_overwrite_the_input_data_file() {
     let inputs = scratch();
     // An input whose tensors live in "out.onnx.data": exactly where `-o out.onnx` would put its own.
     let staged = inputs.path().join("out.onnx");
-    let options = onnx_slice::onnx::SaveOptions { storage: onnx_slice::onnx::Storage::External, ..Default::default() };
-    onnx_slice::onnx::save(&onnx_slice::onnx::load(fixture("llama/genai/model.onnx")).unwrap(), &staged, &options).unwrap();
+    let options = onnx_slice::onnx::SaveOptions {
+        storage: onnx_slice::onnx::Storage::External,
+        ..Default::default()
+    };
+    onnx_slice::onnx::save(
+        &onnx_slice::onnx::load(fixture("llama/genai/model.onnx")).unwrap(),
+        &staged,
+        &options,
+    )
+    .unwrap();
     let model = inputs.path().join("model.onnx");
     std::fs::rename(&staged, &model).unwrap();
     let before = snapshot(inputs.path());
-    let run = onnx_slice([Path::new("convert"), &model, Path::new("-o"), &staged, Path::new("--external-data")]);
+    let run = onnx_slice([
+        Path::new("convert"),
+        &model,
+        Path::new("-o"),
+        &staged,
+        Path::new("--external-data"),
+    ]);
     assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("it is the input file"), "{}", run.stderr);
     assert!(!staged.exists());

@@ -21,7 +21,10 @@ fn converted_models_give_identical_outputs_in_onnx_runtime() {
             let out = dir.path().join(format!("{arch}_{exporter}_{storage:?}.onnx"));
             onnx::save(&model, &out, &SaveOptions { storage, ..Default::default() }).unwrap();
             let got = run_all(&out, &reference);
-            assert!(got == expected, "{arch}/{exporter}: outputs of the {storage:?} copy differ from the original's");
+            assert!(
+                got == expected,
+                "{arch}/{exporter}: outputs of the {storage:?} copy differ from the original's"
+            );
         }
     }
 }
@@ -38,10 +41,20 @@ fn a_model_over_two_gib_is_written_with_external_data_and_runs() {
         bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
     }
     let mut graph = Graph::new("huge");
-    graph.initializers.push(Tensor::from_raw("table", DataType::Float, vec![HUGE as i64], Bytes::from(bytes)));
+    graph.initializers.push(Tensor::from_raw(
+        "table",
+        DataType::Float,
+        vec![HUGE as i64],
+        Bytes::from(bytes),
+    ));
     graph.inputs.push(ValueInfo::tensor("index", DataType::Int64, &[Dim::Symbolic("n".into())]));
     graph.outputs.push(ValueInfo::tensor("value", DataType::Float, &[Dim::Symbolic("n".into())]));
-    graph.nodes.push(Node::new("Gather", "lookup", vec!["table".into(), "index".into()], vec!["value".into()]));
+    graph.nodes.push(Node::new(
+        "Gather",
+        "lookup",
+        vec!["table".into(), "index".into()],
+        vec!["value".into()],
+    ));
     let model = Model::new(&[("", 17)], graph);
     assert!(onnx::to_bytes(&model).is_err(), "an inline encoding over 2 GiB must be refused");
 
@@ -50,14 +63,23 @@ fn a_model_over_two_gib_is_written_with_external_data_and_runs() {
     drop(model);
     let (data_file, data_len) = saved.data_file.expect("automatic external data over 2 GiB");
     assert_eq!(data_len, HUGE as u64 * 4);
-    assert!(saved.model_bytes < 4096, "the model file holds the graph only: {} bytes", saved.model_bytes);
+    assert!(
+        saved.model_bytes < 4096,
+        "the model file holds the graph only: {} bytes",
+        saved.model_bytes
+    );
     assert_eq!(data_file, dir.path().join("huge.onnx.data"));
 
     let mut session = open(&path, &cpu());
-    let index = TensorValue::I64(ArrayD::from_shape_vec(vec![3], probes.iter().map(|&(i, _)| i as i64).collect()).unwrap());
+    let index = TensorValue::I64(
+        ArrayD::from_shape_vec(vec![3], probes.iter().map(|&(i, _)| i as i64).collect()).unwrap(),
+    );
     let mut outputs = session.run(&[("index", &index)]).unwrap();
     let value = outputs.remove("value").unwrap().into_f32().unwrap();
-    assert_eq!(value.iter().copied().collect::<Vec<_>>(), probes.iter().map(|&(_, v)| v).collect::<Vec<_>>());
+    assert_eq!(
+        value.iter().copied().collect::<Vec<_>>(),
+        probes.iter().map(|&(_, v)| v).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -66,15 +88,26 @@ fn an_intermediate_tensor_can_be_read_as_an_extra_output() {
     let reference = Reference::for_exporter("llama", "optimum");
     let mut model = onnx::load(&path).unwrap();
     // The first block's input: the token embeddings, which reference.npz holds as hidden_states_0.
-    let embeddings = model.graph.nodes.iter().find(|n| n.is("Gather") && n.inputs[0].contains("embed_tokens")).unwrap().outputs[0].clone();
+    let embeddings = model
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.is("Gather") && n.inputs[0].contains("embed_tokens"))
+        .unwrap()
+        .outputs[0]
+        .clone();
     model.graph.expose_output(&embeddings);
     runtime();
     let bytes = onnx::to_bytes(&model).unwrap();
     let mut session = onnx_slice::runtime::ModelSession::from_bytes(&bytes, None, &cpu()).unwrap();
     let inputs = reference.inputs_for(&session);
-    let mut outputs = session.run_for(&as_named(&inputs), &[embeddings.as_str(), "logits"]).unwrap();
+    let mut outputs =
+        session.run_for(&as_named(&inputs), &[embeddings.as_str(), "logits"]).unwrap();
     let hidden = outputs.remove(&embeddings).unwrap().into_f32().unwrap();
     let npz = onnx_slice::runtime::npy::Npz::read(&fixture("llama/reference.npz")).unwrap();
     let expected = npz.array("hidden_states_0").cloned().and_then(|a| a.into_f32()).unwrap();
-    assert!(max_abs_diff(&hidden, &expected) <= 1e-5, "embeddings differ from torch's hidden_states_0");
+    assert!(
+        max_abs_diff(&hidden, &expected) <= 1e-5,
+        "embeddings differ from torch's hidden_states_0"
+    );
 }

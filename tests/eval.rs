@@ -8,8 +8,8 @@ use clap::Parser;
 use common::reference::{cpu, open};
 use common::{fixture, scratch};
 use ndarray::{Array2, ArrayD};
-use onnx_slice::interface::load_tokenizer;
 use onnx_slice::eval::{perplexity, run_eval_command, text_windows, window_nll, EvalArgs};
+use onnx_slice::interface::load_tokenizer;
 use onnx_slice::interface::InputPlan;
 use onnx_slice::runtime::{Dim, ModelSession, TensorValue};
 
@@ -22,7 +22,8 @@ fn windows(count: usize, length: usize, seed: u64) -> Vec<Vec<i64>> {
         .map(|_| {
             (0..length)
                 .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state =
+                        state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     3 + ((state >> 33) % (VOCAB as u64 - 3)) as i64
                 })
                 .collect()
@@ -42,7 +43,9 @@ fn logits_by_hand(session: &mut ModelSession, window: &[i64]) -> ArrayD<f32> {
             let value = match input.name.as_str() {
                 "input_ids" => TensorValue::I64(ids.clone()),
                 "attention_mask" => TensorValue::I64(ArrayD::ones(vec![1, length])),
-                "position_ids" => TensorValue::I64(Array2::from_shape_fn((1, length), |(_, t)| t as i64).into_dyn()),
+                "position_ids" => TensorValue::I64(
+                    Array2::from_shape_fn((1, length), |(_, t)| t as i64).into_dyn(),
+                ),
                 name if name.starts_with("past_key_values.") => {
                     let heads = match input.dims[1] {
                         Dim::Fixed(heads) => heads as usize,
@@ -55,13 +58,18 @@ fn logits_by_hand(session: &mut ModelSession, window: &[i64]) -> ArrayD<f32> {
             (input.name.clone(), value)
         })
         .collect();
-    let named: Vec<(&str, &TensorValue)> = inputs.iter().map(|(name, value)| (name.as_str(), value)).collect();
+    let named: Vec<(&str, &TensorValue)> =
+        inputs.iter().map(|(name, value)| (name.as_str(), value)).collect();
     session.run_for(&named, &["logits"]).unwrap().remove("logits").unwrap().into_f32().unwrap()
 }
 
 /// The reference method written out plainly: per window, the mean over t of
 /// `log Σ_v exp(z[t][v]) − z[t][ids[t+1]]` in f64; the mean of those; exp.
-fn perplexity_by_hand(session: &mut ModelSession, windows: &[Vec<i64>], ignore: Option<i64>) -> (f64, usize) {
+fn perplexity_by_hand(
+    session: &mut ModelSession,
+    windows: &[Vec<i64>],
+    ignore: Option<i64>,
+) -> (f64, usize) {
     let mut means = Vec::new();
     let mut tokens = 0;
     for window in windows {
@@ -99,7 +107,9 @@ fn perplexity_matches_an_independent_computation() {
     let (expected, expected_tokens) = perplexity_by_hand(&mut session, &data, None);
 
     let mut calls = Vec::new();
-    let result = perplexity(&mut session, &data, None, 2, &mut |done, total| calls.push((done, total))).unwrap();
+    let result =
+        perplexity(&mut session, &data, None, 2, &mut |done, total| calls.push((done, total)))
+            .unwrap();
     assert!(result.value.is_finite() && result.value >= 1.0, "{result:?}");
     assert!(relative(result.value, expected) < 1e-5, "{} vs {expected}", result.value);
     assert!((result.mean_nll.exp() - result.value).abs() < 1e-12);
@@ -111,7 +121,11 @@ fn perplexity_matches_an_independent_computation() {
     let one_by_one = perplexity(&mut session, &data, None, 1, &mut |_, _| {}).unwrap();
     assert!(relative(one_by_one.value, expected) < 1e-9, "batch 1 is exactly the hand computation");
     // A random tiny model predicts close to uniformly: perplexity near the vocabulary size.
-    assert!(result.value > 0.5 * VOCAB as f64 && result.value < 2.0 * VOCAB as f64, "{}", result.value);
+    assert!(
+        result.value > 0.5 * VOCAB as f64 && result.value < 2.0 * VOCAB as f64,
+        "{}",
+        result.value
+    );
 }
 
 #[test]
@@ -148,14 +162,24 @@ fn kv_cache_exports_get_an_empty_past_and_agree_with_the_plain_export() {
     let (expected, _) = perplexity_by_hand(&mut past, &data, None);
     let result = perplexity(&mut past, &data, None, 2, &mut |_, _| {}).unwrap();
     assert!(relative(result.value, expected) < 1e-5, "{} vs {expected}", result.value);
-    assert!(relative(result.value, baseline.value) < 1e-5, "{} vs {}", result.value, baseline.value);
+    assert!(
+        relative(result.value, baseline.value) < 1e-5,
+        "{} vs {}",
+        result.value,
+        baseline.value
+    );
 
     // onnxruntime-genai: head size symbolic in the graph, read from genai_config.json.
     let genai_path = fixture("llama/genai/model.onnx");
     let mut genai = open(&genai_path, &cpu());
     assert!(genai.inputs().iter().any(|input| matches!(input.dims.get(3), Some(Dim::Symbolic(_)))));
     let result = perplexity(&mut genai, &data, None, 2, &mut |_, _| {}).unwrap();
-    assert!(relative(result.value, baseline.value) < 1e-4, "{} vs {}", result.value, baseline.value);
+    assert!(
+        relative(result.value, baseline.value) < 1e-4,
+        "{} vs {}",
+        result.value,
+        baseline.value
+    );
 }
 
 #[test]
@@ -169,8 +193,8 @@ fn every_exporter_of_an_architecture_gives_the_same_perplexity() {
                 continue;
             }
             let mut session = open(&path, &cpu());
-            let result =
-                perplexity(&mut session, &data, None, 2, &mut |_, _| {}).unwrap_or_else(|error| panic!("{arch} {exporter}: {error}"));
+            let result = perplexity(&mut session, &data, None, 2, &mut |_, _| {})
+                .unwrap_or_else(|error| panic!("{arch} {exporter}: {error}"));
             values.push((exporter, result.value));
         }
         let first = values[0].1;
@@ -204,7 +228,8 @@ fn uniform_logits_give_the_vocabulary_size() {
 #[test]
 fn text_is_joined_tokenized_and_cut_into_whole_windows() {
     let tokenizer = load_tokenizer(&fixture("_hf/llama/tokenizer.json")).unwrap();
-    let words = |range: std::ops::Range<u32>| range.map(|i| format!("t{i}")).collect::<Vec<_>>().join(" ");
+    let words =
+        |range: std::ops::Range<u32>| range.map(|i| format!("t{i}")).collect::<Vec<_>>().join(" ");
     let texts = vec![format!("{}\n\n\n{}", words(3..40), words(40..50)), words(50..60)];
     let windows = text_windows(&tokenizer, &texts, 10).unwrap();
     assert_eq!(windows.len(), 5, "57 tokens: 5 whole windows, the rest dropped");
@@ -223,7 +248,8 @@ struct Command {
 }
 
 fn parse(args: &[&str]) -> Result<EvalArgs, clap::Error> {
-    Command::try_parse_from(std::iter::once("eval").chain(args.iter().copied())).map(|command| command.eval)
+    Command::try_parse_from(std::iter::once("eval").chain(args.iter().copied()))
+        .map(|command| command.eval)
 }
 
 fn write_ids(path: &Path, rows: &[Vec<i64>]) {
@@ -240,7 +266,19 @@ fn the_command_reads_ids_or_text() {
     let model = fixture("llama/optimum_past/model.onnx");
     let model = model.to_str().unwrap();
 
-    let args = parse(&[model, "--ids", ids.to_str().unwrap(), "--ignore-id", "2", "--batch", "2", "--json", "--max-windows", "2"]).unwrap();
+    let args = parse(&[
+        model,
+        "--ids",
+        ids.to_str().unwrap(),
+        "--ignore-id",
+        "2",
+        "--batch",
+        "2",
+        "--json",
+        "--max-windows",
+        "2",
+    ])
+    .unwrap();
     assert_eq!(args.batch, 2);
     assert_eq!(args.ignore_id, Some(2));
     assert_eq!(args.seqlen, 512);
@@ -269,7 +307,9 @@ fn the_command_reads_ids_or_text() {
     // The tokenizer is looked for beside the model.
     let alone = dir.path().join("model.onnx");
     std::fs::copy(model, &alone).unwrap();
-    let args = parse(&[alone.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seqlen", "64"]).unwrap();
+    let args =
+        parse(&[alone.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seqlen", "64"])
+            .unwrap();
     let error = run_eval_command(&args).unwrap_err().to_string();
     assert!(error.contains("tokenizer.json") && error.contains("--tokenizer"), "{error}");
     std::fs::copy(&tokenizer, dir.path().join("tokenizer.json")).unwrap();
@@ -287,7 +327,9 @@ fn the_command_reads_ids_or_text() {
 fn smollm2_brown_perplexity() {
     let home = std::env::var("HOME").unwrap();
     let model = format!("{home}/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/model.onnx");
-    let ids = std::env::var("SMOLLM2_EVAL_IDS").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/tools/smollm2/eval_ids_brown.npy").into());
+    let ids = std::env::var("SMOLLM2_EVAL_IDS").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/tools/smollm2/eval_ids_brown.npy").into()
+    });
     let mut args = vec![model.as_str(), "--ids", ids.as_str(), "--ignore-id", "2", "--json"];
     let batch = std::env::var("SMOLLM2_BATCH").unwrap_or_default();
     if !batch.is_empty() {
@@ -295,7 +337,10 @@ fn smollm2_brown_perplexity() {
     }
     let start = std::time::Instant::now();
     let limit = onnx_slice::interface::position_limit(&onnx_slice::onnx::load(&model).unwrap());
-    eprintln!("position limit {limit:?} (model loaded and inspected in {:.1} s)", start.elapsed().as_secs_f64());
+    eprintln!(
+        "position limit {limit:?} (model loaded and inspected in {:.1} s)",
+        start.elapsed().as_secs_f64()
+    );
     let start = std::time::Instant::now();
     run_eval_command(&parse(&args).unwrap()).unwrap();
     eprintln!("eval command: {:.1} s in all", start.elapsed().as_secs_f64());
@@ -310,7 +355,15 @@ fn smollm2_text_perplexity() {
     let model = format!("{home}/.cache/onnx-slice-models/smollm2/smollm2-onnx/plain/model.onnx");
     let text = std::env::var("SMOLLM2_TEXT").expect("set SMOLLM2_TEXT to an evaluation text file");
     let windows = std::env::var("SMOLLM2_MAX_WINDOWS").unwrap_or_else(|_| "8".into());
-    let args = [model.as_str(), "--text", text.as_str(), "--seqlen", "512", "--max-windows", windows.as_str()];
+    let args = [
+        model.as_str(),
+        "--text",
+        text.as_str(),
+        "--seqlen",
+        "512",
+        "--max-windows",
+        windows.as_str(),
+    ];
     run_eval_command(&parse(&args).unwrap()).unwrap();
 }
 

@@ -42,8 +42,13 @@ const PADDING: usize = 3;
 /// The slicing ratio of check 2 and 3.
 const RATIO: f64 = 0.25;
 
-const NORM_OPS: [&str; 5] =
-    ["LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"];
+const NORM_OPS: [&str; 5] = [
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+];
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures and the facts about them that do not come from the library.
@@ -123,12 +128,23 @@ impl Fixture {
 
 impl Meta {
     fn read(path: &Path) -> Meta {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // dynamo23's meta.json records NaN logit differences (not JSON): they are not read here.
         let json: serde_json::Value = serde_json::from_str(&text.replace("NaN", "null")).unwrap();
-        let number = |key: &str| json[key].as_u64().unwrap_or_else(|| panic!("{}: no {key}", path.display())) as usize;
-        let tied = json["tied_embeddings"].as_bool().unwrap_or_else(|| panic!("{}: no tied_embeddings", path.display()));
-        Meta { layers: number("num_layers"), hidden: number("hidden_size"), vocab: number("vocab_size"), head_dim: number("head_dim"), tied }
+        let number = |key: &str| {
+            json[key].as_u64().unwrap_or_else(|| panic!("{}: no {key}", path.display())) as usize
+        };
+        let tied = json["tied_embeddings"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("{}: no tied_embeddings", path.display()));
+        Meta {
+            layers: number("num_layers"),
+            hidden: number("hidden_size"),
+            vocab: number("vocab_size"),
+            head_dim: number("head_dim"),
+            tied,
+        }
     }
 }
 
@@ -154,7 +170,11 @@ fn check_each_fixture(mut check: impl FnMut(&Fixture, &mut Vec<String>)) -> Vec<
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,7 +191,11 @@ struct Tokens {
 impl Tokens {
     fn reference(fixture: &Fixture) -> Tokens {
         let r = Reference::for_exporter(&fixture.arch, &fixture.exporter);
-        Tokens { input_ids: r.input_ids, attention_mask: r.attention_mask, position_ids: r.position_ids }
+        Tokens {
+            input_ids: r.input_ids,
+            attention_mask: r.attention_mask,
+            position_ids: r.position_ids,
+        }
     }
 
     /// Row 0: the reference's row 0. Row 1: `PADDING` left-padding positions (attention_mask 0,
@@ -209,7 +233,11 @@ impl Tokens {
 
     fn row(&self, b: usize) -> Tokens {
         let row = |a: &ArrayD<i64>| a.slice_axis(Axis(0), (b..b + 1).into()).to_owned();
-        Tokens { input_ids: row(&self.input_ids), attention_mask: row(&self.attention_mask), position_ids: row(&self.position_ids) }
+        Tokens {
+            input_ids: row(&self.input_ids),
+            attention_mask: row(&self.attention_mask),
+            position_ids: row(&self.position_ids),
+        }
     }
 
     /// One more token per row after these: ids `first_id + b`, mask extended by one 1, the next
@@ -217,16 +245,35 @@ impl Tokens {
     fn next_step(&self, first_id: i64) -> Tokens {
         let (batch, len) = (self.input_ids.shape()[0], self.attention_mask.shape()[1]);
         let ids = ArrayD::from_shape_fn(IxDyn(&[batch, 1]), |i| first_id + i[0] as i64);
-        let mask = ArrayD::from_shape_fn(IxDyn(&[batch, len + 1]), |i| if i[1] < len { self.attention_mask[[i[0], i[1]]] } else { 1 });
+        let mask = ArrayD::from_shape_fn(IxDyn(&[batch, len + 1]), |i| {
+            if i[1] < len {
+                self.attention_mask[[i[0], i[1]]]
+            } else {
+                1
+            }
+        });
         let last = self.position_ids.shape()[1] - 1;
-        let positions = ArrayD::from_shape_fn(IxDyn(&[batch, 1]), |i| self.position_ids[[i[0], last]] + 1);
+        let positions =
+            ArrayD::from_shape_fn(IxDyn(&[batch, 1]), |i| self.position_ids[[i[0], last]] + 1);
         Tokens { input_ids: ids, attention_mask: mask, position_ids: positions }
     }
 }
 
 /// Runs all outputs; returns the logits and the `present.*` outputs.
-fn run(session: &mut ModelSession, tokens: &Tokens, past: Option<&Cache>, head_dim: usize) -> Result<(ArrayD<f32>, Cache), String> {
-    let inputs = feed(session, &tokens.input_ids, &tokens.attention_mask, &tokens.position_ids, past, head_dim)?;
+fn run(
+    session: &mut ModelSession,
+    tokens: &Tokens,
+    past: Option<&Cache>,
+    head_dim: usize,
+) -> Result<(ArrayD<f32>, Cache), String> {
+    let inputs = feed(
+        session,
+        &tokens.input_ids,
+        &tokens.attention_mask,
+        &tokens.position_ids,
+        past,
+        head_dim,
+    )?;
     let named: Vec<(&str, &TensorValue)> = inputs.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let outputs = session.run(&named).map_err(|e| e.to_string())?;
     let mut logits = None;
@@ -266,17 +313,27 @@ fn outputs_of(model: &Model, fixture: &Fixture) -> Result<Outputs, String> {
     let mut session = session_for(model, fixture)?;
     let head_dim = fixture.meta.head_dim;
     let reference_tokens = Tokens::reference(fixture);
-    let (reference, prompt_presents) = run(&mut session, &reference_tokens, None, head_dim).map_err(|e| format!("reference input: {e}"))?;
-    let (padded, _) = run(&mut session, &Tokens::left_padded(fixture), None, head_dim).map_err(|e| format!("left-padded input: {e}"))?;
+    let (reference, prompt_presents) = run(&mut session, &reference_tokens, None, head_dim)
+        .map_err(|e| format!("reference input: {e}"))?;
+    let (padded, _) = run(&mut session, &Tokens::left_padded(fixture), None, head_dim)
+        .map_err(|e| format!("left-padded input: {e}"))?;
     let cached = if fixture.has_cache() {
         // Each model is fed its OWN presents: the rewritten model's cache is checked by what the
         // next step computes from it, and compared with the original's.
         let step = reference_tokens.next_step(5);
-        let (step_logits, step_presents) = run(&mut session, &step, Some(&prompt_presents), head_dim).map_err(|e| format!("cached step: {e}"))?;
+        let (step_logits, step_presents) =
+            run(&mut session, &step, Some(&prompt_presents), head_dim)
+                .map_err(|e| format!("cached step: {e}"))?;
         // The step must really have used the cache: every present is one position longer.
         let prompt_len = reference_tokens.attention_mask.shape()[1];
-        if let Some((name, p)) = step_presents.iter().find(|(_, p)| p.shape().get(2) != Some(&(prompt_len + 1))) {
-            return Err(format!("cached step: {name} has shape {:?}, expected {} positions", p.shape(), prompt_len + 1));
+        if let Some((name, p)) =
+            step_presents.iter().find(|(_, p)| p.shape().get(2) != Some(&(prompt_len + 1)))
+        {
+            return Err(format!(
+                "cached step: {name} has shape {:?}, expected {} positions",
+                p.shape(),
+                prompt_len + 1
+            ));
         }
         Some(CachedSteps { prompt_presents, step_logits, step_presents })
     } else {
@@ -290,19 +347,34 @@ fn diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<f32, String> {
     if a.shape() != b.shape() {
         return Err(format!("shape {:?}, expected {:?}", a.shape(), b.shape()));
     }
-    Ok(a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) }))
+    Ok(a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| {
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    }))
 }
 
 fn cache_diff(got: &Cache, expected: &Cache) -> Result<f32, String> {
     if got.keys().ne(expected.keys()) {
-        return Err(format!("presents {:?}, expected {:?}", got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>()));
+        return Err(format!(
+            "presents {:?}, expected {:?}",
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>()
+        ));
     }
-    got.iter().zip(expected.values()).try_fold(0.0f32, |m, ((name, g), e)| Ok(m.max(diff(g, e).map_err(|why| format!("{name}: {why}"))?)))
+    got.iter().zip(expected.values()).try_fold(0.0f32, |m, ((name, g), e)| {
+        Ok(m.max(diff(g, e).map_err(|why| format!("{name}: {why}"))?))
+    })
 }
 
 /// Compares every output of `got` with the original's; returns `(label, max diff)` pairs.
 fn compare(got: &Outputs, expected: &Outputs) -> Vec<(&'static str, Result<f32, String>)> {
-    let mut out = vec![("reference logits", diff(&got.reference, &expected.reference)), ("left-padded logits", diff(&got.padded, &expected.padded))];
+    let mut out = vec![
+        ("reference logits", diff(&got.reference, &expected.reference)),
+        ("left-padded logits", diff(&got.padded, &expected.padded)),
+    ];
     if let (Some(g), Some(e)) = (&got.cached, &expected.cached) {
         out.push(("prompt presents", cache_diff(&g.prompt_presents, &e.prompt_presents)));
         out.push(("cached-step logits", diff(&g.step_logits, &e.step_logits)));
@@ -319,49 +391,64 @@ type Rewrite = dyn Fn(&mut Model) -> onnx_slice::Result<Rewritten>;
 #[test]
 fn fusion_and_random_rotation_keep_logits_and_kv_cache_on_reference_padded_and_cached_inputs() {
     let mut report = Vec::new();
-    for_each_fixture("fused / rotated logits differ from the original model's", |fixture, failures| {
-        let expected = match outputs_of(&fixture.model, fixture) {
-            Ok(outputs) => outputs,
-            Err(e) => return failures.push(format!("the ORIGINAL model does not run: {e}")),
-        };
-        // Left padding: the original's logits at padded positions are finite in every fixture, so
-        // ALL positions are compared, padded ones included (a NaN counts as a failure).
-        if !expected.padded.iter().all(|v| v.is_finite()) {
-            failures.push("the original's left-padded logits are not all finite: this test compares every position".into());
-        }
-        let rotated = |basis: BasisMode| -> Box<Rewrite> {
-            Box::new(move |m: &mut Model| transform::rotate(m, Orientation::Random { seed: 7 }, &Dimensions { basis, ..Dimensions::default() }))
-        };
-        let variants: [(&str, Box<Rewrite>); 4] = [
-            ("fused", Box::new(|m: &mut Model| transform::fuse(m))),
-            ("rotated (random Q, ratio 0, basis point)", rotated(BasisMode::Point)),
-            ("basis block", rotated(BasisMode::Block)),
-            ("basis global", rotated(BasisMode::Global)),
-        ];
-        let mut line = format!("{:<22}", fixture.name());
-        for (variant, rewrite) in &variants {
-            let mut model = fixture.model.clone();
-            let got = rewrite(&mut model).map_err(|e| e.to_string()).and_then(|_| outputs_of(&model, fixture));
-            let got = match got {
-                Ok(got) => got,
-                Err(e) => {
-                    failures.push(format!("{variant}: {e}"));
-                    continue;
-                }
+    for_each_fixture(
+        "fused / rotated logits differ from the original model's",
+        |fixture, failures| {
+            let expected = match outputs_of(&fixture.model, fixture) {
+                Ok(outputs) => outputs,
+                Err(e) => return failures.push(format!("the ORIGINAL model does not run: {e}")),
             };
-            let mut worst = 0.0f32;
-            for (what, result) in compare(&got, &expected) {
-                match result {
-                    Ok(d) if d <= TOLERANCE => worst = worst.max(d),
-                    Ok(d) => failures.push(format!("{variant}: {what}: max |Δ| = {d:e} > {TOLERANCE:e}")),
-                    Err(e) => failures.push(format!("{variant}: {what}: {e}")),
-                }
+            // Left padding: the original's logits at padded positions are finite in every fixture, so
+            // ALL positions are compared, padded ones included (a NaN counts as a failure).
+            if !expected.padded.iter().all(|v| v.is_finite()) {
+                failures.push("the original's left-padded logits are not all finite: this test compares every position".into());
             }
-            line += &format!("  {variant}: {worst:.2e}");
-        }
-        report.push(line);
-    });
-    eprintln!("max |Δ| over reference, left-padded and cached-step outputs:\n{}", report.join("\n"));
+            let rotated = |basis: BasisMode| -> Box<Rewrite> {
+                Box::new(move |m: &mut Model| {
+                    transform::rotate(
+                        m,
+                        Orientation::Random { seed: 7 },
+                        &Dimensions { basis, ..Dimensions::default() },
+                    )
+                })
+            };
+            let variants: [(&str, Box<Rewrite>); 4] = [
+                ("fused", Box::new(|m: &mut Model| transform::fuse(m))),
+                ("rotated (random Q, ratio 0, basis point)", rotated(BasisMode::Point)),
+                ("basis block", rotated(BasisMode::Block)),
+                ("basis global", rotated(BasisMode::Global)),
+            ];
+            let mut line = format!("{:<22}", fixture.name());
+            for (variant, rewrite) in &variants {
+                let mut model = fixture.model.clone();
+                let got = rewrite(&mut model)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| outputs_of(&model, fixture));
+                let got = match got {
+                    Ok(got) => got,
+                    Err(e) => {
+                        failures.push(format!("{variant}: {e}"));
+                        continue;
+                    }
+                };
+                let mut worst = 0.0f32;
+                for (what, result) in compare(&got, &expected) {
+                    match result {
+                        Ok(d) if d <= TOLERANCE => worst = worst.max(d),
+                        Ok(d) => failures
+                            .push(format!("{variant}: {what}: max |Δ| = {d:e} > {TOLERANCE:e}")),
+                        Err(e) => failures.push(format!("{variant}: {what}: {e}")),
+                    }
+                }
+                line += &format!("  {variant}: {worst:.2e}");
+            }
+            report.push(line);
+        },
+    );
+    eprintln!(
+        "max |Δ| over reference, left-padded and cached-step outputs:\n{}",
+        report.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,19 +471,37 @@ fn shares_embedding_with_head(graph: &Graph, vocab: usize, width: usize) -> bool
     let table_sized = |t: &&Tensor| t.dims.len() == 2 && t.numel() as usize == vocab * width;
     graph.initializers.iter().filter(table_sized).any(|table| {
         let mut names = vec![table.name.clone()];
-        names.extend(graph.nodes.iter().filter(|n| n.op_type == "Transpose" && n.inputs.first() == Some(&table.name)).map(|n| n.outputs[0].clone()));
-        let reads = |op: &[&str], slot: usize| graph.nodes.iter().any(|n| op.contains(&n.op_type.as_str()) && n.inputs.get(slot).is_some_and(|i| names.contains(i)));
+        names.extend(
+            graph
+                .nodes
+                .iter()
+                .filter(|n| n.op_type == "Transpose" && n.inputs.first() == Some(&table.name))
+                .map(|n| n.outputs[0].clone()),
+        );
+        let reads = |op: &[&str], slot: usize| {
+            graph.nodes.iter().any(|n| {
+                op.contains(&n.op_type.as_str())
+                    && n.inputs.get(slot).is_some_and(|i| names.contains(i))
+            })
+        };
         reads(&["Gather"], 0) && reads(&["MatMul", "Gemm"], 1)
     })
 }
 
 /// The sliced model's float parameter count, predicted term by term from the ORIGINAL model, the
 /// layout `fuse` finds in it, and the widths k_p at the stream points. Returns the terms.
-fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, widths: &[usize], sliced: &Model) -> Result<Vec<(String, i64)>, String> {
+fn predicted_parameters(
+    fixture: &Fixture,
+    fused: &Model,
+    layout: &Layout,
+    widths: &[usize],
+    sliced: &Model,
+) -> Result<Vec<(String, i64)>, String> {
     let original = &fixture.model.graph;
     let d = layout.width as i64;
     let k = |p: usize| widths[p] as i64;
-    let mut terms = vec![("original float parameters".to_string(), float_parameters(&fixture.model))];
+    let mut terms =
+        vec![("original float parameters".to_string(), float_parameters(&fixture.model))];
     let mut term = |name: &str, value: i64| terms.push((name.to_string(), value));
 
     // Fusion: every norm's γ and β are folded into its readers and disappear.
@@ -414,7 +519,8 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("- norm scales and shifts (γ, β) folded into readers", -norm_vectors);
     // ... and the norms' scalar constants (eps, exponent) that were initializers go with them.
     // Only scalars are counted here, so no sliced weight can hide in this term.
-    let sliced_names: HashSet<&str> = sliced.graph.initializers.iter().map(|t| t.name.as_str()).collect();
+    let sliced_names: HashSet<&str> =
+        sliced.graph.initializers.iter().map(|t| t.name.as_str()).collect();
     let dropped_scalars: i64 = original
         .initializers
         .iter()
@@ -424,7 +530,11 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("- scalar constants of the removed norm nodes", -dropped_scalars);
     // A tied head keeps reading the one table; an export's duplicate copy of it goes.
     let (vocab, hidden) = (fixture.meta.vocab, fixture.meta.hidden);
-    let duplicate = if fixture.meta.tied && !shares_embedding_with_head(original, vocab, hidden) { (vocab * hidden) as i64 } else { 0 };
+    let duplicate = if fixture.meta.tied && !shares_embedding_with_head(original, vocab, hidden) {
+        (vocab * hidden) as i64
+    } else {
+        0
+    };
     term("- the head's duplicate of the tied table", -duplicate);
     // A LayerNorm β folded into a reader without a bias creates that bias: `b = β W` (out).
     // (The fixtures' β are random, never all zero.)
@@ -438,8 +548,14 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("+ biases created for bias-less readers of a norm with β", new_biases);
     // The rewrite's own scalars: 1/D, eps per norm (not the shortcuts, counted below).
     let mut rewrite_constants = 0;
-    let rewrite_matrix = |name: &str| name.starts_with("onnx_slice.shortcut") || name.contains("_adapter");
-    for t in sliced.graph.initializers.iter().filter(|t| t.name.starts_with("onnx_slice.") && !rewrite_matrix(&t.name)) {
+    let rewrite_matrix =
+        |name: &str| name.starts_with("onnx_slice.shortcut") || name.contains("_adapter");
+    for t in sliced
+        .graph
+        .initializers
+        .iter()
+        .filter(|t| t.name.starts_with("onnx_slice.") && !rewrite_matrix(&t.name))
+    {
         if t.numel() > 1 {
             return Err(format!("initializer {} {:?} is not a scalar constant", t.name, t.dims));
         }
@@ -450,7 +566,13 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("+ rewrite scalar constants (onnx_slice.*, not shortcuts)", rewrite_constants);
 
     // Slicing. Embedding tables V×D → V×k_0 (token and learned positions).
-    let table_rows = |name: &str| fused.graph.initializer(name).map(|t| t.numel() as i64 / d).ok_or(format!("no table {name}"));
+    let table_rows = |name: &str| {
+        fused
+            .graph
+            .initializer(name)
+            .map(|t| t.numel() as i64 / d)
+            .ok_or(format!("no table {name}"))
+    };
     let mut embeddings = 0;
     for (i, e) in layout.embeddings.iter().enumerate() {
         if i > 0 || !fixture.meta.tied {
@@ -466,14 +588,20 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
         // Readers (q/k/v, fc1/gate/up) in×out → k_a×out (their bias, over out, stays).
         for r in segment.branches.iter().flat_map(|b| b.readers.iter()) {
             if r.in_features as i64 != d {
-                return Err(format!("reader {} reads {} features, not D = {d}", r.node_name, r.in_features));
+                return Err(format!(
+                    "reader {} reads {} features, not D = {d}",
+                    r.node_name, r.in_features
+                ));
             }
             readers -= (d - k(i)) * r.out_features as i64;
         }
         // Writers (out-proj, down/fc2) in×D → in×k_b, bias D → k_b.
         for w in &segment.writers {
             if w.out_features as i64 != d {
-                return Err(format!("writer {} writes {} features, not D = {d}", w.node_name, w.out_features));
+                return Err(format!(
+                    "writer {} writes {} features, not D = {d}",
+                    w.node_name, w.out_features
+                ));
             }
             writers -= w.in_features as i64 * (d - k(i + 1));
             if w.bias.is_some() {
@@ -487,7 +615,11 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
     term("- writers in×D → in×k_b", writers);
     term("- writer biases D → k_b", writer_biases);
     term("+ shortcuts k_a×k_b, one per segment", shortcuts);
-    let head: i64 = if fixture.meta.tied { 0 } else { layout.head.readers.iter().map(|r| -(d - k(last)) * r.out_features as i64).sum() };
+    let head: i64 = if fixture.meta.tied {
+        0
+    } else {
+        layout.head.readers.iter().map(|r| -(d - k(last)) * r.out_features as i64).sum()
+    };
     term("- head D×V → k_L×V (not a tied one)", head);
     Ok(terms)
 }
@@ -497,13 +629,17 @@ fn predicted_parameters(fixture: &Fixture, fused: &Model, layout: &Layout, width
 fn checker_python() -> PathBuf {
     if let Some(python) = std::env::var_os("ONNX_SLICE_CHECK_PYTHON") {
         let python = PathBuf::from(python);
-        assert!(python.exists(), "ONNX_SLICE_CHECK_PYTHON={} does not exist (unset it and run scripts/setup-check.sh)", python.display());
+        assert!(
+            python.exists(),
+            "ONNX_SLICE_CHECK_PYTHON={} does not exist (unset it and run scripts/setup-check.sh)",
+            python.display()
+        );
         return python;
     }
     let home = std::env::var_os("ONNX_SLICE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache"));
+        let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache")
+        });
         cache.join("onnx-slice")
     });
     let python = home.join("venv-check/bin/python");
@@ -530,7 +666,13 @@ for path in sys.argv[1:]:
 "#;
     // Run from a scratch directory: python puts the working directory first on sys.path.
     let cwd = scratch();
-    let out = Command::new(python).current_dir(cwd.path()).arg("-c").arg(SCRIPT).args(files).output().unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    let out = Command::new(python)
+        .current_dir(cwd.path())
+        .arg("-c")
+        .arg(SCRIPT)
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{} failed running the ONNX checker (does it import onnx? run scripts/setup-check.sh):\n{}\n{}", python.display(), stdout, String::from_utf8_lossy(&out.stderr));
     let mut verdicts: BTreeMap<&str, Option<String>> = BTreeMap::new();
@@ -538,7 +680,9 @@ for path in sys.argv[1:]:
         let mut parts = line.splitn(3, '\t');
         match (parts.next(), parts.next()) {
             (Some("OK"), Some(path)) => verdicts.insert(path, None),
-            (Some("FAIL"), Some(path)) => verdicts.insert(path, Some(parts.next().unwrap_or("").to_string())),
+            (Some("FAIL"), Some(path)) => {
+                verdicts.insert(path, Some(parts.next().unwrap_or("").to_string()))
+            }
             _ => None,
         };
     }
@@ -575,9 +719,16 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
 
         // (e) a tied head reads the one table the embedding reads: one V×D initializer.
         if fixture.meta.tied {
-            let tables = sliced.graph.initializers.iter().filter(|t| t.numel() as usize == fixture.meta.vocab * fixture.meta.hidden).count();
+            let tables = sliced
+                .graph
+                .initializers
+                .iter()
+                .filter(|t| t.numel() as usize == fixture.meta.vocab * fixture.meta.hidden)
+                .count();
             if tables != 1 {
-                failures.push(format!("tied head: {tables} initializers of V×D elements, expected the one table"));
+                failures.push(format!(
+                    "tied head: {tables} initializers of V×D elements, expected the one table"
+                ));
             }
         }
         // (f) what `--dry-run` and the size targets predict is what the rewrite writes, for every
@@ -587,13 +738,18 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
                 for basis in [BasisMode::Point, BasisMode::Block, BasisMode::Global] {
                     let dims = Dimensions { basis, ..dims };
                     let mut model = fixture.model.clone();
-                    let rewritten = match transform::rotate(&mut model, Orientation::Random { seed: 3 }, &dims) {
-                        Ok(r) => r,
-                        Err(e) => return failures.push(format!("rotate (basis {basis}): {e}")),
-                    };
+                    let rewritten =
+                        match transform::rotate(&mut model, Orientation::Random { seed: 3 }, &dims)
+                        {
+                            Ok(r) => r,
+                            Err(e) => return failures.push(format!("rotate (basis {basis}): {e}")),
+                        };
                     let predicted = plan.predict(&dims);
                     let written = size::weight_totals(&model.graph);
-                    if predicted.widths != rewritten.widths || predicted.after != written || predicted.before != size::weight_totals(&fixture.model.graph) {
+                    if predicted.widths != rewritten.widths
+                        || predicted.after != written
+                        || predicted.before != size::weight_totals(&fixture.model.graph)
+                    {
                         failures.push(format!(
                             "basis {basis}: predicted widths {:?}, {:?}; written {:?}, {written:?}",
                             predicted.widths, predicted.after, rewritten.widths
@@ -610,14 +766,20 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
                 let predicted: i64 = terms.iter().map(|(_, v)| v).sum();
                 let measured = float_parameters(&sliced);
                 if measured != predicted {
-                    let formula: Vec<String> = terms.iter().map(|(name, v)| format!("    {v:>+9}  {name}")).collect();
+                    let formula: Vec<String> =
+                        terms.iter().map(|(name, v)| format!("    {v:>+9}  {name}")).collect();
                     failures.push(format!(
                         "float parameters {measured}, predicted {predicted} (off by {:+}); widths {widths:?}:\n{}",
                         measured - predicted,
                         formula.join("\n")
                     ));
                 }
-                report.push(format!("{:<22} {} → {} parameters, widths {widths:?}", fixture.name(), float_parameters(&fixture.model), measured));
+                report.push(format!(
+                    "{:<22} {} → {} parameters, widths {widths:?}",
+                    fixture.name(),
+                    float_parameters(&fixture.model),
+                    measured
+                ));
             }
             Err(e) => failures.push(format!("parameter prediction: {e}")),
         }
@@ -627,7 +789,11 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
         // stale one without naming it.
         let mut stale = Vec::new();
         for declared in sliced.graph.value_info.iter().chain(&sliced.graph.inputs) {
-            let (Some(t), Some(shape)) = (sliced.graph.initializer(&declared.name), declared.shape()) else { continue };
+            let (Some(t), Some(shape)) =
+                (sliced.graph.initializer(&declared.name), declared.shape())
+            else {
+                continue;
+            };
             let dims: Vec<Dim> = t.dims.iter().map(|&d| Dim::Fixed(d)).collect();
             if shape != dims {
                 let shown: Vec<String> = shape.iter().map(ToString::to_string).collect();
@@ -635,7 +801,11 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
             }
         }
         if !stale.is_empty() {
-            failures.push(format!("{} value_info entries give sliced initializers their old shapes, e.g. {}", stale.len(), stale[..stale.len().min(3)].join("; ")));
+            failures.push(format!(
+                "{} value_info entries give sliced initializers their old shapes, e.g. {}",
+                stale.len(),
+                stale[..stale.len().min(3)].join("; ")
+            ));
         }
 
         // Written as the tool writes it (genai's external data: wherever `save` puts it), for the
@@ -653,13 +823,24 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
         };
         let mut sliced_session = match ModelSession::from_file(&file, &cpu()) {
             Ok(s) => s,
-            Err(e) => return failures.push(format!("the sliced model does not load in ONNX Runtime: {e}")),
+            Err(e) => {
+                return failures
+                    .push(format!("the sliced model does not load in ONNX Runtime: {e}"))
+            }
         };
         if sliced_session.inputs() != original.inputs() {
-            failures.push(format!("inputs {:?}, the original has {:?}", sliced_session.inputs(), original.inputs()));
+            failures.push(format!(
+                "inputs {:?}, the original has {:?}",
+                sliced_session.inputs(),
+                original.inputs()
+            ));
         }
         if sliced_session.outputs() != original.outputs() {
-            failures.push(format!("outputs {:?}, the original has {:?}", sliced_session.outputs(), original.outputs()));
+            failures.push(format!(
+                "outputs {:?}, the original has {:?}",
+                sliced_session.outputs(),
+                original.outputs()
+            ));
         }
         let mut original = original;
         let tokens = Tokens::reference(fixture);
@@ -669,15 +850,20 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
             let mut shapes = vec![("logits".to_string(), logits.shape().to_vec())];
             shapes.extend(presents.iter().map(|(n, v)| (n.clone(), v.shape().to_vec())));
             if fixture.has_cache() {
-                let (logits, presents) = run(session, &tokens.next_step(5), Some(&presents), head_dim)?;
+                let (logits, presents) =
+                    run(session, &tokens.next_step(5), Some(&presents), head_dim)?;
                 shapes.push(("cached-step logits".into(), logits.shape().to_vec()));
-                shapes.extend(presents.iter().map(|(n, v)| (format!("cached-step {n}"), v.shape().to_vec())));
+                shapes.extend(
+                    presents.iter().map(|(n, v)| (format!("cached-step {n}"), v.shape().to_vec())),
+                );
             }
             Ok(shapes)
         };
         match (shapes(&mut sliced_session), shapes(&mut original)) {
             (Ok(got), Ok(expected)) if got == expected => {}
-            (Ok(got), Ok(expected)) => failures.push(format!("output shapes {got:?}, the original gives {expected:?}")),
+            (Ok(got), Ok(expected)) => {
+                failures.push(format!("output shapes {got:?}, the original gives {expected:?}"))
+            }
             (Err(e), _) => failures.push(format!("the sliced model does not run: {e}")),
             (_, Err(e)) => failures.push(format!("the ORIGINAL model does not run: {e}")),
         }
@@ -698,9 +884,16 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
         }
     };
     failures.extend(saved.iter().filter_map(|(name, file)| {
-        verdicts.iter().find(|(f, _)| f == file).map(|(_, why)| format!("{name}: onnx.checker full check: {why}\n    ({})", original_verdict(name)))
+        verdicts.iter().find(|(f, _)| f == file).map(|(_, why)| {
+            format!("{name}: onnx.checker full check: {why}\n    ({})", original_verdict(name))
+        })
     }));
-    assert!(failures.is_empty(), "sliced models: {} failure(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "sliced models: {} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,11 +915,16 @@ fn check_norms_replaced(model: &Model, fixture: &Fixture, what: &str, failures: 
     }
     let means = count(model, |n| n.op_type == "ReduceMean");
     if means > 0 {
-        failures.push(format!("{what}: {means} ReduceMean node(s) left (a decomposed norm was not replaced)"));
+        failures.push(format!(
+            "{what}: {means} ReduceMean node(s) left (a decomposed norm was not replaced)"
+        ));
     }
     let sums = count(model, |n| n.op_type == "ReduceSum" && n.name.starts_with("onnx_slice/"));
     if sums != fixture.norm_count() {
-        failures.push(format!("{what}: {sums} onnx_slice/* ReduceSum nodes, expected one per norm = {}", fixture.norm_count()));
+        failures.push(format!(
+            "{what}: {sums} onnx_slice/* ReduceSum nodes, expected one per norm = {}",
+            fixture.norm_count()
+        ));
     }
 }
 
@@ -734,7 +932,14 @@ fn check_norms_replaced(model: &Model, fixture: &Fixture, what: &str, failures: 
 fn operator_counts_after_fusion_and_rotation() {
     let dims = Dimensions { ratio: RATIO, ..Dimensions::default() };
     for_each_fixture("operator counts", |fixture, failures| {
-        let shortcut_nodes = |m: &Model| -> Vec<Node> { m.graph.nodes.iter().filter(|n| n.name.starts_with("onnx_slice/shortcut")).cloned().collect() };
+        let shortcut_nodes = |m: &Model| -> Vec<Node> {
+            m.graph
+                .nodes
+                .iter()
+                .filter(|n| n.name.starts_with("onnx_slice/shortcut"))
+                .cloned()
+                .collect()
+        };
 
         let mut fused = fixture.model.clone();
         match transform::fuse(&mut fused) {
@@ -742,24 +947,28 @@ fn operator_counts_after_fusion_and_rotation() {
                 check_norms_replaced(&fused, fixture, "fused", failures);
                 let shortcuts = shortcut_nodes(&fused).len();
                 if shortcuts > 0 {
-                    failures.push(format!("fused: {shortcuts} onnx_slice/shortcut* nodes before any rotation"));
+                    failures.push(format!(
+                        "fused: {shortcuts} onnx_slice/shortcut* nodes before any rotation"
+                    ));
                 }
             }
             Err(e) => failures.push(format!("fuse: {e}")),
         }
 
         let mut sliced = fixture.model.clone();
-        let rewritten = match transform::rotate(&mut sliced, Orientation::Random { seed: 11 }, &dims) {
-            Ok(r) => r,
-            Err(e) => return failures.push(format!("rotate: {e}")),
-        };
+        let rewritten =
+            match transform::rotate(&mut sliced, Orientation::Random { seed: 11 }, &dims) {
+                Ok(r) => r,
+                Err(e) => return failures.push(format!("rotate: {e}")),
+            };
         check_norms_replaced(&sliced, fixture, "rotated", failures);
         // Widths, derived here: k = floor((1 − r)·D) rounded down to a multiple of 8 at every
         // point but the last, which keeps D (the head is not sliced by default).
         let d = fixture.meta.hidden;
         let k = ((1.0 - RATIO) * d as f64).floor() as usize / 8 * 8;
         let segments = fixture.segment_count();
-        let widths: Vec<usize> = (0..=segments).map(|p| if p == segments { d } else { k }).collect();
+        let widths: Vec<usize> =
+            (0..=segments).map(|p| if p == segments { d } else { k }).collect();
         if rewritten.widths != widths {
             failures.push(format!("rotated: widths {:?}, expected {widths:?}", rewritten.widths));
         }
@@ -767,17 +976,27 @@ fn operator_counts_after_fusion_and_rotation() {
         // onnx_slice/shortcut{i}, multiplying by the k_i × k_{i+1} initializer onnx_slice.shortcut{i}.
         let nodes = shortcut_nodes(&sliced);
         let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-        let expected_names: Vec<String> = (0..segments).map(|i| format!("onnx_slice/shortcut{i}")).collect();
+        let expected_names: Vec<String> =
+            (0..segments).map(|i| format!("onnx_slice/shortcut{i}")).collect();
         let mut sorted = names.clone();
-        sorted.sort_by_key(|n| n.trim_start_matches("onnx_slice/shortcut").parse::<usize>().unwrap_or(usize::MAX));
+        sorted.sort_by_key(|n| {
+            n.trim_start_matches("onnx_slice/shortcut").parse::<usize>().unwrap_or(usize::MAX)
+        });
         if sorted != expected_names {
-            failures.push(format!("rotated: shortcut nodes {names:?}, expected one per segment: {expected_names:?}"));
+            failures.push(format!(
+                "rotated: shortcut nodes {names:?}, expected one per segment: {expected_names:?}"
+            ));
         }
         for node in &nodes {
-            let i: usize = node.name.trim_start_matches("onnx_slice/shortcut").parse().unwrap_or(usize::MAX);
+            let i: usize =
+                node.name.trim_start_matches("onnx_slice/shortcut").parse().unwrap_or(usize::MAX);
             let matrix = node.inputs.get(1).and_then(|m| sliced.graph.initializer(m));
             let ok = node.op_type == "MatMul"
-                && matrix.is_some_and(|m| m.name == format!("onnx_slice.shortcut{i}") && i < segments && m.dims == [widths[i] as i64, widths[i + 1] as i64]);
+                && matrix.is_some_and(|m| {
+                    m.name == format!("onnx_slice.shortcut{i}")
+                        && i < segments
+                        && m.dims == [widths[i] as i64, widths[i + 1] as i64]
+                });
             if !ok {
                 failures.push(format!(
                     "rotated: {} is {} of {:?} ({:?}), expected MatMul by onnx_slice.shortcut{i} [k_{i}, k_{}] = {:?}",
@@ -797,11 +1016,17 @@ fn operator_counts_after_fusion_and_rotation() {
 // 4. Errors, not panics.
 
 /// `Err` message, or a failure description when the call succeeds or panics.
-fn error_of(what: &str, call: impl FnOnce() -> onnx_slice::Result<Rewritten>) -> Result<String, String> {
+fn error_of(
+    what: &str,
+    call: impl FnOnce() -> onnx_slice::Result<Rewritten>,
+) -> Result<String, String> {
     match catch_unwind(AssertUnwindSafe(call)) {
         Ok(Err(e)) => Ok(e.to_string()),
         Ok(Ok(_)) => Err(format!("{what}: transform::fuse succeeded, expected an error")),
-        Err(panic) => Err(format!("{what}: transform::fuse panicked instead of returning an error: {}", panic_message(&panic))),
+        Err(panic) => Err(format!(
+            "{what}: transform::fuse panicked instead of returning an error: {}",
+            panic_message(&panic)
+        )),
     }
 }
 
@@ -824,7 +1049,16 @@ fn check_binary(what: &str, model: &Path, nodes: &[String]) -> Vec<String> {
     let output = out_dir.path().join("out.onnx");
     let run = Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
         .arg(model)
-        .args(["-o", output.to_str().unwrap(), "--ratio", "0", "--orientation", "random", "--seed", "1"])
+        .args([
+            "-o",
+            output.to_str().unwrap(),
+            "--ratio",
+            "0",
+            "--orientation",
+            "random",
+            "--seed",
+            "1",
+        ])
         .output()
         .expect("run onnx-slice");
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -854,11 +1088,24 @@ fn mlp(with_embedding: bool) -> Model {
     let mut g = Graph::new("mlp");
     let (batch, seq) = (Dim::Symbolic("batch".into()), Dim::Symbolic("sequence".into()));
     if with_embedding {
-        g.inputs.push(ValueInfo::tensor("input_ids", DataType::Int64, &[batch.clone(), seq.clone()]));
+        g.inputs.push(ValueInfo::tensor(
+            "input_ids",
+            DataType::Int64,
+            &[batch.clone(), seq.clone()],
+        ));
         g.initializers.push(Tensor::from_f32("embedding", vec![16, 8], &[0.1; 128]));
-        g.nodes.push(Node::new("Gather", "embed", vec!["embedding".into(), "input_ids".into()], vec!["x".into()]));
+        g.nodes.push(Node::new(
+            "Gather",
+            "embed",
+            vec!["embedding".into(), "input_ids".into()],
+            vec!["x".into()],
+        ));
     } else {
-        g.inputs.push(ValueInfo::tensor("x", DataType::Float, &[batch.clone(), seq.clone(), Dim::Fixed(8)]));
+        g.inputs.push(ValueInfo::tensor(
+            "x",
+            DataType::Float,
+            &[batch.clone(), seq.clone(), Dim::Fixed(8)],
+        ));
     }
     g.outputs.push(ValueInfo::tensor("logits", DataType::Float, &[batch, seq, Dim::Fixed(16)]));
     g.initializers.push(Tensor::from_f32("w1", vec![8, 32], &[0.1; 256]));
@@ -872,7 +1119,9 @@ fn mlp(with_embedding: bool) -> Model {
 #[test]
 fn a_graph_that_is_not_a_transformer_is_an_error_naming_a_node() {
     let mut failures = Vec::new();
-    for (what, with_embedding) in [("MatMul→Relu→MatMul", false), ("Gather→MatMul→Relu→MatMul", true)] {
+    for (what, with_embedding) in
+        [("MatMul→Relu→MatMul", false), ("Gather→MatMul→Relu→MatMul", true)]
+    {
         let model = mlp(with_embedding);
         let nodes = node_names(&model);
         match error_of(what, || transform::fuse(&mut model.clone())) {
@@ -891,7 +1140,8 @@ fn a_graph_that_is_not_a_transformer_is_an_error_naming_a_node() {
 /// replaced by 3: that is no norm the matchers know.
 fn llama_with_cubed_norm(which: usize) -> (Model, String) {
     let mut model = onnx::load(fixture("llama/ts17/model.onnx")).unwrap();
-    let pows: Vec<usize> = (0..model.graph.nodes.len()).filter(|&i| model.graph.nodes[i].op_type == "Pow").collect();
+    let pows: Vec<usize> =
+        (0..model.graph.nodes.len()).filter(|&i| model.graph.nodes[i].op_type == "Pow").collect();
     assert_eq!(pows.len(), 5, "llama/ts17 should have one Pow per norm");
     let i = pows[which];
     model.graph.initializers.push(Tensor::from_f32("exponent_three", vec![], &[3.0]));

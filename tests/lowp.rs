@@ -10,14 +10,14 @@ use common::reference::*;
 use common::*;
 use indicatif::ProgressBar;
 use ndarray::ArrayD;
+use onnx_slice::algebra;
 use onnx_slice::calibrate::data::CalibrationSet;
-use onnx_slice::interface::load_tokenizer;
 use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
 use onnx_slice::error::Error;
 use onnx_slice::graph::{DataType, Model};
+use onnx_slice::interface::load_tokenizer;
 use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::rotate::SHORTCUT_NODE;
-use onnx_slice::algebra;
 use onnx_slice::runtime::ModelSession;
 use onnx_slice::transform::{self, Dimensions, Orientation};
 
@@ -39,21 +39,37 @@ impl Fp16Case {
         let original = onnx::load(&path).unwrap();
         let expected = logits_of(&original, path.parent().unwrap(), &reference);
         let base = fp16_error(arch, exporter, &expected, &reference);
-        Fp16Case { arch, exporter, name: format!("{arch}/{exporter}_fp16"), path, reference, original, expected, base }
+        Fp16Case {
+            arch,
+            exporter,
+            name: format!("{arch}/{exporter}_fp16"),
+            path,
+            reference,
+            original,
+            expected,
+            base,
+        }
     }
 }
 
 /// Every float16 fixture: (arch, exporter of the fp32 original, path).
 fn fp16_models() -> Vec<(&'static str, &'static str, PathBuf)> {
-    let mut models: Vec<_> = ARCHS.iter().map(|&arch| (arch, "optimum", fixture(&format!("lowp/{arch}/optimum_fp16/model.onnx")))).collect();
-    models.extend(["llama", "qwen2", "phi"].map(|arch| (arch, "genai", fixture(&format!("lowp/{arch}/genai_fp16/model.onnx")))));
+    let mut models: Vec<_> = ARCHS
+        .iter()
+        .map(|&arch| (arch, "optimum", fixture(&format!("lowp/{arch}/optimum_fp16/model.onnx"))))
+        .collect();
+    models.extend(
+        ["llama", "qwen2", "phi"]
+            .map(|arch| (arch, "genai", fixture(&format!("lowp/{arch}/genai_fp16/model.onnx")))),
+    );
     models
 }
 
 fn logits_of(model: &Model, dir: &Path, reference: &Reference) -> ArrayD<f32> {
     runtime();
     let bytes = onnx::to_bytes(model).unwrap();
-    let mut session = ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"));
+    let mut session =
+        ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"));
     let inputs = reference.inputs_for(&session);
     run_logits(&mut session, &inputs)
 }
@@ -70,7 +86,9 @@ fn saved_logits(model: &Model, reference: &Reference) -> ArrayD<f32> {
 
 /// Bytes of the float weights (the norms' float32 constants aside).
 fn weight_bytes(model: &Model) -> u64 {
-    let weight = |t: &&onnx_slice::graph::Tensor| t.dtype != DataType::Int64 && !t.name.starts_with("onnx_slice.norm");
+    let weight = |t: &&onnx_slice::graph::Tensor| {
+        t.dtype != DataType::Int64 && !t.name.starts_with("onnx_slice.norm")
+    };
     model.graph.initializers.iter().filter(weight).map(|t| t.byte_len()).sum()
 }
 
@@ -85,7 +103,13 @@ fn fp16_error(arch: &str, exporter: &str, fp16: &ArrayD<f32>, reference: &Refere
 /// A float16 rewrite rounds every weight and product once more in float16: its distance from the
 /// float16 original must be of the order of the original's own float16 error (against float32),
 /// and it must be no further from the float32 model than twice that.
-fn judge(name: &str, got: &ArrayD<f32>, original: &ArrayD<f32>, base: f32, failures: &mut Vec<String>) {
+fn judge(
+    name: &str,
+    got: &ArrayD<f32>,
+    original: &ArrayD<f32>,
+    base: f32,
+    failures: &mut Vec<String>,
+) {
     let diff = max_abs_diff(got, original);
     println!("{name}: fp16 original vs fp32 {base:.2e}, rewrite vs fp16 original {diff:.2e}");
     if diff.is_nan() || diff > 2.0 * base {
@@ -95,7 +119,13 @@ fn judge(name: &str, got: &ArrayD<f32>, original: &ArrayD<f32>, base: f32, failu
 
 /// The initializers of a rewrite keep their element types; the ones it creates are of the stream's
 /// type, except the norm's float32 accumulation constants.
-fn check_dtypes(name: &str, original: &Model, rewritten: &Model, stream: DataType, failures: &mut Vec<String>) {
+fn check_dtypes(
+    name: &str,
+    original: &Model,
+    rewritten: &Model,
+    stream: DataType,
+    failures: &mut Vec<String>,
+) {
     for t in &rewritten.graph.initializers {
         let expected = match original.graph.initializer(&t.name) {
             Some(o) => o.dtype,
@@ -104,12 +134,20 @@ fn check_dtypes(name: &str, original: &Model, rewritten: &Model, stream: DataTyp
             None => stream,
         };
         if t.dtype != expected {
-            failures.push(format!("{name}: initializer '{}' is {}, expected {}", t.name, t.dtype.name(), expected.name()));
+            failures.push(format!(
+                "{name}: initializer '{}' is {}, expected {}",
+                t.name,
+                t.dtype.name(),
+                expected.name()
+            ));
         }
     }
     let interface = |m: &Model| {
         let decl = |v: &onnx_slice::graph::ValueInfo| (v.name.clone(), v.elem_type());
-        (m.graph.inputs.iter().map(decl).collect::<Vec<_>>(), m.graph.outputs.iter().map(decl).collect::<Vec<_>>())
+        (
+            m.graph.inputs.iter().map(decl).collect::<Vec<_>>(),
+            m.graph.outputs.iter().map(decl).collect::<Vec<_>>(),
+        )
     };
     if interface(original) != interface(rewritten) {
         failures.push(format!("{name}: the inputs' and outputs' element types changed"));
@@ -119,18 +157,24 @@ fn check_dtypes(name: &str, original: &Model, rewritten: &Model, stream: DataTyp
 #[test]
 fn fp16_rotation_keeps_the_types_halves_the_size_and_the_logits() {
     let mut failures = Vec::new();
-    for Fp16Case { arch, exporter, name, reference, original, expected, base, .. } in fp16_models().into_iter().map(Fp16Case::new) {
+    for Fp16Case { arch, exporter, name, reference, original, expected, base, .. } in
+        fp16_models().into_iter().map(Fp16Case::new)
+    {
         let mut rotated = original.clone();
-        transform::rotate(&mut rotated, Orientation::Random { seed: 3 }, &Dimensions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        transform::rotate(&mut rotated, Orientation::Random { seed: 3 }, &Dimensions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         check_dtypes(&name, &original, &rotated, DataType::Float16, &mut failures);
         judge(&name, &saved_logits(&rotated, &reference), &expected, base, &mut failures);
 
         let fp32_path = fixture(&format!("{arch}/{exporter}/model.onnx"));
         let mut fp32 = onnx::load(&fp32_path).unwrap();
-        transform::rotate(&mut fp32, Orientation::Random { seed: 3 }, &Dimensions::default()).unwrap();
+        transform::rotate(&mut fp32, Orientation::Random { seed: 3 }, &Dimensions::default())
+            .unwrap();
         let (half, full) = (weight_bytes(&rotated), weight_bytes(&fp32));
         if 2 * half != full {
-            failures.push(format!("{name}: the fp16 rewrite's initializers have {half} bytes, the fp32 one's {full}"));
+            failures.push(format!(
+                "{name}: the fp16 rewrite's initializers have {half} bytes, the fp32 one's {full}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -159,15 +203,24 @@ fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> 
 #[test]
 fn fp16_pca_at_ratio_zero_reproduces_and_at_a_quarter_runs() {
     let mut failures = Vec::new();
-    for Fp16Case { arch, path, name, reference, original, expected, base, .. } in fp16_models().into_iter().map(Fp16Case::new) {
+    for Fp16Case { arch, path, name, reference, original, expected, base, .. } in
+        fp16_models().into_iter().map(Fp16Case::new)
+    {
         let exact = pca(&path, arch, 0.0).unwrap_or_else(|e| panic!("{name}: {e}"));
-        judge(&format!("{name} PCA ratio 0"), &saved_logits(&exact, &reference), &expected, base, &mut failures);
+        judge(
+            &format!("{name} PCA ratio 0"),
+            &saved_logits(&exact, &reference),
+            &expected,
+            base,
+            &mut failures,
+        );
 
         let sliced = pca(&path, arch, 0.25).unwrap_or_else(|e| panic!("{name}: {e}"));
         check_dtypes(&name, &original, &sliced, DataType::Float16, &mut failures);
         let got = saved_logits(&sliced, &reference);
         if got.shape() != expected.shape() || got.iter().any(|v| !v.is_finite()) {
-            failures.push(format!("{name}: sliced logits of shape {:?}, or not finite", got.shape()));
+            failures
+                .push(format!("{name}: sliced logits of shape {:?}, or not finite", got.shape()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -178,7 +231,8 @@ fn scale_embeddings(model: &mut Model, factor: f64) {
     let layout = onnx_slice::structure::detect(&model.graph).unwrap();
     let table = model.graph.initializer(&layout.embeddings[0].table).unwrap().clone();
     let values: Vec<f64> = table.to_f32().unwrap().iter().map(|&v| v as f64 * factor).collect();
-    let matrix = faer::MatRef::from_row_major_slice(&values, table.dims[0] as usize, table.dims[1] as usize);
+    let matrix =
+        faer::MatRef::from_row_major_slice(&values, table.dims[0] as usize, table.dims[1] as usize);
     model.graph.set_initializer(algebra::mat_to_tensor(table.name.clone(), matrix, table.dtype));
 }
 
@@ -192,28 +246,52 @@ fn scale_embeddings(model: &mut Model, factor: f64) {
 fn fp16_norm_does_not_overflow_on_a_large_stream() {
     const FACTOR: f64 = 2000.0;
     let reference = Reference::for_exporter("llama", "optimum");
-    let (fp16_path, fp32_path) = (fixture("lowp/llama/optimum_fp16/model.onnx"), fixture("llama/optimum/model.onnx"));
+    let (fp16_path, fp32_path) =
+        (fixture("lowp/llama/optimum_fp16/model.onnx"), fixture("llama/optimum/model.onnx"));
     let mut fp32 = onnx::load(&fp32_path).unwrap();
     scale_embeddings(&mut fp32, FACTOR);
     let expected = logits_of(&fp32, fp32_path.parent().unwrap(), &reference);
     let mut original = onnx::load(&fp16_path).unwrap();
     scale_embeddings(&mut original, FACTOR);
-    let table = original.graph.initializer(&onnx_slice::structure::detect(&original.graph).unwrap().embeddings[0].table).unwrap();
-    let rms = (table.to_f32().unwrap().iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / table.numel() as f64).sqrt();
-    assert!(64.0 * rms * rms > 65504.0, "the scaled stream (RMS {rms}) must overflow a float16 sum of squares");
-    let base = max_abs_diff(&logits_of(&original, fp16_path.parent().unwrap(), &reference), &expected);
+    let table = original
+        .graph
+        .initializer(&onnx_slice::structure::detect(&original.graph).unwrap().embeddings[0].table)
+        .unwrap();
+    let rms = (table.to_f32().unwrap().iter().map(|&v| (v as f64).powi(2)).sum::<f64>()
+        / table.numel() as f64)
+        .sqrt();
+    assert!(
+        64.0 * rms * rms > 65504.0,
+        "the scaled stream (RMS {rms}) must overflow a float16 sum of squares"
+    );
+    let base =
+        max_abs_diff(&logits_of(&original, fp16_path.parent().unwrap(), &reference), &expected);
     let mut rewritten = original.clone();
-    transform::rotate(&mut rewritten, Orientation::Random { seed: 5 }, &Dimensions::default()).unwrap();
+    transform::rotate(&mut rewritten, Orientation::Random { seed: 5 }, &Dimensions::default())
+        .unwrap();
     let types = onnx_slice::graph::value_types(&rewritten.graph);
-    let sums: Vec<_> = rewritten.graph.nodes.iter().filter(|n| n.name.starts_with("onnx_slice/norm") && n.is("ReduceSum")).collect();
+    let sums: Vec<_> = rewritten
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.name.starts_with("onnx_slice/norm") && n.is("ReduceSum"))
+        .collect();
     assert_eq!(sums.len(), 5);
     for sum in sums {
-        assert_eq!(types.get(&sum.outputs[0]), Some(&DataType::Float), "{} does not sum in float32", sum.name);
+        assert_eq!(
+            types.get(&sum.outputs[0]),
+            Some(&DataType::Float),
+            "{} does not sum in float32",
+            sum.name
+        );
     }
     let got = saved_logits(&rewritten, &reference);
     let diff = max_abs_diff(&got, &expected);
     println!("scaled stream: fp16 original vs fp32 {base:.2e}, rewrite vs fp32 {diff:.2e}");
-    assert!(got.iter().all(|v| v.is_finite()) && diff <= 2.0 * base, "scaled stream: {diff:.3e} from the fp32 logits (fp16 original: {base:.3e})");
+    assert!(
+        got.iter().all(|v| v.is_finite()) && diff <= 2.0 * base,
+        "scaled stream: {diff:.3e} from the fp32 logits (fp16 original: {base:.3e})"
+    );
 }
 
 /// ONNX Runtime's CPU provider does not load this bfloat16 graph at all (it has no bfloat16
@@ -224,15 +302,24 @@ fn fp16_norm_does_not_overflow_on_a_large_stream() {
 fn bf16_rewrite_keeps_the_types_and_pca_is_refused_clearly() {
     let path = fixture("lowp/llama/optimum_bf16/model.onnx");
     runtime();
-    assert!(ModelSession::from_file(&path, &cpu()).is_err(), "ONNX Runtime runs the bfloat16 model now: test its logits");
+    assert!(
+        ModelSession::from_file(&path, &cpu()).is_err(),
+        "ONNX Runtime runs the bfloat16 model now: test its logits"
+    );
     let original = onnx::load(&path).unwrap();
     let mut sliced = original.clone();
-    transform::rotate(&mut sliced, Orientation::Random { seed: 1 }, &Dimensions { ratio: 0.25, ..Dimensions::default() }).unwrap();
+    transform::rotate(
+        &mut sliced,
+        Orientation::Random { seed: 1 },
+        &Dimensions { ratio: 0.25, ..Dimensions::default() },
+    )
+    .unwrap();
     let mut failures = Vec::new();
     check_dtypes("llama/optimum_bf16", &original, &sliced, DataType::Bfloat16, &mut failures);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let dir = scratch();
-    onnx::save(&sliced, dir.path().join("model.onnx"), &SaveOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    onnx::save(&sliced, dir.path().join("model.onnx"), &SaveOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let err = pca(&path, "llama", 0.25).expect_err("PCA of a bfloat16 model");
     assert!(err.to_string().contains("this one's stream is bfloat16"), "{err}");
 }
@@ -248,17 +335,27 @@ fn a_mistyped_graph_is_refused_and_nothing_is_written() {
     let matrix = model.graph.initializer(&shortcut.inputs[1]).unwrap().clone();
     let values: Vec<f64> = matrix.to_f32().unwrap().iter().map(|&v| v as f64).collect();
     let (rows, cols) = (matrix.dims[0] as usize, matrix.dims[1] as usize);
-    let f32_matrix = algebra::mat_to_tensor(matrix.name.clone(), faer::MatRef::from_row_major_slice(&values, rows, cols), DataType::Float);
+    let f32_matrix = algebra::mat_to_tensor(
+        matrix.name.clone(),
+        faer::MatRef::from_row_major_slice(&values, rows, cols),
+        DataType::Float,
+    );
     model.graph.set_initializer(f32_matrix);
 
     runtime();
-    assert!(ModelSession::from_bytes(&onnx::to_bytes(&model).unwrap(), None, &cpu()).is_err(), "ONNX Runtime loads the mistyped graph");
+    assert!(
+        ModelSession::from_bytes(&onnx::to_bytes(&model).unwrap(), None, &cpu()).is_err(),
+        "ONNX Runtime loads the mistyped graph"
+    );
     let dir = scratch();
     let out = dir.path().join("model.onnx");
     match onnx::save(&model, &out, &SaveOptions::default()) {
         Err(Error::IllTyped { source, .. }) => {
             assert_eq!(source.op, "MatMul");
-            assert!(source.message.contains("(float16)") && source.message.contains("(float32)"), "{source}");
+            assert!(
+                source.message.contains("(float16)") && source.message.contains("(float32)"),
+                "{source}"
+            );
         }
         other => panic!("expected IllTyped, got {other:?}"),
     }
@@ -271,25 +368,45 @@ fn a_mistyped_graph_is_refused_and_nothing_is_written() {
 #[test]
 fn quantized_models_are_refused_by_name() {
     for (rel, names) in [
-        ("lowp/llama/optimum_int8/model.onnx", "int8 dynamically quantized (MatMulInteger/DynamicQuantizeLinear)"),
+        (
+            "lowp/llama/optimum_int8/model.onnx",
+            "int8 dynamically quantized (MatMulInteger/DynamicQuantizeLinear)",
+        ),
         ("lowp/llama/optimum_qdq/model.onnx", "QDQ quantized (QuantizeLinear/DequantizeLinear)"),
-        ("lowp/llama/genai_int4/model.onnx", "block quantized to int4 (MatMulNBits/GatherBlockQuantized)"),
+        (
+            "lowp/llama/genai_int4/model.onnx",
+            "block quantized to int4 (MatMulNBits/GatherBlockQuantized)",
+        ),
     ] {
         let model = fixture(rel);
         for extra in [&[][..], &["--orientation", "random"][..]] {
             let dir = scratch();
             let out = dir.path().join("sliced.onnx");
             let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
-                .args([model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--ratio".as_ref(), "0.25".as_ref(), "--quiet".as_ref()])
+                .args([
+                    model.as_os_str(),
+                    "-o".as_ref(),
+                    out.as_os_str(),
+                    "--ratio".as_ref(),
+                    "0.25".as_ref(),
+                    "--quiet".as_ref(),
+                ])
                 .args(["--calib-samples", "2", "--calib-seqlen", "16"])
                 .args(extra)
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&run.stderr);
-            assert_eq!(run.status.code(), Some(3), "{rel} {extra:?}: exit code 3 (a model onnx-slice cannot slice): {stderr}");
+            assert_eq!(
+                run.status.code(),
+                Some(3),
+                "{rel} {extra:?}: exit code 3 (a model onnx-slice cannot slice): {stderr}"
+            );
             assert!(stderr.contains(names), "{rel} {extra:?}: {stderr}");
             assert!(stderr.contains("then quantize the sliced model"), "{rel}: {stderr}");
-            assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "{rel} {extra:?}: an output was written");
+            assert!(
+                std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+                "{rel} {extra:?}: an output was written"
+            );
         }
     }
 }

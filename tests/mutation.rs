@@ -106,7 +106,11 @@ fn random_field(rng: &mut ChaCha8Rng) -> Vec<u8> {
         5 => out.extend(rng.random::<u32>().to_le_bytes()),
         _ => {
             let payload: Vec<u8> = (0..rng.random_range(0..24)).map(|_| rng.random()).collect();
-            let claimed = if rng.random_bool(0.2) { payload.len() as u64 + rng.random_range(1..1000) } else { payload.len() as u64 };
+            let claimed = if rng.random_bool(0.2) {
+                payload.len() as u64 + rng.random_range(1..1000)
+            } else {
+                payload.len() as u64
+            };
             varint(&mut out, claimed);
             out.extend(payload);
         }
@@ -122,8 +126,16 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-const DTYPES: [DataType; 8] =
-    [DataType::Int8, DataType::Int64, DataType::String, DataType::Bool, DataType::Float16, DataType::Double, DataType::Bfloat16, DataType::Other(99)];
+const DTYPES: [DataType; 8] = [
+    DataType::Int8,
+    DataType::Int64,
+    DataType::String,
+    DataType::Bool,
+    DataType::Float16,
+    DataType::Double,
+    DataType::Bfloat16,
+    DataType::Other(99),
+];
 
 fn mutate_graph(rng: &mut ChaCha8Rng, model: &mut Model) -> String {
     let graph = &mut model.graph;
@@ -140,7 +152,9 @@ fn mutate_graph(rng: &mut ChaCha8Rng, model: &mut Model) -> String {
         }
         1 => {
             let later = rng.random_range(n..nodes);
-            let Some(output) = graph.nodes[later].outputs.first().cloned() else { return "no output".into() };
+            let Some(output) = graph.nodes[later].outputs.first().cloned() else {
+                return "no output".into();
+            };
             let slots = graph.nodes[n].inputs.len();
             if slots == 0 {
                 return "no input".into();
@@ -232,7 +246,9 @@ fn mutated_models_end_in_ok_or_a_typed_error() {
             let mut mutated = model.clone();
             let what = mutate_graph(&mut rng, &mut mutated);
             (what, catch_unwind(AssertUnwindSafe(|| exercise(&mutated))))
-        } else if common::has_external_data(model.source.as_ref().map(|s| s.path.as_path()).unwrap_or(std::path::Path::new(""))) {
+        } else if common::has_external_data(
+            model.source.as_ref().map(|s| s.path.as_path()).unwrap_or(std::path::Path::new("")),
+        ) {
             continue;
         } else {
             let (what, mutated) = mutate_bytes(&mut rng, bytes);
@@ -245,7 +261,16 @@ fn mutated_models_end_in_ok_or_a_typed_error() {
         done += 1;
     }
     let _ = std::panic::take_hook();
-    eprintln!("{done} mutated models in {:.1} s (seed {seed}), {} panics", started.elapsed().as_secs_f64(), panics.len());
+    eprintln!(
+        "{done} mutated models in {:.1} s (seed {seed}), {} panics",
+        started.elapsed().as_secs_f64(),
+        panics.len()
+    );
     assert!(done >= cases.min(200), "only {done} cases ran in the time budget");
-    assert!(panics.is_empty(), "{} of {done} cases panicked:\n{}", panics.len(), panics.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        panics.is_empty(),
+        "{} of {done} cases panicked:\n{}",
+        panics.len(),
+        panics.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
 }

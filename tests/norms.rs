@@ -43,7 +43,9 @@ fn expected(arch: &str, exporter: &str) -> Expected {
     let layers = config_number(&config, &["num_hidden_layers", "n_layer"]).unwrap() as usize;
     let hidden = config_number(&config, &["hidden_size", "n_embd"]).unwrap() as usize;
     // OPT's config names no epsilon: its nn.LayerNorm uses torch's default 1e-5.
-    let mut epsilon = config_number(&config, &["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"]).unwrap_or(1e-5) as f32;
+    let mut epsilon =
+        config_number(&config, &["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"])
+            .unwrap_or(1e-5) as f32;
     if arch == "phi" && exporter == "genai" {
         // onnxruntime-genai's builder ignores Phi's layer_norm_eps (1e-5) and writes 1e-6 into
         // every norm: the exported model really computes with 1e-6 (hence its ~2e-3 logit
@@ -54,7 +56,11 @@ fn expected(arch: &str, exporter: &str) -> Expected {
     let (gammas, betas) = checkpoint_norm_vectors(arch);
     Expected {
         count: if parallel_single_norm { layers + 1 } else { 2 * layers + 1 },
-        kind: if matches!(arch, "llama" | "qwen2") { NormKind::RmsNorm } else { NormKind::LayerNorm },
+        kind: if matches!(arch, "llama" | "qwen2") {
+            NormKind::RmsNorm
+        } else {
+            NormKind::LayerNorm
+        },
         epsilon,
         hidden,
         gammas,
@@ -73,7 +79,11 @@ fn checkpoint_norm_vectors(arch: &str) -> (Vec<Bits>, Vec<Bits>) {
         if !is_norm || view.shape().len() != 1 || view.dtype() != Dtype::F32 {
             continue;
         }
-        let bits: Bits = view.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let bits: Bits = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         if name.ends_with(".weight") {
             gammas.push(bits);
         } else if name.ends_with(".bias") {
@@ -92,13 +102,18 @@ fn bits_of(index: &GraphIndex, value: &Option<String>) -> Option<Bits> {
 
 /// The model with its Skip* norms decomposed.
 fn load_decomposed(path: &Path) -> Model {
-    let mut model = onnx_slice::onnx::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut model =
+        onnx_slice::onnx::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     decompose_skip_norms_in_model(&mut model).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     model
 }
 
 fn count_skip_ops(graph: &Graph) -> usize {
-    graph.nodes.iter().filter(|n| n.domain == "com.microsoft" && n.op_type.starts_with("Skip")).count()
+    graph
+        .nodes
+        .iter()
+        .filter(|n| n.domain == "com.microsoft" && n.op_type.starts_with("Skip"))
+        .count()
 }
 
 /// `value` reaches a MatMul or Gemm, directly or through layout-only ops.
@@ -112,7 +127,9 @@ fn feeds_a_linear(index: &GraphIndex, value: &str) -> bool {
         for reader in index.consumers(&value) {
             match reader.op_type.as_str() {
                 "MatMul" | "Gemm" => return true,
-                "Reshape" | "Cast" | "Identity" | "Flatten" => queue.push(reader.outputs[0].clone()),
+                "Reshape" | "Cast" | "Identity" | "Flatten" => {
+                    queue.push(reader.outputs[0].clone())
+                }
                 _ => {}
             }
         }
@@ -124,17 +141,29 @@ fn feeds_a_linear(index: &GraphIndex, value: &str) -> bool {
 fn check_norms(index: &GraphIndex, norms: &[NormMatch], expected: &Expected) -> Vec<String> {
     let mut problems = Vec::new();
     if norms.len() != expected.count {
-        problems.push(format!("found {} norms, expected {}; unmatched: {:?}", norms.len(), expected.count, explain_norms(index)));
+        problems.push(format!(
+            "found {} norms, expected {}; unmatched: {:?}",
+            norms.len(),
+            expected.count,
+            explain_norms(index)
+        ));
     }
     for norm in norms {
         if norm.kind != expected.kind {
-            problems.push(format!("{}: kind {:?}, expected {:?}", norm.anchor, norm.kind, expected.kind));
+            problems.push(format!(
+                "{}: kind {:?}, expected {:?}",
+                norm.anchor, norm.kind, expected.kind
+            ));
         }
         if norm.epsilon != expected.epsilon {
-            problems.push(format!("{}: ε = {:e}, expected {:e}", norm.anchor, norm.epsilon, expected.epsilon));
+            problems.push(format!(
+                "{}: ε = {:e}, expected {:e}",
+                norm.anchor, norm.epsilon, expected.epsilon
+            ));
         }
         if !feeds_a_linear(index, &norm.output) {
-            problems.push(format!("{}: output '{}' reaches no MatMul/Gemm", norm.anchor, norm.output));
+            problems
+                .push(format!("{}: output '{}' reaches no MatMul/Gemm", norm.anchor, norm.output));
         }
     }
     let mut gammas: Vec<Bits> = norms.iter().filter_map(|n| bits_of(index, &n.gamma)).collect();
@@ -142,10 +171,18 @@ fn check_norms(index: &GraphIndex, norms: &[NormMatch], expected: &Expected) -> 
     gammas.sort();
     betas.sort();
     if gammas != expected.gammas {
-        problems.push(format!("γ vectors differ from the checkpoint's ({} found, {} expected)", gammas.len(), expected.gammas.len()));
+        problems.push(format!(
+            "γ vectors differ from the checkpoint's ({} found, {} expected)",
+            gammas.len(),
+            expected.gammas.len()
+        ));
     }
     if betas != expected.betas {
-        problems.push(format!("β vectors differ from the checkpoint's ({} found, {} expected)", betas.len(), expected.betas.len()));
+        problems.push(format!(
+            "β vectors differ from the checkpoint's ({} found, {} expected)",
+            betas.len(),
+            expected.betas.len()
+        ));
     }
     let mut owner = std::collections::BTreeMap::new();
     for norm in norms {
@@ -183,15 +220,19 @@ fn every_norm_reads_a_stream_value_of_the_model_width() {
     for (arch, exporter, path) in common::all_models() {
         let mut model = load_decomposed(&path);
         let hidden = expected(&arch, &exporter).hidden;
-        let inputs: Vec<String> = find_norms(&GraphIndex::new(&model.graph)).into_iter().map(|n| n.input).collect();
+        let inputs: Vec<String> =
+            find_norms(&GraphIndex::new(&model.graph)).into_iter().map(|n| n.input).collect();
         for input in &inputs {
             model.graph.expose_output(input);
         }
         let bytes = onnx_slice::onnx::to_bytes(&model).unwrap();
-        let mut session = ModelSession::from_bytes(&bytes, path.parent(), &cpu()).unwrap_or_else(|e| panic!("{arch}/{exporter}: {e}"));
+        let mut session = ModelSession::from_bytes(&bytes, path.parent(), &cpu())
+            .unwrap_or_else(|e| panic!("{arch}/{exporter}: {e}"));
         let feeds = Reference::for_exporter(&arch, &exporter).inputs_for(&session);
         let wanted: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let outputs = session.run_for(&as_named(&feeds), &wanted).unwrap_or_else(|e| panic!("{arch}/{exporter}: {e}"));
+        let outputs = session
+            .run_for(&as_named(&feeds), &wanted)
+            .unwrap_or_else(|e| panic!("{arch}/{exporter}: {e}"));
         for input in &inputs {
             let shape = outputs.get(input).map(|t| t.shape().to_vec()).unwrap_or_default();
             if shape.last() != Some(&hidden) {
@@ -222,10 +263,14 @@ fn decomposing_skip_norms_keeps_the_logits() {
         assert_eq!(count_skip_ops(&model.graph), 0, "{arch}/{exporter}: Skip* ops remain");
 
         let bytes = onnx_slice::onnx::to_bytes(&model).unwrap();
-        let mut decomposed = ModelSession::from_bytes(&bytes, path.parent(), &cpu()).unwrap_or_else(|e| panic!("{arch}/{exporter}: {e}"));
+        let mut decomposed = ModelSession::from_bytes(&bytes, path.parent(), &cpu())
+            .unwrap_or_else(|e| panic!("{arch}/{exporter}: {e}"));
         let after = run_logits(&mut decomposed, &feeds);
         let diff = max_abs_diff(&before, &after);
-        assert!(diff <= 1e-5, "{arch}/{exporter}: logits moved by {diff} ({fused} Skip* ops decomposed)");
+        assert!(
+            diff <= 1e-5,
+            "{arch}/{exporter}: logits moved by {diff} ({fused} Skip* ops decomposed)"
+        );
         checked += 1;
     }
     assert_eq!(checked, 9, "expected 6 ortopt_l1 and 3 genai fixtures");
@@ -268,7 +313,10 @@ fn graph_with(norm_nodes: Vec<Node>, norm_output: &str, extra_outputs: &[&str]) 
     ];
     graph.nodes = norm_nodes;
     graph.nodes.push(node("MatMul", &[norm_output, "w"], "out"));
-    graph.outputs = std::iter::once("out").chain(extra_outputs.iter().copied()).map(ValueInfo::untyped).collect();
+    graph.outputs = std::iter::once("out")
+        .chain(extra_outputs.iter().copied())
+        .map(ValueInfo::untyped)
+        .collect();
     graph
 }
 
@@ -332,10 +380,19 @@ fn decomposed_norm_whose_intermediate_has_another_reader_is_not_a_norm() {
 #[test]
 fn decomposed_rms_norm_in_every_division_form_and_operand_order() {
     let forms: [(&str, Vec<Node>); 4] = [
-        ("Div(1, ·)", vec![node("Sqrt", &["guarded"], "root"), node("Div", &["one", "root"], "inverse")]),
-        ("Reciprocal", vec![node("Sqrt", &["guarded"], "root"), node("Reciprocal", &["root"], "inverse")]),
+        (
+            "Div(1, ·)",
+            vec![node("Sqrt", &["guarded"], "root"), node("Div", &["one", "root"], "inverse")],
+        ),
+        (
+            "Reciprocal",
+            vec![node("Sqrt", &["guarded"], "root"), node("Reciprocal", &["root"], "inverse")],
+        ),
         ("Pow(−0.5)", vec![node("Pow", &["guarded", "minus_half"], "inverse")]),
-        ("Div(x, ·)", vec![node("Sqrt", &["guarded"], "root"), node("Div", &["x", "root"], "normalized")]),
+        (
+            "Div(x, ·)",
+            vec![node("Sqrt", &["guarded"], "root"), node("Div", &["x", "root"], "normalized")],
+        ),
     ];
     for (form, root_nodes) in forms {
         let divides_directly = root_nodes.iter().any(|n| n.outputs[0] == "normalized");
@@ -353,7 +410,11 @@ fn decomposed_rms_norm_in_every_division_form_and_operand_order() {
         let norms = norms_of(&graph);
         assert_eq!(norms.len(), 1, "{form}: {:?}", explain_norms(&GraphIndex::new(&graph)));
         assert_eq!(norms[0].kind, NormKind::RmsNorm, "{form}");
-        assert_eq!((norms[0].input.as_str(), norms[0].output.as_str(), norms[0].gamma.as_deref()), ("x", "y", Some("gamma")), "{form}");
+        assert_eq!(
+            (norms[0].input.as_str(), norms[0].output.as_str(), norms[0].gamma.as_deref()),
+            ("x", "y", Some("gamma")),
+            "{form}"
+        );
         assert_eq!(norms[0].beta, None, "{form}: an RMSNorm takes no β");
     }
 }
@@ -387,7 +448,11 @@ fn a_cast_the_residual_add_also_reads_stays_outside_the_norm() {
     let norms = norms_of(&graph);
     assert_eq!(norms.len(), 1, "{:?}", explain_norms(&GraphIndex::new(&graph)));
     assert_eq!(norms[0].input, "x");
-    assert_eq!(norms[0].nodes, (1..9).collect::<Vec<_>>(), "the first Cast is shared, the second belongs to the norm");
+    assert_eq!(
+        norms[0].nodes,
+        (1..9).collect::<Vec<_>>(),
+        "the first Cast is shared, the second belongs to the norm"
+    );
 
     // Without the residual reader the Cast serves only the norm and belongs to it.
     let mut alone = graph.clone();
@@ -400,23 +465,36 @@ fn a_cast_the_residual_add_also_reads_stays_outside_the_norm() {
 
 #[test]
 fn norm_ops_are_found_and_their_axis_and_scale_checked() {
-    let mut layer_norm = Node::new("LayerNormalization", "ln", strings(&["x", "gamma", "beta"]), strings(&["y"]));
+    let mut layer_norm =
+        Node::new("LayerNormalization", "ln", strings(&["x", "gamma", "beta"]), strings(&["y"]));
     layer_norm.set_attr("epsilon", AttrValue::Float(1e-6));
     let rms = Node::new("RMSNormalization", "rms", strings(&["x", "gamma"]), strings(&["y"]));
-    let simplified = Node::new("SimplifiedLayerNormalization", "sln", strings(&["x", "gamma"]), strings(&["y"]));
-    for (op, kind, epsilon) in
-        [(layer_norm.clone(), NormKind::LayerNorm, 1e-6), (rms, NormKind::RmsNorm, 1e-5), (simplified, NormKind::RmsNorm, 1e-5)]
-    {
+    let simplified =
+        Node::new("SimplifiedLayerNormalization", "sln", strings(&["x", "gamma"]), strings(&["y"]));
+    for (op, kind, epsilon) in [
+        (layer_norm.clone(), NormKind::LayerNorm, 1e-6),
+        (rms, NormKind::RmsNorm, 1e-5),
+        (simplified, NormKind::RmsNorm, 1e-5),
+    ] {
         let norms = norms_of(&graph_with(vec![op.clone()], "y", &[]));
         assert_eq!(norms.len(), 1, "{}", op.op_type);
-        assert_eq!((norms[0].kind, norms[0].epsilon, norms[0].anchor.as_str()), (kind, epsilon, op.name.as_str()));
+        assert_eq!(
+            (norms[0].kind, norms[0].epsilon, norms[0].anchor.as_str()),
+            (kind, epsilon, op.name.as_str())
+        );
     }
     let mut first_axis = layer_norm.clone();
     first_axis.set_attr("axis", AttrValue::Int(1));
-    assert!(norms_of(&graph_with(vec![first_axis], "y", &[])).is_empty(), "axis 1 of an unknown rank is not the last");
+    assert!(
+        norms_of(&graph_with(vec![first_axis], "y", &[])).is_empty(),
+        "axis 1 of an unknown rank is not the last"
+    );
     let mut computed_scale = layer_norm;
     computed_scale.inputs[1] = "x".into();
-    assert!(norms_of(&graph_with(vec![computed_scale], "y", &[])).is_empty(), "γ must be a constant");
+    assert!(
+        norms_of(&graph_with(vec![computed_scale], "y", &[])).is_empty(),
+        "γ must be a constant"
+    );
 }
 
 #[test]
@@ -468,17 +546,29 @@ fn skip_graph(op: &str, inputs: &[&str], outputs: &[&str], extra_outputs: &[&str
 
 #[test]
 fn skip_layer_norm_becomes_bias_add_residual_add_and_layer_norm() {
-    let mut graph = skip_graph("SkipLayerNormalization", &["x", "s", "gamma", "beta", "bias"], &["y", "", "", "sum"], &["sum"]);
+    let mut graph = skip_graph(
+        "SkipLayerNormalization",
+        &["x", "s", "gamma", "beta", "bias"],
+        &["y", "", "", "sum"],
+        &["sum"],
+    );
     assert_eq!(decompose_skip_norms(&mut graph).unwrap(), 1);
     let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
     assert_eq!(ops, ["Add", "Add", "LayerNormalization", "MatMul"]);
     let (bias_add, residual_add, norm) = (&graph.nodes[0], &graph.nodes[1], &graph.nodes[2]);
-    assert_eq!(bias_add.inputs, strings(&["x", "bias"]), "the bias goes with the input (the linear layer's output)");
+    assert_eq!(
+        bias_add.inputs,
+        strings(&["x", "bias"]),
+        "the bias goes with the input (the linear layer's output)"
+    );
     assert_eq!(residual_add.inputs, vec![bias_add.outputs[0].clone(), "s".into()]);
     assert_eq!(residual_add.outputs, strings(&["sum"]), "the sum keeps the name of output 3");
     assert_eq!(norm.inputs, strings(&["sum", "gamma", "beta"]));
     assert_eq!(norm.outputs, strings(&["y"]));
-    assert_eq!((norm.domain.as_str(), norm.attr_int("axis"), norm.attr_float("epsilon")), ("", Some(-1), Some(1e-6)));
+    assert_eq!(
+        (norm.domain.as_str(), norm.attr_int("axis"), norm.attr_float("epsilon")),
+        ("", Some(-1), Some(1e-6))
+    );
 
     let norms = norms_of(&graph);
     assert_eq!(norms.len(), 1);
@@ -487,7 +577,8 @@ fn skip_layer_norm_becomes_bias_add_residual_add_and_layer_norm() {
 
 #[test]
 fn skip_simplified_layer_norm_without_sum_output_gets_a_fresh_sum() {
-    let mut graph = skip_graph("SkipSimplifiedLayerNormalization", &["x", "s", "gamma"], &["y"], &[]);
+    let mut graph =
+        skip_graph("SkipSimplifiedLayerNormalization", &["x", "s", "gamma"], &["y"], &[]);
     assert_eq!(decompose_skip_norms(&mut graph).unwrap(), 1);
     let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
     assert_eq!(ops, ["Add", "SimplifiedLayerNormalization", "MatMul"]);
@@ -498,7 +589,8 @@ fn skip_simplified_layer_norm_without_sum_output_gets_a_fresh_sum() {
 
 #[test]
 fn a_used_mean_output_is_an_error_naming_the_node() {
-    let mut graph = skip_graph("SkipLayerNormalization", &["x", "s", "gamma"], &["y", "mean"], &["mean"]);
+    let mut graph =
+        skip_graph("SkipLayerNormalization", &["x", "s", "gamma"], &["y", "mean"], &["mean"]);
     let before = graph.clone();
     let error = decompose_skip_norms(&mut graph).unwrap_err();
     assert!(
@@ -516,5 +608,8 @@ fn decomposing_raises_an_old_opset_for_layer_normalization() {
     assert_eq!(model.opset_version(""), Some(17));
 
     let mut ancient = Model::new(&[("", 11), ("com.microsoft", 1)], graph);
-    assert!(decompose_skip_norms_in_model(&mut ancient).is_err(), "opset 11 → 17 would change Split/Squeeze/…");
+    assert!(
+        decompose_skip_norms_in_model(&mut ancient).is_err(),
+        "opset 11 → 17 would change Split/Squeeze/…"
+    );
 }

@@ -27,7 +27,11 @@ fn logits_of(model: &Model, dir: &std::path::Path, reference: &Reference) -> nda
 
 /// Rewrites every fixture and compares its logits on the reference input with the original's
 /// (`compare` returns what is wrong, if anything); reports every fixture that fails.
-fn check_all(what: &str, rewrite: impl Fn(&mut Model), compare: impl Fn(&ArrayD<f32>, &ArrayD<f32>) -> Option<String>) {
+fn check_all(
+    what: &str,
+    rewrite: impl Fn(&mut Model),
+    compare: impl Fn(&ArrayD<f32>, &ArrayD<f32>) -> Option<String>,
+) {
     let mut failures = Vec::new();
     for (arch, exporter, path) in all_models() {
         let reference = Reference::for_exporter(&arch, &exporter);
@@ -40,8 +44,12 @@ fn check_all(what: &str, rewrite: impl Fn(&mut Model), compare: impl Fn(&ArrayD<
             logits_of(&rewritten, dir, &reference)
         }));
         match result {
-            Ok(got) => failures.extend(compare(&got, &expected).map(|why| format!("{arch}/{exporter}: {why}"))),
-            Err(e) => failures.push(format!("{arch}/{exporter}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default())),
+            Ok(got) => failures
+                .extend(compare(&got, &expected).map(|why| format!("{arch}/{exporter}: {why}"))),
+            Err(e) => failures.push(format!(
+                "{arch}/{exporter}: {}",
+                e.downcast_ref::<String>().cloned().unwrap_or_default()
+            )),
         }
     }
     assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
@@ -53,7 +61,8 @@ fn same_logits(got: &ArrayD<f32>, expected: &ArrayD<f32>) -> Option<String> {
 }
 
 fn same_shape(got: &ArrayD<f32>, expected: &ArrayD<f32>) -> Option<String> {
-    (got.shape() != expected.shape()).then(|| format!("logits {:?}, expected {:?}", got.shape(), expected.shape()))
+    (got.shape() != expected.shape())
+        .then(|| format!("logits {:?}, expected {:?}", got.shape(), expected.shape()))
 }
 
 #[test]
@@ -63,13 +72,23 @@ fn fusing_the_norms_keeps_the_logits() {
 
 #[test]
 fn fusing_and_rotating_by_random_orthogonal_matrices_keeps_the_logits() {
-    let rotate = |m: &mut Model| drop(transform::rotate(m, Orientation::Random { seed: 7 }, &Dimensions::default()).unwrap_or_else(|e| panic!("{e}")));
+    let rotate = |m: &mut Model| {
+        drop(
+            transform::rotate(m, Orientation::Random { seed: 7 }, &Dimensions::default())
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    };
     check_all("rotated", rotate, same_logits);
 }
 
 #[test]
 fn sliced_models_run_with_the_same_output_shapes() {
     let dims = Dimensions { ratio: 0.25, ..Dimensions::default() };
-    let slice = |m: &mut Model| drop(transform::rotate(m, Orientation::Random { seed: 3 }, &dims).unwrap_or_else(|e| panic!("{e}")));
+    let slice = |m: &mut Model| {
+        drop(
+            transform::rotate(m, Orientation::Random { seed: 3 }, &dims)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    };
     check_all("sliced", slice, same_shape);
 }

@@ -13,13 +13,15 @@ use onnx_slice::graph::{DataType, Dim as GraphDim, Graph, Model, Node, ValueInfo
 use onnx_slice::onnx;
 use onnx_slice::runtime::npy::Npz;
 use onnx_slice::runtime::{
-    choose_library, default_library_path, init_runtime, locate_library, loaded_library, ActiveEp, Dim, ElementType, Ep,
-    LibrarySearchEnv, LibrarySource, ModelSession, RuntimeError, SessionConfig, TensorValue,
+    choose_library, default_library_path, init_runtime, loaded_library, locate_library, ActiveEp,
+    Dim, ElementType, Ep, LibrarySearchEnv, LibrarySource, ModelSession, RuntimeError,
+    SessionConfig, TensorValue,
 };
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
 // Every exporter whose models take no KV-cache inputs.
-const EXPORTERS_WITHOUT_KV_CACHE: [&str; 6] = ["ts14", "ts17", "optimum", "dynamo", "dynamo23", "ortopt_l1"];
+const EXPORTERS_WITHOUT_KV_CACHE: [&str; 6] =
+    ["ts14", "ts17", "optimum", "dynamo", "dynamo23", "ortopt_l1"];
 
 fn logits_diff_to_reference(arch: &str, exporter: &str, config: &SessionConfig) -> f32 {
     let mut session = open(&fixture(&format!("{arch}/{exporter}/model.onnx")), config);
@@ -55,7 +57,8 @@ fn external_data_loads_from_a_file_and_from_bytes_with_its_directory() {
     assert!(max_abs_diff(&file_logits, &reference.logits) <= LOGITS_TOLERANCE);
 
     let bytes = std::fs::read(&path).unwrap_or_else(|error| panic!("{error}"));
-    let mut from_bytes = ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|error| panic!("{error}"));
+    let mut from_bytes = ModelSession::from_bytes(&bytes, Some(dir), &cpu())
+        .unwrap_or_else(|error| panic!("{error}"));
     assert_eq!(run_logits(&mut from_bytes, &inputs), file_logits);
 }
 
@@ -64,7 +67,10 @@ fn in_memory_model_with_external_data_but_no_directory_fails_clearly() {
     runtime();
     let path = fixture("llama/genai/model.onnx");
     let bytes = std::fs::read(&path).unwrap_or_else(|error| panic!("{error}"));
-    let error = ModelSession::from_bytes(&bytes, None, &cpu()).err().map(|e| e.to_string()).unwrap_or_default();
+    let error = ModelSession::from_bytes(&bytes, None, &cpu())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(error.contains("loading the model") && error.contains("model.onnx.data"), "{error}");
 }
 
@@ -100,16 +106,26 @@ fn cuda_provider_library_present() -> bool {
 #[test]
 fn cuda_ep_is_an_error_when_cuda_cannot_be_used() {
     runtime();
-    let result = ModelSession::from_file(&fixture("gpt2/ts14/model.onnx"), &SessionConfig { ep: Ep::Cuda, intra_threads: None });
+    let result = ModelSession::from_file(
+        &fixture("gpt2/ts14/model.onnx"),
+        &SessionConfig { ep: Ep::Cuda, intra_threads: None },
+    );
     match result {
         Ok(session) => {
-            assert!(cuda_provider_library_present(), "CUDA EP registered without its provider library");
+            assert!(
+                cuda_provider_library_present(),
+                "CUDA EP registered without its provider library"
+            );
             assert_eq!(session.ep().active, ActiveEp::Cuda);
         }
         Err(error) => {
             let message = error.to_string();
             assert!(matches!(error, RuntimeError::CudaUnavailable { .. }), "{message}");
-            assert!(message.contains("CUDA execution provider is unavailable") && message.contains("--ep cpu"), "{message}");
+            assert!(
+                message.contains("CUDA execution provider is unavailable")
+                    && message.contains("--ep cpu"),
+                "{message}"
+            );
         }
     }
 }
@@ -122,7 +138,10 @@ fn auto_ep_falls_back_to_cpu_and_says_why() {
     if !cuda_provider_library_present() {
         assert_eq!(choice.active, ActiveEp::Cpu);
         let message = choice.to_string();
-        assert!(message.starts_with("CUDA unavailable (") && message.ends_with("), using CPU"), "{message}");
+        assert!(
+            message.starts_with("CUDA unavailable (") && message.ends_with("), using CPU"),
+            "{message}"
+        );
     }
     drop(session);
     assert!(logits_diff_to_reference("gpt2", "ts14", &config) <= LOGITS_TOLERANCE);
@@ -140,7 +159,13 @@ fn ep_names_parse_and_print() {
 
 /// A model of Identity nodes, `<name>` to `<name>_out`, over one input of each element type.
 fn identity_model_bytes() -> Vec<u8> {
-    let types = [("f32", DataType::Float), ("f16", DataType::Float16), ("i64", DataType::Int64), ("i32", DataType::Int32), ("bool", DataType::Bool)];
+    let types = [
+        ("f32", DataType::Float),
+        ("f16", DataType::Float16),
+        ("i64", DataType::Int64),
+        ("i32", DataType::Int32),
+        ("bool", DataType::Bool),
+    ];
     let mut graph = Graph::new("identities");
     let n = [GraphDim::Symbolic("n".into())];
     for (name, dtype) in types {
@@ -154,14 +179,21 @@ fn identity_model_bytes() -> Vec<u8> {
 
 fn identity_session() -> ModelSession {
     runtime();
-    ModelSession::from_bytes(&identity_model_bytes(), None, &cpu()).unwrap_or_else(|error| panic!("{error}"))
+    ModelSession::from_bytes(&identity_model_bytes(), None, &cpu())
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// One value per input of the identity model.
 fn identity_inputs() -> Vec<(&'static str, TensorValue)> {
     vec![
         ("f32", TensorValue::from(ndarray::arr1(&[1.5f32, -2.0]))),
-        ("f16", TensorValue::from(ndarray::arr1(&[half::f16::from_f32(0.5), half::f16::from_f32(-3.25)]))),
+        (
+            "f16",
+            TensorValue::from(ndarray::arr1(&[
+                half::f16::from_f32(0.5),
+                half::f16::from_f32(-3.25),
+            ])),
+        ),
         ("i64", TensorValue::from(ndarray::arr1(&[i64::MAX, -1]))),
         ("i32", TensorValue::from(ndarray::arr1(&[7i32, i32::MIN]))),
         ("bool", TensorValue::from(ndarray::arr1(&[true, false]))),
@@ -193,7 +225,8 @@ fn non_contiguous_inputs_are_fed_in_logical_order() {
     assert!(!every_other.is_standard_layout());
     let mut values = identity_inputs();
     values[2].1 = TensorValue::from(every_other);
-    let mut outputs = session.run_for(&borrowed(&values), &["i64_out"]).unwrap_or_else(|error| panic!("{error}"));
+    let mut outputs =
+        session.run_for(&borrowed(&values), &["i64_out"]).unwrap_or_else(|error| panic!("{error}"));
     let fed = outputs.remove("i64_out").and_then(|v| v.into_i64().ok());
     assert_eq!(fed, Some(ndarray::arr1(&[1i64, 3]).into_dyn()));
 }
@@ -202,7 +235,9 @@ fn non_contiguous_inputs_are_fed_in_logical_order() {
 fn selected_outputs_come_back_in_the_order_asked() {
     let mut session = identity_session();
     let values = identity_inputs();
-    let outputs = session.run_for(&borrowed(&values), &["bool_out", "i64_out"]).unwrap_or_else(|error| panic!("{error}"));
+    let outputs = session
+        .run_for(&borrowed(&values), &["bool_out", "i64_out"])
+        .unwrap_or_else(|error| panic!("{error}"));
     let names: Vec<&str> = outputs.names().collect();
     assert_eq!(names, ["bool_out", "i64_out"]);
 }
@@ -212,9 +247,19 @@ fn unknown_names_are_reported_with_the_known_ones() {
     let mut session = identity_session();
     let ids = TensorValue::from(ndarray::arr1(&[1i64]));
     let error = session.run(&[("ids", &ids)]).err().map(|e| e.to_string()).unwrap_or_default();
-    assert_eq!(error, "in-memory model has no input named `ids`; its inputs are: f32, f16, i64, i32, bool");
-    let error = session.run_for(&[("i64", &ids)], &["logits"]).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(error.starts_with("in-memory model has no output named `logits`; its outputs are: f32_out"), "{error}");
+    assert_eq!(
+        error,
+        "in-memory model has no input named `ids`; its inputs are: f32, f16, i64, i32, bool"
+    );
+    let error = session
+        .run_for(&[("i64", &ids)], &["logits"])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("in-memory model has no output named `logits`; its outputs are: f32_out"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -222,8 +267,12 @@ fn run_errors_name_the_model_the_step_and_the_inputs() {
     let path = fixture("gpt2/ts14/model.onnx");
     let mut session = open(&path, &cpu());
     let wrong_type = TensorValue::from(ndarray::arr2(&[[1i32, 2]]));
-    let error = session.run(&[("input_ids", &wrong_type)]).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(error.starts_with(&format!("running the model failed for {}", path.display())), "{error}");
+    let error =
+        session.run(&[("input_ids", &wrong_type)]).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("running the model failed for {}", path.display())),
+        "{error}"
+    );
     assert!(error.contains("input_ids i32[1,2]"), "{error}");
 }
 
@@ -236,7 +285,12 @@ fn reference_npz_lists_its_arrays() {
     assert_eq!(npz.get("input_ids").map(|a| a.dtype_name()), Some("int64"));
 }
 
-fn search_env(ort: Option<&str>, slice_home: Option<&str>, xdg: Option<&str>, home: Option<&str>) -> LibrarySearchEnv {
+fn search_env(
+    ort: Option<&str>,
+    slice_home: Option<&str>,
+    xdg: Option<&str>,
+    home: Option<&str>,
+) -> LibrarySearchEnv {
     LibrarySearchEnv {
         ort_dylib_path: ort.map(Into::into),
         onnx_slice_home: slice_home.map(Into::into),
@@ -249,15 +303,27 @@ fn search_env(ort: Option<&str>, slice_home: Option<&str>, xdg: Option<&str>, ho
 fn library_path_precedence_is_flag_then_env_var_then_default() {
     let env = search_env(Some("/env/libort.so"), Some("/slice"), Some("/xdg"), Some("/home/u"));
     let chosen = |explicit: Option<&str>, env: &LibrarySearchEnv| {
-        choose_library(explicit.map(Path::new), env).map(|location| (location.path, location.source)).ok()
+        choose_library(explicit.map(Path::new), env)
+            .map(|location| (location.path, location.source))
+            .ok()
     };
-    assert_eq!(chosen(Some("/flag/lib.so"), &env), Some(("/flag/lib.so".into(), LibrarySource::Flag)));
+    assert_eq!(
+        chosen(Some("/flag/lib.so"), &env),
+        Some(("/flag/lib.so".into(), LibrarySource::Flag))
+    );
     assert_eq!(chosen(None, &env), Some(("/env/libort.so".into(), LibrarySource::EnvVar)));
-    let default = |env: &LibrarySearchEnv| default_library_path(env).map(|path| path.display().to_string());
+    let default =
+        |env: &LibrarySearchEnv| default_library_path(env).map(|path| path.display().to_string());
     let suffix = "onnxruntime-1.31.1/libonnxruntime.so.1.31.1";
     assert_eq!(default(&env), Some(format!("/slice/{suffix}")));
-    assert_eq!(default(&search_env(None, None, Some("/xdg"), Some("/home/u"))), Some(format!("/xdg/onnx-slice/{suffix}")));
-    assert_eq!(default(&search_env(None, None, None, Some("/home/u"))), Some(format!("/home/u/.cache/onnx-slice/{suffix}")));
+    assert_eq!(
+        default(&search_env(None, None, Some("/xdg"), Some("/home/u"))),
+        Some(format!("/xdg/onnx-slice/{suffix}"))
+    );
+    assert_eq!(
+        default(&search_env(None, None, None, Some("/home/u"))),
+        Some(format!("/home/u/.cache/onnx-slice/{suffix}"))
+    );
     let nothing = choose_library(None, &LibrarySearchEnv::default()).err();
     assert!(matches!(nothing, Some(RuntimeError::NoDefaultLibraryLocation)));
 }
@@ -268,10 +334,19 @@ fn missing_library_is_a_typed_error_that_says_how_to_fix_it() {
     let env = search_env(None, None, None, Some("/home/u"));
     let error = locate_library(Some(missing), &env).err();
     let message = error.as_ref().map(ToString::to_string).unwrap_or_default();
-    assert!(matches!(&error, Some(RuntimeError::LibraryNotFound { origin: LibrarySource::Flag, .. })), "{message}");
-    assert!(message.contains("tried /nonexistent/libonnxruntime.so.1.31.1 (from --ort-lib)"), "{message}");
+    assert!(
+        matches!(&error, Some(RuntimeError::LibraryNotFound { origin: LibrarySource::Flag, .. })),
+        "{message}"
+    );
+    assert!(
+        message.contains("tried /nonexistent/libonnxruntime.so.1.31.1 (from --ort-lib)"),
+        "{message}"
+    );
     assert!(message.contains("scripts/setup-ort.sh") && message.contains("--ort-lib"), "{message}");
-    assert!(message.contains("/home/u/.cache/onnx-slice/onnxruntime-1.31.1/libonnxruntime.so.1.31.1"), "{message}");
+    assert!(
+        message.contains("/home/u/.cache/onnx-slice/onnxruntime-1.31.1/libonnxruntime.so.1.31.1"),
+        "{message}"
+    );
     // Through the real entry point too: the check happens before ONNX Runtime is touched, so
     // this cannot disturb the other tests' runtime.
     assert!(matches!(init_runtime(Some(missing)), Err(RuntimeError::LibraryNotFound { .. })));

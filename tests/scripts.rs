@@ -40,7 +40,10 @@ fn ort_home(dir: &Path) -> PathBuf {
 fn run(command: &mut Command) -> (String, String) {
     let out = command.output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -70,8 +73,16 @@ fn the_first_build_is_announced_and_shows_cargos_progress() {
 fn fetching_onnx_runtime_is_announced_before_it_starts() {
     let dir = scratch();
     let home = dir.path().join("empty-home");
-    let out = Command::new(script("setup-ort.sh")).env("PATH", stand_ins(dir.path())).env("ONNX_SLICE_HOME", &home).output().unwrap();
+    let out = Command::new(script("setup-ort.sh"))
+        .env("PATH", stand_ins(dir.path()))
+        .env("ONNX_SLICE_HOME", &home)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the stand-in python3 fails the download");
-    assert!(stderr.contains("setup-ort: fetching ONNX Runtime 1.31.1") && stderr.contains(&home.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains("setup-ort: fetching ONNX Runtime 1.31.1")
+            && stderr.contains(&home.display().to_string()),
+        "{stderr}"
+    );
 }

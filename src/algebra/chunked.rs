@@ -36,11 +36,20 @@ pub(super) fn vector_len(t: &Tensor) -> Result<usize> {
     }
 }
 
-pub(super) fn check_width(t: &Tensor, what: &str, got: usize, other: &str, want: usize) -> Result<()> {
+pub(super) fn check_width(
+    t: &Tensor,
+    what: &str,
+    got: usize,
+    other: &str,
+    want: usize,
+) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(tensor_error(t, format!("{what} {got} (dims {:?}) does not match {other} ({want})", t.dims)))
+        Err(tensor_error(
+            t,
+            format!("{what} {got} (dims {:?}) does not match {other} ({want})", t.dims),
+        ))
     }
 }
 
@@ -68,17 +77,29 @@ impl<'a> Values<'a> {
     pub(super) fn of(t: &'a Tensor) -> Result<Self> {
         let len = usize::try_from(t.numel()).map_err(|_| tensor_error(t, "too large".into()))?;
         let (source, got) = match (&t.data, t.dtype) {
-            (TensorData::Typed(TypedValues::Floats(v)), DataType::Float) => (Source::F32(Cow::Borrowed(v)), v.len()),
-            (TensorData::Typed(TypedValues::Doubles(v)), DataType::Double) => (Source::F64(v), v.len()),
+            (TensorData::Typed(TypedValues::Floats(v)), DataType::Float) => {
+                (Source::F32(Cow::Borrowed(v)), v.len())
+            }
+            (TensorData::Typed(TypedValues::Doubles(v)), DataType::Double) => {
+                (Source::F64(v), v.len())
+            }
             (
                 TensorData::Raw(raw) | TensorData::External { bytes: raw, .. },
-                dtype @ (DataType::Float | DataType::Double | DataType::Float16 | DataType::Bfloat16),
+                dtype @ (DataType::Float
+                | DataType::Double
+                | DataType::Float16
+                | DataType::Bfloat16),
             ) => {
                 let size = dtype.byte_size().expect("float types have a size");
                 if raw.len() != len * size {
                     return Err(tensor_error(
                         t,
-                        format!("holds {} bytes but its dims {:?} need {}", raw.len(), t.dims, len * size),
+                        format!(
+                            "holds {} bytes but its dims {:?} need {}",
+                            raw.len(),
+                            t.dims,
+                            len * size
+                        ),
                     ));
                 }
                 (Source::Le { raw: &raw[..], dtype }, len)
@@ -90,7 +111,10 @@ impl<'a> Values<'a> {
             }
         };
         if got != len {
-            return Err(tensor_error(t, format!("holds {got} values but its dims {:?} need {len}", t.dims)));
+            return Err(tensor_error(
+                t,
+                format!("holds {got} values but its dims {:?} need {len}", t.dims),
+            ));
         }
         Ok(Values { source })
     }
@@ -99,19 +123,28 @@ impl<'a> Values<'a> {
     pub(super) fn read(&self, start: usize, out: &mut [f64]) {
         let n = out.len();
         match &self.source {
-            Source::F32(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, &x)| *o = x as f64),
+            Source::F32(v) => {
+                out.iter_mut().zip(&v[start..start + n]).for_each(|(o, &x)| *o = x as f64)
+            }
             Source::F64(v) => out.copy_from_slice(&v[start..start + n]),
             Source::Le { raw, dtype } => match dtype {
                 DataType::Float => decode::<4>(raw, start, out, |b| f32::from_le_bytes(b) as f64),
                 DataType::Double => decode::<8>(raw, start, out, f64::from_le_bytes),
-                DataType::Float16 => decode::<2>(raw, start, out, |b| f16::from_le_bytes(b).to_f64()),
+                DataType::Float16 => {
+                    decode::<2>(raw, start, out, |b| f16::from_le_bytes(b).to_f64())
+                }
                 _ => decode::<2>(raw, start, out, |b| bf16::from_le_bytes(b).to_f64()),
             },
         }
     }
 }
 
-pub(super) fn decode<const N: usize>(raw: &[u8], start: usize, out: &mut [f64], f: impl Fn([u8; N]) -> f64) {
+pub(super) fn decode<const N: usize>(
+    raw: &[u8],
+    start: usize,
+    out: &mut [f64],
+    f: impl Fn([u8; N]) -> f64,
+) {
     let bytes = &raw[start * N..(start + out.len()) * N];
     for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
         *o = f(c.try_into().expect("chunks_exact yields N bytes"));
@@ -141,7 +174,12 @@ impl Out {
     }
 
     pub(super) fn write(&mut self, start: usize, values: &[f64]) {
-        fn encode<const N: usize>(bytes: &mut [u8], start: usize, values: &[f64], f: impl Fn(f64) -> [u8; N]) {
+        fn encode<const N: usize>(
+            bytes: &mut [u8],
+            start: usize,
+            values: &[f64],
+            f: impl Fn(f64) -> [u8; N],
+        ) {
             let bytes = &mut bytes[start * N..(start + values.len()) * N];
             for (c, &v) in bytes.chunks_exact_mut(N).zip(values) {
                 c.copy_from_slice(&f(v));
@@ -149,8 +187,12 @@ impl Out {
         }
         match self.dtype {
             DataType::Double => encode::<8>(&mut self.bytes, start, values, f64::to_le_bytes),
-            DataType::Float16 => encode::<2>(&mut self.bytes, start, values, |v| f16::from_f64(v).to_le_bytes()),
-            DataType::Bfloat16 => encode::<2>(&mut self.bytes, start, values, |v| bf16::from_f64(v).to_le_bytes()),
+            DataType::Float16 => {
+                encode::<2>(&mut self.bytes, start, values, |v| f16::from_f64(v).to_le_bytes())
+            }
+            DataType::Bfloat16 => {
+                encode::<2>(&mut self.bytes, start, values, |v| bf16::from_f64(v).to_le_bytes())
+            }
             _ => encode::<4>(&mut self.bytes, start, values, |v| (v as f32).to_le_bytes()),
         }
     }
@@ -193,7 +235,13 @@ pub(super) fn map_rows(
 
 /// `S · M` for a stored row-major `S` (`rows × cols`) and `M` (`cols × p`), written row-major
 /// (`rows × p`) to `sink(start, values)`, a slice of rows at a time.
-pub(super) fn right_multiply(src: &Values, rows: usize, cols: usize, m: MatRef<'_, f64>, mut sink: impl FnMut(usize, &[f64])) {
+pub(super) fn right_multiply(
+    src: &Values,
+    rows: usize,
+    cols: usize,
+    m: MatRef<'_, f64>,
+    mut sink: impl FnMut(usize, &[f64]),
+) {
     let p = m.ncols();
     debug_assert_eq!(m.nrows(), cols);
     let step = (CHUNK / cols.max(p).max(1)).clamp(1, rows.max(1));
@@ -212,7 +260,13 @@ pub(super) fn right_multiply(src: &Values, rows: usize, cols: usize, m: MatRef<'
 
 /// `M · S` for `M` (`p × rows`) and a stored row-major `S` (`rows × cols`), written row-major
 /// (`p × cols`) to `sink(start, values)`, a slice of columns at a time.
-pub(super) fn left_multiply(m: MatRef<'_, f64>, src: &Values, rows: usize, cols: usize, mut sink: impl FnMut(usize, &[f64])) {
+pub(super) fn left_multiply(
+    m: MatRef<'_, f64>,
+    src: &Values,
+    rows: usize,
+    cols: usize,
+    mut sink: impl FnMut(usize, &[f64]),
+) {
     let p = m.nrows();
     debug_assert_eq!(m.ncols(), rows);
     let step = (CHUNK / rows.max(p).max(1)).clamp(1, cols.max(1));
@@ -232,4 +286,3 @@ pub(super) fn left_multiply(m: MatRef<'_, f64>, src: &Values, rows: usize, cols:
         }
     }
 }
-

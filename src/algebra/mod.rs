@@ -27,14 +27,17 @@
 mod chunked;
 mod random;
 
-pub use random::random_orthogonal;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef};
+pub use random::random_orthogonal;
 
 use crate::error::Result;
 use crate::graph::{DataType, Graph, Tensor};
 use crate::structure::{Layout, WeightLayout};
-use chunked::{check_width, left_multiply, map_rows, matrix_dims, right_multiply, subtract_mean, vector_len, Out, Values};
+use chunked::{
+    check_width, left_multiply, map_rows, matrix_dims, right_multiply, subtract_mean, vector_len,
+    Out, Values,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Shortcuts and created tensors
@@ -45,9 +48,20 @@ use chunked::{check_width, left_multiply, map_rows, matrix_dims, right_multiply,
 /// # Panics
 /// If the two bases do not have the same number of rows (stream width D).
 pub fn shortcut(q_from: MatRef<'_, f64>, q_to: MatRef<'_, f64>) -> Mat<f64> {
-    assert_eq!(q_from.nrows(), q_to.nrows(), "shortcut: the two bases have different stream widths");
+    assert_eq!(
+        q_from.nrows(),
+        q_to.nrows(),
+        "shortcut: the two bases have different stream widths"
+    );
     let mut s = Mat::<f64>::zeros(q_from.ncols(), q_to.ncols());
-    matmul(s.as_mut(), Accum::Replace, q_from.transpose(), q_to, 1.0, faer::get_global_parallelism());
+    matmul(
+        s.as_mut(),
+        Accum::Replace,
+        q_from.transpose(),
+        q_to,
+        1.0,
+        faer::get_global_parallelism(),
+    );
     s
 }
 
@@ -64,7 +78,11 @@ pub fn created_dtype(stream: DataType) -> DataType {
 
 /// The residual stream's element type: the token embedding table's (float32 when there is none).
 pub fn stream_dtype(graph: &Graph, layout: &Layout) -> DataType {
-    layout.embeddings.first().and_then(|e| graph.initializer(&e.table)).map_or(DataType::Float, |t| t.dtype)
+    layout
+        .embeddings
+        .first()
+        .and_then(|e| graph.initializer(&e.table))
+        .map_or(DataType::Float, |t| t.dtype)
 }
 
 /// The element type in which a norm sums squares over a stream of type `stream`: float16 and
@@ -125,7 +143,12 @@ pub fn fold_norm_scale(weight: &Tensor, layout: WeightLayout, gamma: &[f32]) -> 
 /// weight as it was BEFORE [`fold_norm_scale`] (`β W_orig`). Returns the new bias, of length out:
 /// `bias` updated (keeping its name, dims and type), or, when the layer has none, a new 1-D bias
 /// named `<weight>.folded_bias` in the weight's float type (rename it as the graph requires).
-pub fn fold_norm_shift(weight: &Tensor, layout: WeightLayout, beta: &[f32], bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn fold_norm_shift(
+    weight: &Tensor,
+    layout: WeightLayout,
+    beta: &[f32],
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (rows, cols) = matrix_dims(weight)?;
     let (in_width, out_width) = match layout {
         WeightLayout::InOut => (rows, cols),
@@ -138,13 +161,21 @@ pub fn fold_norm_shift(weight: &Tensor, layout: WeightLayout, beta: &[f32], bias
     let mut sink = |start: usize, v: &[f64]| shift[start..start + v.len()].copy_from_slice(v);
     match layout {
         // β (1 × in) · W (in × out)
-        WeightLayout::InOut => {
-            left_multiply(MatRef::from_row_major_slice(&beta, 1, in_width), &src, rows, cols, &mut sink)
-        }
+        WeightLayout::InOut => left_multiply(
+            MatRef::from_row_major_slice(&beta, 1, in_width),
+            &src,
+            rows,
+            cols,
+            &mut sink,
+        ),
         // stored [out, in] · β (in × 1)
-        WeightLayout::OutIn => {
-            right_multiply(&src, rows, cols, MatRef::from_column_major_slice(&beta, in_width, 1), &mut sink)
-        }
+        WeightLayout::OutIn => right_multiply(
+            &src,
+            rows,
+            cols,
+            MatRef::from_column_major_slice(&beta, in_width, 1),
+            &mut sink,
+        ),
     }
     match bias {
         Some(bias) => {
@@ -172,10 +203,18 @@ pub fn center_out_axis(weight: &Tensor, layout: WeightLayout) -> Result<Tensor> 
     let src = Values::of(weight)?;
     let mut out = Out::new(weight.dtype, rows * cols);
     match layout {
-        WeightLayout::InOut => map_rows(&src, rows, cols, |_, row| subtract_mean(row), |s, v| out.write(s, v)),
+        WeightLayout::InOut => {
+            map_rows(&src, rows, cols, |_, row| subtract_mean(row), |s, v| out.write(s, v))
+        }
         WeightLayout::OutIn => {
             let mut mean = vec![0.0; cols];
-            map_rows(&src, rows, cols, |_, row| mean.iter_mut().zip(row.iter()).for_each(|(m, x)| *m += x), |_, _| {});
+            map_rows(
+                &src,
+                rows,
+                cols,
+                |_, row| mean.iter_mut().zip(row.iter()).for_each(|(m, x)| *m += x),
+                |_, _| {},
+            );
             mean.iter_mut().for_each(|m| *m /= rows as f64);
             map_rows(
                 &src,

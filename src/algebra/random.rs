@@ -139,7 +139,12 @@ pub(super) fn make_reflector(col: &mut [f64], j: usize) -> f64 {
 
 /// Runs `f(first column, columns)` on contiguous groups of the `n`-row columns in `cols`, one group
 /// per thread. Each column is touched by one call only, so the result is the same for any split.
-pub(super) fn for_column_groups(cols: &mut [f64], n: usize, threads: usize, f: impl Fn(usize, &mut [f64]) + Sync) {
+pub(super) fn for_column_groups(
+    cols: &mut [f64],
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize, &mut [f64]) + Sync,
+) {
     let ncols = cols.len() / n.max(1);
     let threads = threads.clamp(1, ncols.max(1));
     if threads == 1 || n * ncols < PARALLEL_MIN {
@@ -211,4 +216,3 @@ pub(super) fn form_q(a: &[f64], tau: &[f64], n: usize, threads: usize) -> Vec<f6
     }
     q
 }
-

@@ -111,14 +111,18 @@ fn random_orthogonal_is_deterministic() {
         rows_of(a.as_ref()).iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
         rows_of(b.as_ref()).iter().map(|x| x.to_bits()).collect::<Vec<_>>()
     );
-    let differ = rows_of(a.as_ref()).iter().zip(rows_of(c.as_ref())).filter(|(x, y)| **x != *y).count();
+    let differ =
+        rows_of(a.as_ref()).iter().zip(rows_of(c.as_ref())).filter(|(x, y)| **x != *y).count();
     assert!(differ > 70 * 70 / 2, "different seeds should give different matrices");
     // The thread count does not change a bit.
     for d in [3, 130, 260] {
         let one = haar_orthogonal(d, 5, 1);
         for threads in [2, 3, 8] {
             let many = haar_orthogonal(d, 5, threads);
-            assert!(one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits()), "d={d} threads={threads}");
+            assert!(
+                one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "d={d} threads={threads}"
+            );
         }
     }
 }
@@ -184,9 +188,21 @@ fn gaussian_numbers_look_gaussian() {
     let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
     assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.03, "mean {mean} var {var}");
     let r = std::f64::consts::SQRT_2;
-    for v in [1e-300, 1e-10, 0.1, 0.5, 0.5 * r * (1.0 - 1e-9), 0.5 * r * (1.0 + 1e-9), 0.9999999, 1.0, r, 123.456] {
+    for v in [
+        1e-300,
+        1e-10,
+        0.1,
+        0.5,
+        0.5 * r * (1.0 - 1e-9),
+        0.5 * r * (1.0 + 1e-9),
+        0.9999999,
+        1.0,
+        r,
+        123.456,
+    ] {
         assert!(
-            (portable_ln(v) - v.ln()).abs() <= 4.0 * f64::EPSILON * v.ln().abs().max(1e-300) + 1e-300,
+            (portable_ln(v) - v.ln()).abs()
+                <= 4.0 * f64::EPSILON * v.ln().abs().max(1e-300) + 1e-300,
             "ln {v}"
         );
     }
@@ -261,7 +277,8 @@ fn fold_norm_scale_matches_naive_and_is_invariant() {
             "invariance",
         );
     }
-    let err = fold_norm_scale(&stored(&w, din, dout, WeightLayout::InOut), WeightLayout::OutIn, &gamma);
+    let err =
+        fold_norm_scale(&stored(&w, din, dout, WeightLayout::InOut), WeightLayout::OutIn, &gamma);
     assert!(err.is_err(), "γ of the wrong length must be refused");
 }
 
@@ -277,7 +294,10 @@ fn fold_norm_shift_matches_naive() {
     for layout in LAYOUTS {
         let weight = stored(&w, din, dout, layout);
         let created = fold_norm_shift(&weight, layout, &beta, None).unwrap();
-        assert_eq!((created.name.as_str(), created.dims.clone()), ("w.folded_bias", vec![dout as i64]));
+        assert_eq!(
+            (created.name.as_str(), created.dims.clone()),
+            ("w.folded_bias", vec![dout as i64])
+        );
         assert_close(&values(&created), &shift, TOL, "βW");
         let bias = f32_tensor("b", &[dout], &b);
         let updated = fold_norm_shift(&weight, layout, &beta, Some(&bias)).unwrap();
@@ -287,14 +307,23 @@ fn fold_norm_shift_matches_naive() {
         // The layer's output on x + β equals the folded layer's output on x.
         let x = randn(&mut g, din);
         let xb: Vec<f64> = x.iter().zip(&beta64).map(|(a, c)| a + c).collect();
-        let y0: Vec<f64> = naive_matmul(&xb, 1, din, &w, dout).iter().zip(&b).map(|(y, c)| y + c).collect();
-        let y1: Vec<f64> =
-            naive_matmul(&x, 1, din, &w, dout).iter().zip(values(&updated)).map(|(y, c)| y + c).collect();
+        let y0: Vec<f64> =
+            naive_matmul(&xb, 1, din, &w, dout).iter().zip(&b).map(|(y, c)| y + c).collect();
+        let y1: Vec<f64> = naive_matmul(&x, 1, din, &w, dout)
+            .iter()
+            .zip(values(&updated))
+            .map(|(y, c)| y + c)
+            .collect();
         assert_close(&y1, &y0, 1e-4, "shift invariance");
     }
     let wrong = f32_tensor("b", &[dout + 1], &randn(&mut g, dout + 1));
-    assert!(fold_norm_shift(&stored(&w, din, dout, WeightLayout::InOut), WeightLayout::InOut, &beta, Some(&wrong))
-        .is_err());
+    assert!(fold_norm_shift(
+        &stored(&w, din, dout, WeightLayout::InOut),
+        WeightLayout::InOut,
+        &beta,
+        Some(&wrong)
+    )
+    .is_err());
 }
 
 #[test]
@@ -311,8 +340,9 @@ fn centering_matches_naive_and_zeroes_output_means() {
         let t = center_out_axis(&stored(&w, din, dout, layout), layout).unwrap();
         let (got, _, _) = logical(&t, layout);
         // Naive: W M with M = I − 11ᵀ/D.
-        let m: Vec<f64> =
-            (0..dout * dout).map(|n| if n / dout == n % dout { 1.0 } else { 0.0 } - 1.0 / dout as f64).collect();
+        let m: Vec<f64> = (0..dout * dout)
+            .map(|n| if n / dout == n % dout { 1.0 } else { 0.0 } - 1.0 / dout as f64)
+            .collect();
         assert_close(&got, &naive_matmul(&w, din, dout, &m, dout), TOL, "W M");
         let y = naive_matmul(&x, 3, din, &got, dout);
         for (r, row) in y.chunks(dout).enumerate() {
@@ -418,9 +448,11 @@ fn float_types_are_kept() {
     let brain: Vec<u8> = w.iter().flat_map(|&x| bf16::from_f64(x).to_le_bytes()).collect();
     let double: Vec<u8> = w.iter().flat_map(|&x| x.to_le_bytes()).collect();
     let dims = vec![din as i64, d as i64];
-    for (dtype, bytes, tol) in
-        [(DataType::Float16, half, 5e-3), (DataType::Bfloat16, brain, 4e-2), (DataType::Double, double, 1e-14)]
-    {
+    for (dtype, bytes, tol) in [
+        (DataType::Float16, half, 5e-3),
+        (DataType::Bfloat16, brain, 4e-2),
+        (DataType::Double, double, 1e-14),
+    ] {
         let t = Tensor::from_raw("w", dtype, dims.clone(), Bytes::from(bytes));
         let r = rotate_writer(&t, WeightLayout::InOut, q.as_ref()).unwrap();
         assert_eq!(r.dtype, dtype);

@@ -91,7 +91,10 @@ impl CalibrationSet {
 
     /// The samples in batches of `batch_size` rows (at least 1): `(ids [b, L], mask [b, L])`; the
     /// last batch may be smaller.
-    pub fn batches(&self, batch_size: usize) -> impl Iterator<Item = (ArrayD<i64>, ArrayD<i64>)> + '_ {
+    pub fn batches(
+        &self,
+        batch_size: usize,
+    ) -> impl Iterator<Item = (ArrayD<i64>, ArrayD<i64>)> + '_ {
         let batch_size = batch_size.max(1);
         (0..self.ids.len()).step_by(batch_size).map(move |start| {
             let end = (start + batch_size).min(self.ids.len());
@@ -115,7 +118,13 @@ impl CalibrationSet {
     /// `texts` are whole texts (files); each is split into documents at blank lines. Deterministic
     /// for a given `seed`. When the text has fewer than `samples` windows, all of them are taken
     /// and `source` says so; when it has not even one, this is an error.
-    pub fn from_texts(texts: &[String], tokenizer: &Tokenizer, samples: usize, seqlen: usize, seed: u64) -> Result<Self> {
+    pub fn from_texts(
+        texts: &[String],
+        tokenizer: &Tokenizer,
+        samples: usize,
+        seqlen: usize,
+        seed: u64,
+    ) -> Result<Self> {
         if samples == 0 {
             return Err(calibration("the number of calibration samples must be at least 1"));
         }
@@ -157,7 +166,11 @@ impl CalibrationSet {
             if stream.complete { "" } else { " read, the rest of the text unused" },
         );
         if ids.len() < samples {
-            let _ = write!(source, "; only {} of the {samples} requested samples: the text is too short for more", ids.len());
+            let _ = write!(
+                source,
+                "; only {} of the {samples} requested samples: the text is too short for more",
+                ids.len()
+            );
         }
         Ok(Self { ids, mask, source })
     }
@@ -165,11 +178,14 @@ impl CalibrationSet {
     /// Samples from a NumPy `.npy` file of token ids, `[N, L]` int64 or int32 (as `np.save`
     /// writes); every token is real. `samples` keeps the first rows only.
     pub fn from_npy(path: &Path, samples: Option<usize>) -> Result<Self> {
-        let array = read_npy(path).map_err(|error| calibration(format!("calibration ids: {error}")))?;
+        let array =
+            read_npy(path).map_err(|error| calibration(format!("calibration ids: {error}")))?;
         let mut ids = token_rows(array, path)?;
         let total = ids.len();
         let keep = match samples {
-            Some(0) => return Err(calibration("the number of calibration samples must be at least 1")),
+            Some(0) => {
+                return Err(calibration("the number of calibration samples must be at least 1"))
+            }
             Some(n) => n.min(total),
             None => total,
         };
@@ -193,16 +209,21 @@ impl CalibrationSet {
 fn rows_to_array(rows: &[Vec<i64>]) -> ArrayD<i64> {
     let width = rows.first().map_or(0, Vec::len);
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Array2::from_shape_vec((rows.len(), width), flat).expect("calibration rows have equal lengths").into_dyn()
+    Array2::from_shape_vec((rows.len(), width), flat)
+        .expect("calibration rows have equal lengths")
+        .into_dyn()
 }
 
 /// Token id rows from an `.npy` array: `[N, L]`, integer, non-negative, N and L at least 1.
 pub fn token_rows(array: NpyArray, path: &Path) -> Result<Vec<Vec<i64>>> {
     let dtype = array.dtype_name();
     let shape = array.shape().to_vec();
-    let ids = array
-        .into_i64()
-        .map_err(|_| calibration(format!("{}: token ids must be int64 or int32, this array is {dtype}", path.display())))?;
+    let ids = array.into_i64().map_err(|_| {
+        calibration(format!(
+            "{}: token ids must be int64 or int32, this array is {dtype}",
+            path.display()
+        ))
+    })?;
     let [rows, cols] = shape[..] else {
         return Err(calibration(format!(
             "{}: token ids must be a 2-D array [samples, tokens], this one has shape {shape:?}",
@@ -210,10 +231,16 @@ pub fn token_rows(array: NpyArray, path: &Path) -> Result<Vec<Vec<i64>>> {
         )));
     };
     if rows == 0 || cols == 0 {
-        return Err(calibration(format!("{}: the token id array is empty (shape {shape:?})", path.display())));
+        return Err(calibration(format!(
+            "{}: the token id array is empty (shape {shape:?})",
+            path.display()
+        )));
     }
     if let Some(bad) = ids.iter().find(|&&id| id < 0) {
-        return Err(calibration(format!("{}: token ids must be non-negative, found {bad}", path.display())));
+        return Err(calibration(format!(
+            "{}: token ids must be non-negative, found {bad}",
+            path.display()
+        )));
     }
     Ok(ids.rows().into_iter().map(|row| row.to_vec()).collect())
 }
@@ -284,7 +311,8 @@ pub fn unknown_tokens(set: &CalibrationSet, tokenizer: &Tokenizer) -> Option<Unk
     let (token, id) = unknown_token(tokenizer)?;
     let id = i64::from(id);
     let real = set.ids.iter().flatten().zip(set.mask.iter().flatten()).filter(|&(_, &m)| m != 0);
-    let (count, of) = real.fold((0, 0), |(count, of), (&t, _)| (count + usize::from(t == id), of + 1));
+    let (count, of) =
+        real.fold((0, 0), |(count, of), (&t, _)| (count + usize::from(t == id), of + 1));
     Some(UnknownTokens { token, count, of })
 }
 
@@ -303,11 +331,17 @@ fn unknown_token(tokenizer: &Tokenizer) -> Option<(String, u32)> {
 /// The special tokens the tokenizer's post-processor puts before and after a single sequence by
 /// default (`<s>` before for LLaMA-2; nothing for byte-level BPE tokenizers).
 pub fn special_tokens(tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>)> {
-    let probe = tokenizer.encode_fast("a", true).map_err(|error| calibration(format!("the tokenizer failed on a probe text: {error}")))?;
+    let probe = tokenizer
+        .encode_fast("a", true)
+        .map_err(|error| calibration(format!("the tokenizer failed on a probe text: {error}")))?;
     let ids = probe.get_ids();
     let special = probe.get_special_tokens_mask();
     let leading = special.iter().take_while(|&&s| s != 0).count();
-    let trailing = if leading == ids.len() { 0 } else { special.iter().rev().take_while(|&&s| s != 0).count() };
+    let trailing = if leading == ids.len() {
+        0
+    } else {
+        special.iter().rev().take_while(|&&s| s != 0).count()
+    };
     Ok((ids[..leading].to_vec(), ids[ids.len() - trailing..].to_vec()))
 }
 
@@ -320,7 +354,11 @@ struct TokenStream {
 
 /// Tokens of all documents, `"\n\n"` before every document but the first, no special tokens;
 /// stops once `budget` tokens are there.
-fn tokenize_documents(tokenizer: &Tokenizer, texts: &[String], budget: usize) -> Result<TokenStream> {
+fn tokenize_documents(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    budget: usize,
+) -> Result<TokenStream> {
     let all: Vec<&str> = texts.iter().flat_map(|text| documents(text)).collect();
     let mut stream = TokenStream { ids: Vec::new(), documents: 0, complete: true };
     for (chunk_index, chunk) in all.chunks(TOKENIZE_CHUNK).enumerate() {
@@ -328,14 +366,21 @@ fn tokenize_documents(tokenizer: &Tokenizer, texts: &[String], budget: usize) ->
             stream.complete = false;
             break;
         }
-        let inputs: Vec<String> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, doc)| if chunk_index == 0 && i == 0 { (*doc).to_string() } else { format!("\n\n{doc}") })
-            .collect();
-        let encodings = tokenizer
-            .encode_batch_fast(inputs, false)
-            .map_err(|error| calibration(format!("tokenizing the calibration text failed: {error}")))?;
+        let inputs: Vec<String> =
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, doc)| {
+                    if chunk_index == 0 && i == 0 {
+                        (*doc).to_string()
+                    } else {
+                        format!("\n\n{doc}")
+                    }
+                })
+                .collect();
+        let encodings = tokenizer.encode_batch_fast(inputs, false).map_err(|error| {
+            calibration(format!("tokenizing the calibration text failed: {error}"))
+        })?;
         for encoding in &encodings {
             stream.ids.extend_from_slice(encoding.get_ids());
         }

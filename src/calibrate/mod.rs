@@ -13,12 +13,12 @@ use faer::{Mat, MatRef};
 use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
+use crate::algebra;
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Model};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::StreamEditor;
-use crate::algebra;
 use crate::runtime::{ModelSession, SessionConfig, TensorValue};
 use crate::structure::Layout;
 use crate::transform::{self, Dimensions, Rewritten};
@@ -70,7 +70,12 @@ pub struct Timings {
 /// Fuses the norms, then chooses, rotates and slices every stream point by PCA of calibration
 /// activations, with the points grouped into bases by `options.dims.basis`. `progress` advances
 /// once per (segment, batch).
-pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &CalibrationOptions, progress: &ProgressBar) -> Result<Calibrated> {
+pub fn slice_with_pca(
+    model: &mut Model,
+    set: &CalibrationSet,
+    options: &CalibrationOptions,
+    progress: &ProgressBar,
+) -> Result<Calibrated> {
     let mut timings = Timings::default();
     let started = Instant::now();
     let mut rewritten = transform::fuse(model)?;
@@ -79,12 +84,18 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
     }
     timings.fuse_seconds = started.elapsed().as_secs_f64();
     let layout = rewritten.layout.clone();
-    let batches = set.batches(options.batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect::<Result<Vec<_>>>()?;
+    let batches = set
+        .batches(options.batch.max(1))
+        .map(|(ids, mask)| Batch::new(ids, mask))
+        .collect::<Result<Vec<_>>>()?;
     let shell = Model { graph: Default::default(), ..model.clone() };
-    let mut run = Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
+    let mut run =
+        Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
     // One basis for the whole stream has one spectrum: its allocation is the uniform width.
     let widths = match &options.allocation {
-        Some(allocation) if options.dims.basis != transform::BasisMode::Global => allocated_widths(&mut run, &model.graph, allocation)?,
+        Some(allocation) if options.dims.basis != transform::BasisMode::Global => {
+            allocated_widths(&mut run, &model.graph, allocation)?
+        }
         _ => options.dims.widths(&layout),
     };
     let groups = transform::basis_groups(&layout, options.dims.basis, &widths);
@@ -103,7 +114,12 @@ pub fn slice_with_pca(model: &mut Model, set: &CalibrationSet, options: &Calibra
 /// chosen when the input is reached, from the input's covariance and the middle point's as the
 /// unsliced attention computes it (one extra attention run per block); the attention then runs
 /// again on the sliced input.
-fn sequential_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups: &[usize]) -> Result<Vec<Basis>> {
+fn sequential_bases(
+    mut run: Runner<'_>,
+    model: &mut Model,
+    widths: &[usize],
+    groups: &[usize],
+) -> Result<Vec<Basis>> {
     let layout = run.layout;
     let d = layout.width;
     let points = widths.len();
@@ -122,7 +138,12 @@ fn sequential_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], gr
                 for q in (p + 1..points).take_while(|&q| groups[q] == groups[p]) {
                     let mut current = widths.to_vec();
                     current[q - 1..].fill(d);
-                    let (next_cov, next) = run.segment(editor.graph(), Some(q - 1), Some(ahead.as_deref().unwrap_or(&full)), &current)?;
+                    let (next_cov, next) = run.segment(
+                        editor.graph(),
+                        Some(q - 1),
+                        Some(ahead.as_deref().unwrap_or(&full)),
+                        &current,
+                    )?;
                     group.merge_normalized(&next_cov);
                     ahead = Some(next);
                 }
@@ -138,7 +159,10 @@ fn sequential_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], gr
                 if groups[p] == groups[p - 1] {
                     editor.clear_shortcut(p - 1)?;
                 } else {
-                    editor.set_shortcut(p - 1, algebra::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref())?;
+                    editor.set_shortcut(
+                        p - 1,
+                        algebra::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref(),
+                    )?;
                 }
             }
         }
@@ -173,7 +197,12 @@ fn lookahead_runs(groups: &[usize]) -> usize {
 
 /// One pass over the unsliced model gives every point's covariance; each group's basis is the PCA
 /// of the sum of its points' trace-normalized covariances, and the model is rotated once.
-fn global_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups: &[usize]) -> Result<Vec<Basis>> {
+fn global_bases(
+    mut run: Runner<'_>,
+    model: &mut Model,
+    widths: &[usize],
+    groups: &[usize],
+) -> Result<Vec<Basis>> {
     let layout = run.layout;
     run.progress.set_length((run.batches.len() * widths.len()) as u64);
     let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
@@ -186,7 +215,11 @@ fn global_bases(mut run: Runner<'_>, model: &mut Model, widths: &[usize], groups
 
 /// The basis of every point's group from one pass over the unsliced `graph`: the PCA of the sum of
 /// the group's trace-normalized covariances.
-fn unsliced_group_bases(run: &mut Runner<'_>, graph: &crate::graph::Graph, groups: &[usize]) -> Result<Vec<Basis>> {
+fn unsliced_group_bases(
+    run: &mut Runner<'_>,
+    graph: &crate::graph::Graph,
+    groups: &[usize],
+) -> Result<Vec<Basis>> {
     let (d, points) = (run.layout.width, groups.len());
     let full_widths = vec![d; points];
     let mut sums: Vec<Option<Covariance>> = vec![None; points];
@@ -208,9 +241,17 @@ fn unsliced_group_bases(run: &mut Runner<'_>, graph: &crate::graph::Graph, group
 
 /// Widths under the allocation's budget from the spectra of the unsliced model (one extra pass):
 /// points that the basis mode groups share a spectrum.
-fn allocated_widths(run: &mut Runner<'_>, graph: &crate::graph::Graph, allocation: &Allocation) -> Result<Vec<usize>> {
+fn allocated_widths(
+    run: &mut Runner<'_>,
+    graph: &crate::graph::Graph,
+    allocation: &Allocation,
+) -> Result<Vec<usize>> {
     let points = run.layout.stream_points().len();
-    let groups = transform::basis_groups(run.layout, run.options.dims.basis, &vec![run.layout.width; points]);
+    let groups = transform::basis_groups(
+        run.layout,
+        run.options.dims.basis,
+        &vec![run.layout.width; points],
+    );
     run.progress.set_length((run.batches.len() * points) as u64);
     let bases = unsliced_group_bases(run, graph, &groups)?;
     run.progress.reset();
@@ -228,8 +269,11 @@ struct Batch {
 impl Batch {
     fn new(ids: ArrayD<i64>, mask: ArrayD<i64>) -> Result<Self> {
         let matrix = |a: ArrayD<i64>| {
-            a.into_dimensionality::<Ix2>()
-                .map_err(|e| Error::Pass { pass: PASS, node: "(calibration data)".into(), message: format!("token ids must be [batch, length]: {e}") })
+            a.into_dimensionality::<Ix2>().map_err(|e| Error::Pass {
+                pass: PASS,
+                node: "(calibration data)".into(),
+                message: format!("token ids must be [batch, length]: {e}"),
+            })
         };
         let rows = mask.iter().map(|&m| m != 0).collect();
         Ok(Batch { ids: matrix(ids)?, mask: matrix(mask)?, rows })
@@ -267,20 +311,33 @@ impl<'a> Runner<'a> {
         progress: &'a ProgressBar,
         timings: &'a mut Timings,
     ) -> Result<Self> {
-        let label = options.model_path.as_deref().map_or_else(|| "the model".to_string(), |p| p.display().to_string());
+        let label = options
+            .model_path
+            .as_deref()
+            .map_or_else(|| "the model".to_string(), |p| p.display().to_string());
         let plan = InputPlan::for_graph(graph, &label, options.model_path.as_deref())?;
         let dtype = stream_dtype(graph, layout)?;
-        let cuts = segment::stream_cuts(graph, layout).into_iter().map(|value| segment::Cut { value, rank: None, dtype }).collect();
+        let cuts = segment::stream_cuts(graph, layout)
+            .into_iter()
+            .map(|value| segment::Cut { value, rank: None, dtype })
+            .collect();
         let unpadded = batches.iter().all(|b| b.rows.iter().all(|&real| real));
         Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts, unpadded })
     }
 
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
     /// the covariance of its output stream and the output itself (original basis, full width).
-    fn segment(&mut self, graph: &crate::graph::Graph, point: Option<usize>, stream: Option<&[ArrayD<f32>]>, widths: &[usize]) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
+    fn segment(
+        &mut self,
+        graph: &crate::graph::Graph,
+        point: Option<usize>,
+        stream: Option<&[ArrayD<f32>]>,
+        widths: &[usize],
+    ) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
         let started = Instant::now();
         let model = Model { graph: graph.clone(), ..self.shell.clone() };
-        let sub = segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
+        let sub =
+            segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
         let mut session = session_for(&sub, self.options)?;
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
@@ -291,13 +348,15 @@ impl<'a> Runner<'a> {
         let mut pca_time = Duration::ZERO;
         for (b, batch) in self.batches.iter().enumerate() {
             let feeds = self.feeds(&sub, batch, input_name.as_deref(), stream.map(|s| &s[b]))?;
-            let named: Vec<(&str, &TensorValue)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
+            let named: Vec<(&str, &TensorValue)> =
+                feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
             let mut result = session.run_for(&named, &[output_name.as_str()])?;
-            let y = result.remove(&output_name).and_then(stream_as_f32).ok_or_else(|| Error::Pass {
-                pass: PASS,
-                node: output_name.clone(),
-                message: "the stream is not a float32 or float16 tensor".into(),
-            })?;
+            let y =
+                result.remove(&output_name).and_then(stream_as_f32).ok_or_else(|| Error::Pass {
+                    pass: PASS,
+                    node: output_name.clone(),
+                    message: "the stream is not a float32 or float16 tensor".into(),
+                })?;
             self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.ndim());
             let pca_started = Instant::now();
             let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
@@ -312,7 +371,13 @@ impl<'a> Runner<'a> {
     }
 
     /// The inputs a segment model declares: the model's own, filled by the plan, and the stream.
-    fn feeds(&self, model: &Model, batch: &Batch, stream_input: Option<&str>, stream: Option<&ArrayD<f32>>) -> Result<Vec<(String, TensorValue)>> {
+    fn feeds(
+        &self,
+        model: &Model,
+        batch: &Batch,
+        stream_input: Option<&str>,
+        stream: Option<&ArrayD<f32>>,
+    ) -> Result<Vec<(String, TensorValue)>> {
         let mut own = self.plan.feed(&batch.ids, Some(&batch.mask))?;
         let mut feeds = Vec::new();
         for input in &model.graph.inputs {
@@ -379,12 +444,20 @@ fn session_for(model: &Model, options: &CalibrationOptions) -> Result<ModelSessi
 }
 
 /// The stream as contiguous rows of width D, one per token of the batch.
-fn standard_rows<'y>(y: &'y ArrayD<f32>, width: usize, tokens: usize, name: &str) -> Result<ndarray::CowArray<'y, f32, IxDyn>> {
+fn standard_rows<'y>(
+    y: &'y ArrayD<f32>,
+    width: usize,
+    tokens: usize,
+    name: &str,
+) -> Result<ndarray::CowArray<'y, f32, IxDyn>> {
     if y.shape().last() != Some(&width) || y.len() != tokens * width {
         return Err(Error::Pass {
             pass: PASS,
             node: name.into(),
-            message: format!("stream tensor of shape {:?}, expected {tokens} tokens of width {width}", y.shape()),
+            message: format!(
+                "stream tensor of shape {:?}, expected {tokens} tokens of width {width}",
+                y.shape()
+            ),
         });
     }
     Ok(y.as_standard_layout())
@@ -398,7 +471,11 @@ fn project(stream: &mut [ArrayD<f32>], q: MatRef<'_, f64>) -> Result<()> {
         let mut shape = y.shape().to_vec();
         let d = shape.last().copied().unwrap_or(0);
         if d != q.nrows() {
-            return Err(Error::Pass { pass: PASS, node: "(stream)".into(), message: format!("stream of width {d}, basis of {} rows", q.nrows()) });
+            return Err(Error::Pass {
+                pass: PASS,
+                node: "(stream)".into(),
+                message: format!("stream of width {d}, basis of {} rows", q.nrows()),
+            });
         }
         let rows = y.len() / d.max(1);
         let input = y.as_standard_layout();
@@ -415,8 +492,11 @@ fn project(stream: &mut [ArrayD<f32>], q: MatRef<'_, f64>) -> Result<()> {
         if let Some(last) = shape.last_mut() {
             *last = k;
         }
-        *y = ArrayD::from_shape_vec(IxDyn(&shape), out)
-            .map_err(|e| Error::Pass { pass: PASS, node: "(stream)".into(), message: format!("projecting the stream: {e}") })?;
+        *y = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Pass {
+            pass: PASS,
+            node: "(stream)".into(),
+            message: format!("projecting the stream: {e}"),
+        })?;
     }
     Ok(())
 }

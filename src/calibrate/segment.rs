@@ -2,7 +2,9 @@
 //! its output stream point the only graph output, and everything not needed for that is dropped.
 //! Running these one after the other costs about one forward pass of the whole model.
 use crate::error::{Error, Result};
-use crate::graph::{cleanup, toposort, AttrValue, DataType, Graph, Model, Namer, Node, Tensor, ValueInfo};
+use crate::graph::{
+    cleanup, toposort, AttrValue, DataType, Graph, Model, Namer, Node, Tensor, ValueInfo,
+};
 use crate::structure::Layout;
 
 const PASS: &str = "calibrate";
@@ -20,7 +22,14 @@ pub struct Cut {
 /// The model computing stream point `point + 1` from point `point` (or, for `point == None`,
 /// point 0 from the model's inputs). `widths[q]` is the current width of the stream at point q
 /// and `cuts[q]` where the stream is cut there. `unpadded`: no calibration token is padding.
-pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widths: &[usize], cuts: &[Cut], unpadded: bool) -> Result<Model> {
+pub fn segment_model(
+    mut sub: Model,
+    layout: &Layout,
+    point: Option<usize>,
+    widths: &[usize],
+    cuts: &[Cut],
+    unpadded: bool,
+) -> Result<Model> {
     let graph = &mut sub.graph;
     if unpadded {
         bypass_softmax_nan_guards(graph);
@@ -31,10 +40,11 @@ pub fn segment_model(mut sub: Model, layout: &Layout, point: Option<usize>, widt
     graph.outputs = vec![ValueInfo::tensor_of_rank_unknown(&output.value, output.dtype)];
     if let Some(p) = point {
         let input = &cuts[p].value;
-        let upstream: Vec<(String, Option<usize>, usize)> = std::iter::once((layout.embeddings[0].output.clone(), cuts[0].rank, widths[0]))
-            .chain((0..p).map(|q| (cuts[q].value.clone(), cuts[q].rank, widths[q])))
-            .filter(|(v, _, _)| v != input)
-            .collect();
+        let upstream: Vec<(String, Option<usize>, usize)> =
+            std::iter::once((layout.embeddings[0].output.clone(), cuts[0].rank, widths[0]))
+                .chain((0..p).map(|q| (cuts[q].value.clone(), cuts[q].rank, widths[q])))
+                .filter(|(v, _, _)| v != input)
+                .collect();
         cut_at(graph, input, cuts[p].dtype);
         detach_upstream_shapes(graph, layout, &upstream);
     }
@@ -76,7 +86,9 @@ fn bypass_softmax_nan_guards(graph: &mut Graph) {
     let mut renames = std::collections::HashMap::new();
     for node in graph.nodes.iter().filter(|n| n.is("Where") && n.inputs.len() == 3) {
         let guarded = &node.inputs[2];
-        let is_nan_of_guarded = index.producer(&node.inputs[0]).is_some_and(|n| n.is("IsNaN") && n.inputs.first() == Some(guarded));
+        let is_nan_of_guarded = index
+            .producer(&node.inputs[0])
+            .is_some_and(|n| n.is("IsNaN") && n.inputs.first() == Some(guarded));
         let from_softmax = index.producer(guarded).is_some_and(|n| n.is("Softmax"));
         if is_nan_of_guarded && from_softmax {
             renames.insert(node.outputs[0].clone(), guarded.clone());
@@ -103,8 +115,15 @@ fn cut_at(graph: &mut Graph, value: &str, dtype: DataType) {
 /// an earlier block's output for reshapes). Keeping those would pull earlier segments (and the
 /// embedding table) into this one, so each becomes what it is: the token ids' shape `[B, S]` (or
 /// `[B·S]` for a flattened stream) followed by that point's width.
-fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(String, Option<usize>, usize)]) {
-    let Some(ids) = layout.embeddings[0].gather(graph).and_then(|g| g.inputs.get(1).cloned()) else { return };
+fn detach_upstream_shapes(
+    graph: &mut Graph,
+    layout: &Layout,
+    upstream: &[(String, Option<usize>, usize)],
+) {
+    let Some(ids) = layout.embeddings[0].gather(graph).and_then(|g| g.inputs.get(1).cloned())
+    else {
+        return;
+    };
     let mut namer = Namer::new(graph);
     let mut leading: [Option<String>; 2] = [None, None];
     for i in 0..graph.nodes.len() {
@@ -113,7 +132,11 @@ fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(Strin
         if !node.is("Shape") || !whole_shape {
             continue;
         }
-        let Some((_, rank, width)) = upstream.iter().find(|(v, _, _)| node.inputs.first() == Some(v)) else { continue };
+        let Some((_, rank, width)) =
+            upstream.iter().find(|(v, _, _)| node.inputs.first() == Some(v))
+        else {
+            continue;
+        };
         let flat = match rank {
             Some(3) => 0,
             Some(2) => 1,
@@ -130,7 +153,8 @@ fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(Strin
         let width_name = namer.fresh("onnx_slice.calibration.width");
         graph.initializers.push(Tensor::from_i64(width_name.clone(), vec![1], &[*width as i64]));
         let output = graph.nodes[i].outputs[0].clone();
-        let mut concat = Node::new("Concat", graph.nodes[i].name.clone(), vec![lead, width_name], vec![output]);
+        let mut concat =
+            Node::new("Concat", graph.nodes[i].name.clone(), vec![lead, width_name], vec![output]);
         concat.set_attr("axis", AttrValue::Int(0));
         graph.nodes[i] = concat;
     }
@@ -139,7 +163,12 @@ fn detach_upstream_shapes(graph: &mut Graph, layout: &Layout, upstream: &[(Strin
 /// `Shape(ids)` = `[B, S]`, or `[B·S]` for a flattened stream.
 fn leading_dims(graph: &mut Graph, namer: &mut Namer, ids: &str, flat: bool) -> String {
     let shape = namer.fresh("onnx_slice/calibration/ids_shape");
-    graph.nodes.push(Node::new("Shape", namer.fresh("onnx_slice/calibration/IdsShape"), vec![ids.into()], vec![shape.clone()]));
+    graph.nodes.push(Node::new(
+        "Shape",
+        namer.fresh("onnx_slice/calibration/IdsShape"),
+        vec![ids.into()],
+        vec![shape.clone()],
+    ));
     if !flat {
         return shape;
     }
@@ -152,16 +181,37 @@ fn leading_dims(graph: &mut Graph, namer: &mut Namer, ids: &str, flat: bool) -> 
     let batch = namer.fresh("onnx_slice/calibration/batch");
     let seq = namer.fresh("onnx_slice/calibration/seq");
     let tokens = namer.fresh("onnx_slice/calibration/tokens");
-    graph.nodes.push(Node::new("Slice", namer.fresh("onnx_slice/calibration/SliceB"), vec![shape.clone(), zero.clone(), one.clone(), zero.clone()], vec![batch.clone()]));
-    graph.nodes.push(Node::new("Slice", namer.fresh("onnx_slice/calibration/SliceS"), vec![shape, one, two, zero], vec![seq.clone()]));
-    graph.nodes.push(Node::new("Mul", namer.fresh("onnx_slice/calibration/Tokens"), vec![batch, seq], vec![tokens.clone()]));
+    graph.nodes.push(Node::new(
+        "Slice",
+        namer.fresh("onnx_slice/calibration/SliceB"),
+        vec![shape.clone(), zero.clone(), one.clone(), zero.clone()],
+        vec![batch.clone()],
+    ));
+    graph.nodes.push(Node::new(
+        "Slice",
+        namer.fresh("onnx_slice/calibration/SliceS"),
+        vec![shape, one, two, zero],
+        vec![seq.clone()],
+    ));
+    graph.nodes.push(Node::new(
+        "Mul",
+        namer.fresh("onnx_slice/calibration/Tokens"),
+        vec![batch, seq],
+        vec![tokens.clone()],
+    ));
     tokens
 }
 
 fn drop_unused_inputs(graph: &mut Graph) {
-    let used: std::collections::HashSet<&str> = graph.nodes.iter().flat_map(|n| n.inputs.iter().map(String::as_str)).collect();
-    let outputs: std::collections::HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
-    let keep: Vec<bool> = graph.inputs.iter().map(|v| used.contains(v.name.as_str()) || outputs.contains(v.name.as_str())).collect();
+    let used: std::collections::HashSet<&str> =
+        graph.nodes.iter().flat_map(|n| n.inputs.iter().map(String::as_str)).collect();
+    let outputs: std::collections::HashSet<&str> =
+        graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    let keep: Vec<bool> = graph
+        .inputs
+        .iter()
+        .map(|v| used.contains(v.name.as_str()) || outputs.contains(v.name.as_str()))
+        .collect();
     let mut keep = keep.into_iter();
     graph.inputs.retain(|_| keep.next().unwrap_or(true));
 }
@@ -170,9 +220,15 @@ fn drop_unused_inputs(graph: &mut Graph) {
 /// in depth, and feed it unsliced activations).
 fn check_self_contained(graph: &Graph, layout: &Layout, point: Option<usize>) -> Result<()> {
     let Some(p) = point else { return Ok(()) };
-    let present: std::collections::HashSet<&str> = graph.nodes.iter().flat_map(|n| n.outputs.iter().map(String::as_str)).collect();
+    let present: std::collections::HashSet<&str> =
+        graph.nodes.iter().flat_map(|n| n.outputs.iter().map(String::as_str)).collect();
     for (i, segment) in layout.segments.iter().enumerate().filter(|(i, _)| *i != p) {
-        if let Some(linear) = segment.writers.iter().chain(segment.branches.iter().flat_map(|b| b.readers.iter())).find(|l| present.contains(l.output.as_str())) {
+        if let Some(linear) = segment
+            .writers
+            .iter()
+            .chain(segment.branches.iter().flat_map(|b| b.readers.iter()))
+            .find(|l| present.contains(l.output.as_str()))
+        {
             return Err(Error::Pass {
                 pass: PASS,
                 node: linear.node_name.clone(),
@@ -189,7 +245,14 @@ mod tests {
 
     /// `scores → Softmax → Where(IsNaN(p), 0, p) → MatMul(·, v)`, as the exporters write attention.
     fn guarded_attention() -> Graph {
-        let node = |op: &str, inputs: &[&str], output: &str| Node::new(op, output.to_uppercase(), inputs.iter().map(|s| s.to_string()).collect(), vec![output.into()]);
+        let node = |op: &str, inputs: &[&str], output: &str| {
+            Node::new(
+                op,
+                output.to_uppercase(),
+                inputs.iter().map(|s| s.to_string()).collect(),
+                vec![output.into()],
+            )
+        };
         Graph {
             nodes: vec![
                 node("Softmax", &["scores"], "p"),
@@ -198,7 +261,10 @@ mod tests {
                 node("MatMul", &["guarded", "v"], "out"),
             ],
             initializers: vec![Tensor::from_f32("zero", vec![], &[0.0])],
-            inputs: vec![ValueInfo::tensor_of_rank_unknown("scores", DataType::Float), ValueInfo::tensor_of_rank_unknown("v", DataType::Float)],
+            inputs: vec![
+                ValueInfo::tensor_of_rank_unknown("scores", DataType::Float),
+                ValueInfo::tensor_of_rank_unknown("v", DataType::Float),
+            ],
             outputs: vec![ValueInfo::tensor_of_rank_unknown("out", DataType::Float)],
             ..Default::default()
         }

@@ -38,11 +38,18 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     let unsupported = |cause: &(dyn std::error::Error + 'static)| {
         cause.downcast_ref::<crate::structure::DetectError>().is_some()
             || cause.downcast_ref::<crate::structure::QuantizedModel>().is_some()
-            || cause
-                .downcast_ref::<crate::Error>()
-                .is_some_and(|e| matches!(e, crate::Error::Detect(_) | crate::Error::AlreadySliced { .. } | crate::Error::Quantized(_)))
+            || cause.downcast_ref::<crate::Error>().is_some_and(|e| {
+                matches!(
+                    e,
+                    crate::Error::Detect(_)
+                        | crate::Error::AlreadySliced { .. }
+                        | crate::Error::Quantized(_)
+                )
+            })
     };
-    let unreachable_target = |cause: &(dyn std::error::Error + 'static)| matches!(cause.downcast_ref::<crate::Error>(), Some(crate::Error::Budget { .. }));
+    let unreachable_target = |cause: &(dyn std::error::Error + 'static)| {
+        matches!(cause.downcast_ref::<crate::Error>(), Some(crate::Error::Budget { .. }))
+    };
     if error.chain().any(|cause| cause.downcast_ref::<UsageError>().is_some()) {
         EXIT_USAGE
     } else if error.chain().any(unsupported) {
@@ -58,10 +65,14 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 pub fn input_file(flag: &str, path: &Path) -> Checked {
     let shown = path.display();
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(usage(format!("{flag} {shown}: no such file"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(usage(format!("{flag} {shown}: no such file")))
+        }
         Err(e) => Err(usage(format!("{flag} {shown}: cannot be read ({e})"))),
         Ok(m) if m.is_dir() => Err(usage(format!("{flag} {shown} is a folder, not a file"))),
-        Ok(_) => std::fs::File::open(path).map(drop).map_err(|e| usage(format!("{flag} {shown}: cannot be read ({e})"))),
+        Ok(_) => std::fs::File::open(path)
+            .map(drop)
+            .map_err(|e| usage(format!("{flag} {shown}: cannot be read ({e})"))),
     }
 }
 
@@ -77,11 +88,19 @@ pub fn output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Checked {
         crate::onnx::check_destination(path).map_err(|e| usage(format!("{flag}: {e}")))?;
         check_folder_takes_files(flag, path)?;
         if let Some(input) = inputs.iter().find(|input| same_path(path, input)) {
-            let which = if *input == path { String::new() } else { format!(" {}", input.display()) };
-            return Err(usage(format!("{flag} {} is the input file{which}; write to another path", path.display())));
+            let which =
+                if *input == path { String::new() } else { format!(" {}", input.display()) };
+            return Err(usage(format!(
+                "{flag} {} is the input file{which}; write to another path",
+                path.display()
+            )));
         }
-        if let Some((other, _)) = outputs[..i].iter().find(|(_, earlier)| same_path(path, earlier)) {
-            return Err(usage(format!("{flag} and {other} name the same file, {}", path.display())));
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, earlier)| same_path(path, earlier))
+        {
+            return Err(usage(format!(
+                "{flag} and {other} name the same file, {}",
+                path.display()
+            )));
         }
     }
     Ok(())
@@ -91,11 +110,16 @@ pub fn output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Checked {
 /// writable for this user.
 fn check_folder_takes_files(flag: &str, path: &Path) -> Checked {
     let folder = crate::files::parent_folder(path);
-    tempfile::Builder::new()
-        .prefix(".onnx-slice-check.")
-        .tempfile_in(&folder)
-        .map(drop)
-        .map_err(|e| usage(format!("{flag} {}: cannot write in the folder {} ({})", path.display(), folder.display(), e.kind())))
+    tempfile::Builder::new().prefix(".onnx-slice-check.").tempfile_in(&folder).map(drop).map_err(
+        |e| {
+            usage(format!(
+                "{flag} {}: cannot write in the folder {} ({})",
+                path.display(),
+                folder.display(),
+                e.kind()
+            ))
+        },
+    )
 }
 
 /// Two paths name the same file: the same folder (after resolving links) and file name, or, for
@@ -142,7 +166,9 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
     inputs.extend(args.tokenizer.iter().map(|p| ("--tokenizer", p.as_path())));
     inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
     input_files(inputs.iter().copied())?;
-    let tokenizer = crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy").ok();
+    let tokenizer =
+        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")
+            .ok();
     let mut outputs: Vec<(&str, &Path)> = output.map(|o| ("-o", o)).into_iter().collect();
     outputs.extend(args.report.iter().map(|p| ("--report", p.as_path())));
     outputs.extend(args.save_rotations.iter().map(|p| ("--save-rotations", p.as_path())));
@@ -154,7 +180,8 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
 /// (an already sliced model), still before calibration.
 pub(super) fn slice_tokenizer(args: &SliceArgs, input: &Path) -> Checked {
     if matches!(args.orientation, OrientationArg::Pca) && args.calib_ids.is_none() {
-        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy").map_err(|e| usage(e.to_string()))?;
+        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")
+            .map_err(|e| usage(e.to_string()))?;
     }
     Ok(())
 }
@@ -171,7 +198,8 @@ pub(super) fn eval_command(args: &crate::eval::EvalArgs) -> Checked {
     inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
     input_files(inputs)?;
     if args.ids.is_none() {
-        crate::interface::find_tokenizer(&args.model, args.tokenizer.as_deref(), "--ids FILE.npy").map_err(|e| usage(e.to_string()))?;
+        crate::interface::find_tokenizer(&args.model, args.tokenizer.as_deref(), "--ids FILE.npy")
+            .map_err(|e| usage(e.to_string()))?;
     }
     Ok(())
 }

@@ -10,11 +10,11 @@ pub use weights::privatize_weights;
 
 use std::collections::HashSet;
 
+use crate::algebra;
 use crate::error::{Error, Result};
 use crate::graph::{cleanup, toposort, AttrValue, DataType, Graph, Namer, Node, Tensor};
 use crate::pattern::norm::{NormKind, NormMatch};
 use crate::pattern::GraphIndex;
-use crate::algebra;
 use crate::structure::{Bias, Layout, Linear};
 
 const PASS: &str = "fuse-norms";
@@ -28,7 +28,11 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
     let stream = algebra::created_dtype(algebra::stream_dtype(graph, layout));
     let dtype = algebra::accumulation_dtype(stream);
     let inv_width = namer.fresh("onnx_slice.norm.inv_width");
-    graph.initializers.push(algebra::scalar_to_tensor(&inv_width, 1.0 / layout.width as f64, dtype));
+    graph.initializers.push(algebra::scalar_to_tensor(
+        &inv_width,
+        1.0 / layout.width as f64,
+        dtype,
+    ));
     let axes = (opset >= 13).then(|| namer.fresh("onnx_slice.norm.axes"));
     if let Some(axes) = &axes {
         graph.initializers.push(Tensor::from_i64(axes.clone(), vec![1], &[-1]));
@@ -43,7 +47,15 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
         graph.initializers.push(algebra::scalar_to_tensor(&eps, branch.norm.epsilon as f64, dtype));
         let prefix = namer.fresh(&format!("onnx_slice/norm{i}"));
         let (x, y) = (&branch.norm.input, &branch.norm.output);
-        new_nodes.extend(rms_over_width(&prefix, x, y, &inv_width, &eps, axes.as_deref(), (dtype, stream)));
+        new_nodes.extend(rms_over_width(
+            &prefix,
+            x,
+            y,
+            &inv_width,
+            &eps,
+            axes.as_deref(),
+            (dtype, stream),
+        ));
     }
     if layout.norm_kind == NormKind::LayerNorm {
         center_stream_writers(graph, layout)?;
@@ -67,7 +79,15 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
 /// x ─(Cast)─ Mul(x,x) ─ ReduceSum(-1) ─ Mul(1/D) ─ Add(eps) ─ Sqrt ─┐
 /// x ─(Cast)──────────────────────────────────────────────────── Div ─(Cast)─► y
 /// ```
-pub fn rms_over_width(prefix: &str, x: &str, y: &str, inv_width: &str, eps: &str, axes: Option<&str>, (accumulate, output): (DataType, DataType)) -> Vec<Node> {
+pub fn rms_over_width(
+    prefix: &str,
+    x: &str,
+    y: &str,
+    inv_width: &str,
+    eps: &str,
+    axes: Option<&str>,
+    (accumulate, output): (DataType, DataType),
+) -> Vec<Node> {
     let v = |s: &str| format!("{prefix}/{s}");
     let cast = |name: &str, from: &str, to: &str, dtype: DataType| {
         let mut node = Node::new("Cast", v(name), vec![from.into()], vec![to.into()]);
@@ -126,7 +146,13 @@ fn initializer<'g>(graph: &'g Graph, name: &str, linear: &Linear) -> Result<&'g 
 }
 
 /// `(γ∘n + β) W + b  =  n (diag(γ) W) + (β W + b)`
-fn fold_into_reader(graph: &mut Graph, namer: &mut Namer, reader: &Linear, gamma: Option<&[f32]>, beta: Option<&[f32]>) -> Result<()> {
+fn fold_into_reader(
+    graph: &mut Graph,
+    namer: &mut Namer,
+    reader: &Linear,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+) -> Result<()> {
     let weight = initializer(graph, &reader.weight, reader)?.clone();
     if let Some(beta) = beta.filter(|b| b.iter().any(|&v| v != 0.0)) {
         let bias = bias_initializer(graph, reader).cloned();
@@ -149,7 +175,9 @@ fn fold_into_reader(graph: &mut Graph, namer: &mut Namer, reader: &Linear, gamma
 
 fn bias_initializer<'g>(graph: &'g Graph, linear: &Linear) -> Option<&'g Tensor> {
     match &linear.bias {
-        Some(Bias::GemmC(name)) | Some(Bias::AddNode { initializer: name, .. }) => graph.initializer(name),
+        Some(Bias::GemmC(name)) | Some(Bias::AddNode { initializer: name, .. }) => {
+            graph.initializer(name)
+        }
         None => None,
     }
 }
@@ -166,7 +194,12 @@ fn add_bias(graph: &mut Graph, namer: &mut Namer, linear: &Linear, mut bias: Ten
         let unbiased = namer.fresh(&format!("{}.unbiased", linear.output));
         graph.nodes[i].outputs[0] = unbiased.clone();
         let name = namer.fresh(&format!("{}/AddBias", linear.node_name));
-        graph.nodes.push(Node::new("Add", name, vec![unbiased, bias.name.clone()], vec![linear.output.clone()]));
+        graph.nodes.push(Node::new(
+            "Add",
+            name,
+            vec![unbiased, bias.name.clone()],
+            vec![linear.output.clone()],
+        ));
     }
     graph.initializers.push(bias);
 }

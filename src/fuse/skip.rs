@@ -109,7 +109,8 @@ pub fn decompose_skip_norms(graph: &mut Graph) -> Result<usize> {
 /// needs (raised to 17 when lower; an error when it is below 13, where raising it would change
 /// the meaning of other ops).
 pub fn decompose_skip_norms_in_model(model: &mut Model) -> Result<usize> {
-    let needs_layer_norm = model.graph.nodes.iter().any(|n| SkipNorm::of(n) == Some(SkipNorm::Layer));
+    let needs_layer_norm =
+        model.graph.nodes.iter().any(|n| SkipNorm::of(n) == Some(SkipNorm::Layer));
     if needs_layer_norm {
         raise_default_opset(model)?;
     }
@@ -125,7 +126,12 @@ fn raise_default_opset(model: &mut Model) -> Result<()> {
         return Ok(());
     }
     if import.version < SAFE_OPSET_RAISE_FROM {
-        let node = model.graph.nodes.iter().find(|n| SkipNorm::of(n) == Some(SkipNorm::Layer)).map(|n| n.name.clone());
+        let node = model
+            .graph
+            .nodes
+            .iter()
+            .find(|n| SkipNorm::of(n) == Some(SkipNorm::Layer))
+            .map(|n| n.name.clone());
         return Err(Error::Pass {
             pass: PASS,
             node: node.unwrap_or_default(),
@@ -157,7 +163,12 @@ fn add_reads(graph: &Graph, read: &mut HashSet<String>) {
 }
 
 /// The plain nodes computing what one fused op computed.
-fn decompose(node: &Node, form: SkipNorm, read: &HashSet<String>, namer: &mut Namer) -> Result<Vec<Node>> {
+fn decompose(
+    node: &Node,
+    form: SkipNorm,
+    read: &HashSet<String>,
+    namer: &mut Namer,
+) -> Result<Vec<Node>> {
     let fail = |message: String| Error::Pass { pass: PASS, node: node.name.clone(), message };
     let present = |i: usize| node.inputs.get(i).filter(|v| !v.is_empty()).cloned();
     let output = |i: usize| node.outputs.get(i).filter(|v| !v.is_empty()).cloned();
@@ -179,19 +190,34 @@ fn decompose(node: &Node, form: SkipNorm, read: &HashSet<String>, namer: &mut Na
     let biased = match present(form.bias_input()) {
         Some(bias) => {
             let biased = namer.fresh(&format!("{base}/input_plus_bias"));
-            nodes.push(Node::new("Add", namer.fresh(&format!("{base}/bias_add")), vec![input, bias], vec![biased.clone()]));
+            nodes.push(Node::new(
+                "Add",
+                namer.fresh(&format!("{base}/bias_add")),
+                vec![input, bias],
+                vec![biased.clone()],
+            ));
             biased
         }
         None => input,
     };
     let sum = output(3).unwrap_or_else(|| namer.fresh(&format!("{base}/residual_sum")));
-    nodes.push(Node::new("Add", namer.fresh(&format!("{base}/residual_add")), vec![biased, skip], vec![sum.clone()]));
+    nodes.push(Node::new(
+        "Add",
+        namer.fresh(&format!("{base}/residual_add")),
+        vec![biased, skip],
+        vec![sum.clone()],
+    ));
 
     let mut norm_inputs = vec![sum, gamma];
     if let Some(beta) = form.beta_input().and_then(present) {
         norm_inputs.push(beta);
     }
-    let mut norm = Node::new(form.norm_op(), namer.fresh(&format!("{base}/norm")), norm_inputs, vec![normalized]);
+    let mut norm = Node::new(
+        form.norm_op(),
+        namer.fresh(&format!("{base}/norm")),
+        norm_inputs,
+        vec![normalized],
+    );
     norm.set_attr("axis", AttrValue::Int(-1));
     norm.set_attr("epsilon", AttrValue::Float(epsilon));
     nodes.push(norm);

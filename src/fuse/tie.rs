@@ -11,9 +11,9 @@
 //! rotating and slicing treat them like any other reader and writer.
 use faer::Mat;
 
+use crate::algebra;
 use crate::error::{Error, Result};
 use crate::graph::{cleanup, Graph, Namer, Node};
-use crate::algebra;
 use crate::structure::{Layout, Linear, WeightLayout};
 
 const PASS: &str = "tie-head";
@@ -23,9 +23,23 @@ const PASS: &str = "tie-head";
 /// [`super::privatize_weights`], which gives every reader its own initializer.
 pub fn head_reads_embedding(graph: &Graph, layout: &Layout) -> bool {
     let [head] = layout.head.readers.as_slice() else { return false };
-    let Some(token) = layout.embeddings.first().filter(|t| t.through_transpose.is_none() && head.through_transpose.is_none()) else { return false };
-    let (Some(table), Some(weight)) = (graph.initializer(&token.table), graph.initializer(&head.weight)) else { return false };
-    let Some(size) = table.dtype.byte_size().filter(|_| table.dtype == weight.dtype && table.dims.len() == 2) else { return false };
+    let Some(token) = layout
+        .embeddings
+        .first()
+        .filter(|t| t.through_transpose.is_none() && head.through_transpose.is_none())
+    else {
+        return false;
+    };
+    let (Some(table), Some(weight)) =
+        (graph.initializer(&token.table), graph.initializer(&head.weight))
+    else {
+        return false;
+    };
+    let Some(size) =
+        table.dtype.byte_size().filter(|_| table.dtype == weight.dtype && table.dims.len() == 2)
+    else {
+        return false;
+    };
     let (v, d) = (table.dims[0] as usize, table.dims[1] as usize);
     if head.in_features != d || head.out_features != v {
         return false;
@@ -36,7 +50,9 @@ pub fn head_reads_embedding(graph: &Graph, layout: &Layout) -> bool {
     }
     match head.layout {
         WeightLayout::OutIn => e == w,
-        WeightLayout::InOut => (0..v).all(|r| (0..d).all(|c| e[(r * d + c) * size..][..size] == w[(c * v + r) * size..][..size])),
+        WeightLayout::InOut => (0..v).all(|r| {
+            (0..d).all(|c| e[(r * d + c) * size..][..size] == w[(c * v + r) * size..][..size])
+        }),
     }
 }
 
@@ -48,25 +64,43 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
     let d = layout.width;
     let identity = Mat::<f64>::identity(d, d);
     let dtype = algebra::created_dtype(algebra::stream_dtype(graph, layout));
-    let fail = |node: &str, message: &str| Error::Pass { pass: PASS, node: node.into(), message: message.into() };
+    let fail = |node: &str, message: &str| Error::Pass {
+        pass: PASS,
+        node: node.into(),
+        message: message.into(),
+    };
     let token = &mut layout.embeddings[0];
-    let gather = graph.node_index_producing(&token.output).ok_or_else(|| fail(&token.output, "the token embedding's Gather is gone"))?;
+    let gather = graph
+        .node_index_producing(&token.output)
+        .ok_or_else(|| fail(&token.output, "the token embedding's Gather is gone"))?;
     let gathered = namer.fresh(&format!("{}.rows", token.output));
     graph.nodes[gather].outputs[0] = gathered.clone();
     let adapter = namer.fresh("onnx_slice.embedding_adapter");
     graph.initializers.push(algebra::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
     let name = namer.fresh("onnx_slice/EmbeddingAdapter");
-    graph.nodes.push(Node::new("MatMul", name, vec![gathered, adapter.clone()], vec![token.output.clone()]));
+    graph.nodes.push(Node::new(
+        "MatMul",
+        name,
+        vec![gathered, adapter.clone()],
+        vec![token.output.clone()],
+    ));
     token.adapter = Some(adapter);
     let table = token.table.clone();
 
     let head = layout.head.readers[0].clone();
-    let node = graph.node_index_producing(&head.output).ok_or_else(|| fail(&head.output, "the head's MatMul is gone"))?;
+    let node = graph
+        .node_index_producing(&head.output)
+        .ok_or_else(|| fail(&head.output, "the head's MatMul is gone"))?;
     let weight = match head.layout {
         WeightLayout::OutIn => table,
         WeightLayout::InOut => {
             let transposed = namer.fresh(&format!("{table}.transposed"));
-            let mut transpose = Node::new("Transpose", namer.fresh("onnx_slice/HeadTranspose"), vec![table], vec![transposed.clone()]);
+            let mut transpose = Node::new(
+                "Transpose",
+                namer.fresh("onnx_slice/HeadTranspose"),
+                vec![table],
+                vec![transposed.clone()],
+            );
             transpose.set_attr("perm", crate::graph::AttrValue::Ints(vec![1, 0]));
             graph.nodes.push(transpose);
             transposed
@@ -79,7 +113,12 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
     let adapter = namer.fresh("onnx_slice.head_adapter");
     graph.initializers.push(algebra::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
     let node_name = namer.fresh("onnx_slice/HeadAdapter");
-    graph.nodes.push(Node::new("MatMul", node_name.clone(), vec![input, adapter.clone()], vec![adapted.clone()]));
+    graph.nodes.push(Node::new(
+        "MatMul",
+        node_name.clone(),
+        vec![input, adapter.clone()],
+        vec![adapted.clone()],
+    ));
     layout.head.readers = vec![Linear {
         node_name,
         output: adapted,

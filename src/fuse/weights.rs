@@ -25,16 +25,23 @@ pub fn privatize_weights(graph: &mut Graph) -> Result<usize> {
     let mut copies = 0;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for i in 0..graph.nodes.len() {
-        let Some(slot) = weight_input(&graph.nodes[i].op_type).filter(|_| graph.nodes[i].in_default_domain()) else { continue };
+        let Some(slot) =
+            weight_input(&graph.nodes[i].op_type).filter(|_| graph.nodes[i].in_default_domain())
+        else {
+            continue;
+        };
         let Some(value) = graph.nodes[i].inputs.get(slot).cloned() else { continue };
         if let Some(source) = transposed_initializer(graph, &value) {
-            let transposed = transpose_2d(&source, namer.fresh(&format!("{}.transposed", source.name)))?;
+            let transposed =
+                transpose_2d(&source, namer.fresh(&format!("{}.transposed", source.name)))?;
             graph.nodes[i].inputs[slot] = transposed.name.clone();
             graph.initializers.push(transposed);
             copies += 1;
             continue;
         }
-        let Some(weight) = graph.initializer(&value).filter(|t| t.dims.len() == 2).cloned() else { continue };
+        let Some(weight) = graph.initializer(&value).filter(|t| t.dims.len() == 2).cloned() else {
+            continue;
+        };
         let uses = seen.entry(value.clone()).or_insert(0);
         *uses += 1;
         if *uses > 1 {
@@ -59,11 +66,17 @@ fn transposed_initializer(graph: &Graph, value: &str) -> Option<Tensor> {
 
 /// Transposes a 2-D tensor of any fixed-size element type, byte for byte.
 fn transpose_2d(t: &Tensor, name: String) -> Result<Tensor> {
-    let size = t.dtype.byte_size().ok_or_else(|| Error::Tensor { tensor: t.name.clone(), message: "cannot transpose this element type".into() })?;
+    let size = t.dtype.byte_size().ok_or_else(|| Error::Tensor {
+        tensor: t.name.clone(),
+        message: "cannot transpose this element type".into(),
+    })?;
     let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
     let src = t.to_raw_bytes()?;
     if src.len() != rows * cols * size {
-        return Err(Error::Tensor { tensor: t.name.clone(), message: format!("holds {} bytes, expected {}", src.len(), rows * cols * size) });
+        return Err(Error::Tensor {
+            tensor: t.name.clone(),
+            message: format!("holds {} bytes, expected {}", src.len(), rows * cols * size),
+        });
     }
     let mut out = vec![0u8; src.len()];
     for r in 0..rows {

@@ -120,7 +120,10 @@ impl Model {
     pub fn new(opsets: &[(&str, i64)], graph: Graph) -> Self {
         Model {
             ir_version: 10,
-            opset_imports: opsets.iter().map(|&(domain, version)| OpsetImport::new(domain, version)).collect(),
+            opset_imports: opsets
+                .iter()
+                .map(|&(domain, version)| OpsetImport::new(domain, version))
+                .collect(),
             producer_name: "onnx-slice".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             metadata: Vec::new(),
@@ -187,9 +190,14 @@ impl Graph {
             }
             let required = required_inputs(&node.op_type);
             let present = node.inputs.iter().take(required).filter(|i| !i.is_empty()).count();
-            (present < required).then(|| (node, format!("{} needs {required} inputs, it has {present}", node.op_type)))
+            (present < required).then(|| {
+                (node, format!("{} needs {required} inputs, it has {present}", node.op_type))
+            })
         });
-        arity.or_else(|| node_on_cycle(self).map(|node| (node, "the node reads its own output through a cycle".to_string())))
+        arity.or_else(|| {
+            node_on_cycle(self)
+                .map(|node| (node, "the node reads its own output through a cycle".to_string()))
+        })
     }
 }
 
@@ -197,16 +205,33 @@ impl Graph {
 fn required_inputs(op_type: &str) -> usize {
     match op_type {
         "Where" | "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" => 3,
-        "Gemm" | "Add" | "Sub" | "Mul" | "Div" | "Pow" | "MatMul" | "Gather" | "Reshape" | "Expand" | "LayerNormalization"
-        | "SimplifiedLayerNormalization" | "RMSNormalization" => 2,
-        "Cast" | "Identity" | "Transpose" | "ReduceMean" | "ReduceSum" | "Sqrt" | "Reciprocal" | "Unsqueeze" | "Squeeze"
-        | "Softmax" | "IsNaN" | "Split" | "Concat" | "Flatten" | "Shape" | "Slice" => 1,
+        "Gemm"
+        | "Add"
+        | "Sub"
+        | "Mul"
+        | "Div"
+        | "Pow"
+        | "MatMul"
+        | "Gather"
+        | "Reshape"
+        | "Expand"
+        | "LayerNormalization"
+        | "SimplifiedLayerNormalization"
+        | "RMSNormalization" => 2,
+        "Cast" | "Identity" | "Transpose" | "ReduceMean" | "ReduceSum" | "Sqrt" | "Reciprocal"
+        | "Unsqueeze" | "Squeeze" | "Softmax" | "IsNaN" | "Split" | "Concat" | "Flatten"
+        | "Shape" | "Slice" => 1,
         _ => 0,
     }
 }
 
 impl Node {
-    pub fn new(op_type: &str, name: impl Into<String>, inputs: Vec<String>, outputs: Vec<String>) -> Self {
+    pub fn new(
+        op_type: &str,
+        name: impl Into<String>,
+        inputs: Vec<String>,
+        outputs: Vec<String>,
+    ) -> Self {
         Node { name: name.into(), op_type: op_type.into(), inputs, outputs, ..Default::default() }
     }
 

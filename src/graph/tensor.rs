@@ -161,8 +161,19 @@ pub struct Tensor {
 
 impl Tensor {
     /// A new tensor holding raw little-endian bytes.
-    pub fn from_raw(name: impl Into<String>, dtype: DataType, dims: Vec<i64>, bytes: Bytes) -> Self {
-        Tensor { name: name.into(), dtype, dims, data: TensorData::Raw(bytes), rest: Opaque::default() }
+    pub fn from_raw(
+        name: impl Into<String>,
+        dtype: DataType,
+        dims: Vec<i64>,
+        bytes: Bytes,
+    ) -> Self {
+        Tensor {
+            name: name.into(),
+            dtype,
+            dims,
+            data: TensorData::Raw(bytes),
+            rest: Opaque::default(),
+        }
     }
 
     pub fn from_f32(name: impl Into<String>, dims: Vec<i64>, values: &[f32]) -> Self {
@@ -208,9 +219,15 @@ impl Tensor {
         let size = self.dtype.byte_size().ok_or_else(|| self.unsupported("raw bytes"))?;
         let mut out = Vec::with_capacity(size * self.numel() as usize);
         match &self.data {
-            TensorData::Typed(TypedValues::Floats(v)) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::Typed(TypedValues::Doubles(v)) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::Typed(TypedValues::Int64s(v)) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+            TensorData::Typed(TypedValues::Floats(v)) => {
+                v.iter().for_each(|x| out.extend(x.to_le_bytes()))
+            }
+            TensorData::Typed(TypedValues::Doubles(v)) => {
+                v.iter().for_each(|x| out.extend(x.to_le_bytes()))
+            }
+            TensorData::Typed(TypedValues::Int64s(v)) => {
+                v.iter().for_each(|x| out.extend(x.to_le_bytes()))
+            }
             TensorData::Typed(TypedValues::Uint64s(v)) => {
                 v.iter().for_each(|x| out.extend(&x.to_le_bytes()[..size]))
             }
@@ -227,7 +244,9 @@ impl Tensor {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let values = match (&self.data, self.dtype) {
             (TensorData::Typed(TypedValues::Floats(v)), _) => v.clone(),
-            (TensorData::Typed(TypedValues::Doubles(v)), _) => v.iter().map(|&x| x as f32).collect(),
+            (TensorData::Typed(TypedValues::Doubles(v)), _) => {
+                v.iter().map(|&x| x as f32).collect()
+            }
             (TensorData::Typed(TypedValues::Int32s(v)), DataType::Float16) => {
                 v.iter().map(|&x| f16::from_bits(x as u16).to_f32()).collect()
             }
@@ -239,9 +258,15 @@ impl Tensor {
                 let raw = self.raw_bytes().ok_or_else(|| self.unsupported("f32"))?;
                 match dtype {
                     DataType::Float => le_chunks::<4>(raw).map(f32::from_le_bytes).collect(),
-                    DataType::Double => le_chunks::<8>(raw).map(|b| f64::from_le_bytes(b) as f32).collect(),
-                    DataType::Float16 => le_chunks::<2>(raw).map(|b| f16::from_le_bytes(b).to_f32()).collect(),
-                    DataType::Bfloat16 => le_chunks::<2>(raw).map(|b| bf16::from_le_bytes(b).to_f32()).collect(),
+                    DataType::Double => {
+                        le_chunks::<8>(raw).map(|b| f64::from_le_bytes(b) as f32).collect()
+                    }
+                    DataType::Float16 => {
+                        le_chunks::<2>(raw).map(|b| f16::from_le_bytes(b).to_f32()).collect()
+                    }
+                    DataType::Bfloat16 => {
+                        le_chunks::<2>(raw).map(|b| bf16::from_le_bytes(b).to_f32()).collect()
+                    }
                     _ => return Err(self.unsupported("f32")),
                 }
             }
@@ -255,16 +280,26 @@ impl Tensor {
         let values: Vec<i64> = match (&self.data, self.dtype) {
             (TensorData::Typed(TypedValues::Int64s(v)), _) => v.clone(),
             (TensorData::Typed(TypedValues::Int32s(v)), _) => v.iter().map(|&x| x as i64).collect(),
-            (TensorData::Typed(TypedValues::Uint64s(v)), DataType::Uint32) => v.iter().map(|&x| x as i64).collect(),
+            (TensorData::Typed(TypedValues::Uint64s(v)), DataType::Uint32) => {
+                v.iter().map(|&x| x as i64).collect()
+            }
             (TensorData::Empty, _) if self.numel() == 0 => Vec::new(),
             (_, dtype) => {
                 let raw = self.raw_bytes().ok_or_else(|| self.unsupported("i64"))?;
                 match dtype {
                     DataType::Int64 => le_chunks::<8>(raw).map(i64::from_le_bytes).collect(),
-                    DataType::Int32 => le_chunks::<4>(raw).map(|b| i32::from_le_bytes(b) as i64).collect(),
-                    DataType::Uint32 => le_chunks::<4>(raw).map(|b| u32::from_le_bytes(b) as i64).collect(),
-                    DataType::Int16 => le_chunks::<2>(raw).map(|b| i16::from_le_bytes(b) as i64).collect(),
-                    DataType::Uint16 => le_chunks::<2>(raw).map(|b| u16::from_le_bytes(b) as i64).collect(),
+                    DataType::Int32 => {
+                        le_chunks::<4>(raw).map(|b| i32::from_le_bytes(b) as i64).collect()
+                    }
+                    DataType::Uint32 => {
+                        le_chunks::<4>(raw).map(|b| u32::from_le_bytes(b) as i64).collect()
+                    }
+                    DataType::Int16 => {
+                        le_chunks::<2>(raw).map(|b| i16::from_le_bytes(b) as i64).collect()
+                    }
+                    DataType::Uint16 => {
+                        le_chunks::<2>(raw).map(|b| u16::from_le_bytes(b) as i64).collect()
+                    }
                     DataType::Int8 => raw.iter().map(|&b| b as i8 as i64).collect(),
                     DataType::Uint8 | DataType::Bool => raw.iter().map(|&b| b as i64).collect(),
                     _ => return Err(self.unsupported("i64")),
@@ -281,7 +316,11 @@ impl Tensor {
         } else {
             Err(Error::Tensor {
                 tensor: self.name.clone(),
-                message: format!("holds {got} values but its dims {:?} need {}", self.dims, self.numel()),
+                message: format!(
+                    "holds {got} values but its dims {:?} need {}",
+                    self.dims,
+                    self.numel()
+                ),
             })
         }
     }
@@ -289,7 +328,11 @@ impl Tensor {
     fn unsupported(&self, wanted: &str) -> Error {
         Error::Tensor {
             tensor: self.name.clone(),
-            message: format!("cannot read {} data stored as {} as {wanted}", self.dtype.name(), self.data.kind()),
+            message: format!(
+                "cannot read {} data stored as {} as {wanted}",
+                self.dtype.name(),
+                self.data.kind()
+            ),
         }
     }
 }

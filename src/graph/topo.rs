@@ -23,7 +23,9 @@ fn free_values(graph: &Graph) -> HashSet<String> {
     for node in &graph.nodes {
         free.extend(node_reads(node).into_iter().filter(|n| !defined.contains(n.as_str())));
     }
-    free.extend(graph.outputs.iter().map(|o| o.name.clone()).filter(|n| !defined.contains(n.as_str())));
+    free.extend(
+        graph.outputs.iter().map(|o| o.name.clone()).filter(|n| !defined.contains(n.as_str())),
+    );
     free
 }
 
@@ -44,7 +46,8 @@ pub fn toposort(graph: &mut Graph) -> Result<()> {
         node: graph.nodes[stuck].label().to_string(),
         message: "the graph has a cycle".into(),
     })?;
-    let mut slots: Vec<Option<Node>> = std::mem::take(&mut graph.nodes).into_iter().map(Some).collect();
+    let mut slots: Vec<Option<Node>> =
+        std::mem::take(&mut graph.nodes).into_iter().map(Some).collect();
     graph.nodes = order.into_iter().filter_map(|i| slots[i].take()).collect();
     Ok(())
 }
@@ -61,13 +64,15 @@ fn topological_order(graph: &Graph) -> std::result::Result<Vec<usize>, usize> {
     let mut waiting_on = vec![0usize; n];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, node) in graph.nodes.iter().enumerate() {
-        let deps: HashSet<usize> = node_reads(node).iter().filter_map(|r| producer.get(r.as_str()).copied()).collect();
+        let deps: HashSet<usize> =
+            node_reads(node).iter().filter_map(|r| producer.get(r.as_str()).copied()).collect();
         waiting_on[i] = deps.len();
         for p in deps {
             dependents[p].push(i);
         }
     }
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..n).filter(|&i| waiting_on[i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| waiting_on[i] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
@@ -106,7 +111,8 @@ pub fn cleanup(graph: &mut Graph) {
     graph.nodes.retain(|_| keep_iter.next().unwrap_or(true));
     let declared_inputs: HashSet<String> = graph.inputs.iter().map(|v| v.name.clone()).collect();
     graph.initializers.retain(|t| live.contains(&t.name) || declared_inputs.contains(&t.name));
-    let mut existing: HashSet<&str> = graph.nodes.iter().flat_map(|n| n.outputs.iter().map(String::as_str)).collect();
+    let mut existing: HashSet<&str> =
+        graph.nodes.iter().flat_map(|n| n.outputs.iter().map(String::as_str)).collect();
     existing.extend(graph.inputs.iter().map(|v| v.name.as_str()));
     existing.extend(graph.initializers.iter().map(|t| t.name.as_str()));
     let existing: HashSet<String> = existing.into_iter().map(String::from).collect();
@@ -119,13 +125,22 @@ mod tests {
     use crate::graph::ValueInfo;
 
     fn node(name: &str, inputs: &[&str], outputs: &[&str]) -> Node {
-        Node::new("Identity", name, inputs.iter().map(|s| s.to_string()).collect(), outputs.iter().map(|s| s.to_string()).collect())
+        Node::new(
+            "Identity",
+            name,
+            inputs.iter().map(|s| s.to_string()).collect(),
+            outputs.iter().map(|s| s.to_string()).collect(),
+        )
     }
 
     #[test]
     fn toposort_moves_consumers_after_producers_and_keeps_sorted_order() {
         let mut g = Graph {
-            nodes: vec![node("c", &["b"], &["c"]), node("a", &["x"], &["a"]), node("b", &["a"], &["b"])],
+            nodes: vec![
+                node("c", &["b"], &["c"]),
+                node("a", &["x"], &["a"]),
+                node("b", &["a"], &["b"]),
+            ],
             inputs: vec![ValueInfo::untyped("x")],
             ..Default::default()
         };
@@ -136,7 +151,10 @@ mod tests {
 
     #[test]
     fn toposort_reports_a_cycle() {
-        let mut g = Graph { nodes: vec![node("a", &["b"], &["a"]), node("b", &["a"], &["b"])], ..Default::default() };
+        let mut g = Graph {
+            nodes: vec![node("a", &["b"], &["a"]), node("b", &["a"], &["b"])],
+            ..Default::default()
+        };
         assert!(matches!(toposort(&mut g), Err(Error::Graph { .. })));
     }
 
@@ -158,7 +176,10 @@ mod tests {
             nodes: vec![node("a", &["x", "w"], &["a"]), node("dead", &["x", "w2"], &["d"])],
             inputs: vec![ValueInfo::untyped("x")],
             outputs: vec![ValueInfo::untyped("a")],
-            initializers: vec![crate::graph::Tensor::from_f32("w", vec![1], &[1.0]), crate::graph::Tensor::from_f32("w2", vec![1], &[1.0])],
+            initializers: vec![
+                crate::graph::Tensor::from_f32("w", vec![1], &[1.0]),
+                crate::graph::Tensor::from_f32("w2", vec![1], &[1.0]),
+            ],
             ..Default::default()
         };
         cleanup(&mut g);

@@ -40,20 +40,25 @@ fn rule(node: &Node) -> Option<Rule> {
         return None;
     }
     Some(match node.op_type.as_str() {
-        "Add" | "Sub" | "Mul" | "Div" | "MatMul" | "Sum" | "Max" | "Min" | "Mean" | "Mod" | "Concat" | "Gemm" | "PRelu" => Rule::Same(None),
+        "Add" | "Sub" | "Mul" | "Div" | "MatMul" | "Sum" | "Max" | "Min" | "Mean" | "Mod"
+        | "Concat" | "Gemm" | "PRelu" => Rule::Same(None),
         "Where" => Rule::Same(Some(&[1, 2])),
-        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" => Rule::Compare(&[0, 1], DataType::Bool),
+        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" => {
+            Rule::Compare(&[0, 1], DataType::Bool)
+        }
         "And" | "Or" | "Xor" | "Not" | "IsNaN" | "IsInf" => Rule::Fixed(DataType::Bool),
         "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Rule::Fixed(DataType::Int64),
         "Cast" => Rule::CastTo,
         "CastLike" => Rule::Like(1),
         "Constant" | "ConstantOfShape" => Rule::Constant,
-        "Sqrt" | "Reciprocal" | "Neg" | "Abs" | "Exp" | "Log" | "Relu" | "Tanh" | "Sigmoid" | "Erf" | "Softmax" | "LogSoftmax" | "Identity"
-        | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze" | "Slice" | "Expand" | "Flatten" | "Tile" | "Gather" | "GatherElements"
-        | "GatherND" | "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceSumSquare" | "ReduceL2" | "Split"
-        | "Pad" | "Gelu" | "Trilu" | "CumSum" | "Range" | "Pow" | "Clip" | "Floor" | "Ceil" | "Round" | "Sin" | "Cos" | "Elu"
-        | "LeakyRelu" | "Softplus" | "HardSigmoid" | "ScatterND" | "ScatterElements" | "Dropout" | "LayerNormalization"
-        | "RMSNormalization" => Rule::Like(0),
+        "Sqrt" | "Reciprocal" | "Neg" | "Abs" | "Exp" | "Log" | "Relu" | "Tanh" | "Sigmoid"
+        | "Erf" | "Softmax" | "LogSoftmax" | "Identity" | "Reshape" | "Transpose" | "Squeeze"
+        | "Unsqueeze" | "Slice" | "Expand" | "Flatten" | "Tile" | "Gather" | "GatherElements"
+        | "GatherND" | "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd"
+        | "ReduceSumSquare" | "ReduceL2" | "Split" | "Pad" | "Gelu" | "Trilu" | "CumSum"
+        | "Range" | "Pow" | "Clip" | "Floor" | "Ceil" | "Round" | "Sin" | "Cos" | "Elu"
+        | "LeakyRelu" | "Softplus" | "HardSigmoid" | "ScatterND" | "ScatterElements"
+        | "Dropout" | "LayerNormalization" | "RMSNormalization" => Rule::Like(0),
         _ => return None,
     })
 }
@@ -91,10 +96,22 @@ pub fn check_types(graph: &Graph) -> Result<(), TypeError> {
     for node in &graph.nodes {
         check_node(node, &types)?;
         for (output, t) in node.outputs.iter().zip(output_types(node, &types)) {
-            let declared = graph.outputs.iter().chain(&graph.value_info).find(|v| &v.name == output).and_then(|v| v.elem_type());
+            let declared = graph
+                .outputs
+                .iter()
+                .chain(&graph.value_info)
+                .find(|v| &v.name == output)
+                .and_then(|v| v.elem_type());
             if let (Some(declared), Some(t)) = (declared, t) {
                 if declared != t {
-                    return Err(error(node, format!("output '{output}' is declared {} but computed as {}", declared.name(), t.name())));
+                    return Err(error(
+                        node,
+                        format!(
+                            "output '{output}' is declared {} but computed as {}",
+                            declared.name(),
+                            t.name()
+                        ),
+                    ));
                 }
             }
         }
@@ -119,7 +136,14 @@ fn check_node(node: &Node, types: &HashMap<String, DataType>) -> Result<(), Type
         .collect();
     if let Some((first, t)) = typed.first() {
         if let Some((other, u)) = typed.iter().find(|(_, u)| u != t) {
-            return Err(error(node, format!("inputs '{first}' ({}) and '{other}' ({}) must have the same element type", t.name(), u.name())));
+            return Err(error(
+                node,
+                format!(
+                    "inputs '{first}' ({}) and '{other}' ({}) must have the same element type",
+                    t.name(),
+                    u.name()
+                ),
+            ));
         }
     }
     Ok(())
@@ -163,11 +187,19 @@ mod tests {
     use crate::graph::{Tensor, ValueInfo};
 
     fn graph(weight: DataType) -> Graph {
-        let w = Tensor::from_raw("w", weight, vec![2, 2], vec![0u8; 2 * 2 * weight.byte_size().unwrap()].into());
+        let w = Tensor::from_raw(
+            "w",
+            weight,
+            vec![2, 2],
+            vec![0u8; 2 * 2 * weight.byte_size().unwrap()].into(),
+        );
         let mut cast = Node::new("Cast", "cast", vec!["x".into()], vec!["h".into()]);
         cast.set_attr("to", AttrValue::Int(DataType::Float16.code() as i64));
         Graph {
-            nodes: vec![cast, Node::new("MatMul", "mm", vec!["h".into(), "w".into()], vec!["y".into()])],
+            nodes: vec![
+                cast,
+                Node::new("MatMul", "mm", vec!["h".into(), "w".into()], vec!["y".into()]),
+            ],
             initializers: vec![w],
             inputs: vec![ValueInfo::tensor_of_rank_unknown("x", DataType::Float)],
             outputs: vec![ValueInfo::tensor_of_rank_unknown("y", DataType::Float16)],
@@ -193,7 +225,10 @@ mod tests {
     fn a_wrong_declared_output_is_refused_and_unknown_ops_are_not_judged() {
         let mut g = graph(DataType::Float16);
         g.outputs = vec![ValueInfo::tensor_of_rank_unknown("y", DataType::Float)];
-        assert!(check_types(&g).unwrap_err().message.contains("declared float32 but computed as float16"));
+        assert!(check_types(&g)
+            .unwrap_err()
+            .message
+            .contains("declared float32 but computed as float16"));
         let mut g = graph(DataType::Float);
         g.nodes[0].domain = "com.microsoft".into();
         g.outputs = vec![ValueInfo::untyped("y")];

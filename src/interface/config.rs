@@ -21,10 +21,15 @@ impl ModelConfig {
     /// Reads the files beside `model_path` (the `.onnx` file); missing files or keys leave `None`.
     pub fn beside(model_path: Option<&Path>) -> Self {
         let Some(dir) = model_path.and_then(Path::parent) else { return Self::default() };
-        let read = |name: &str| -> Option<serde_json::Value> { serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok() };
-        let number = |value: &serde_json::Value, key: &str| value.get(key).and_then(serde_json::Value::as_u64).and_then(|v| usize::try_from(v).ok());
+        let read = |name: &str| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+        };
+        let number = |value: &serde_json::Value, key: &str| {
+            value.get(key).and_then(serde_json::Value::as_u64).and_then(|v| usize::try_from(v).ok())
+        };
         let mut config = Self::default();
-        if let Some(genai) = read("genai_config.json").and_then(|genai| genai.get("model").cloned()) {
+        if let Some(genai) = read("genai_config.json").and_then(|genai| genai.get("model").cloned())
+        {
             if let Some(decoder) = genai.get("decoder") {
                 config.head_dim = number(decoder, "head_size");
                 config.kv_heads = number(decoder, "num_key_value_heads");
@@ -34,10 +39,13 @@ impl ModelConfig {
         if let Some(hf) = read("config.json") {
             let heads = number(&hf, "num_attention_heads");
             let hidden = number(&hf, "hidden_size");
-            let head_dim = number(&hf, "head_dim").or_else(|| Some(hidden? / heads.filter(|&h| h > 0)?));
+            let head_dim =
+                number(&hf, "head_dim").or_else(|| Some(hidden? / heads.filter(|&h| h > 0)?));
             config.head_dim = config.head_dim.or(head_dim);
-            config.kv_heads = config.kv_heads.or_else(|| number(&hf, "num_key_value_heads").or(heads));
-            let limit = number(&hf, "max_position_embeddings").or_else(|| number(&hf, "n_positions"));
+            config.kv_heads =
+                config.kv_heads.or_else(|| number(&hf, "num_key_value_heads").or(heads));
+            let limit =
+                number(&hf, "max_position_embeddings").or_else(|| number(&hf, "n_positions"));
             config.position_limit = limit.or(config.position_limit);
         }
         config
@@ -57,7 +65,9 @@ impl ModelConfig {
 /// limit of the graph.)
 pub fn position_limit(model: &Model) -> Option<usize> {
     let from_table = position_table_limit(&model.graph);
-    let from_config = ModelConfig::beside(model.source.as_ref().map(|source| source.path.as_path())).position_limit;
+    let from_config =
+        ModelConfig::beside(model.source.as_ref().map(|source| source.path.as_path()))
+            .position_limit;
     match (from_table, from_config) {
         (Some(table), Some(config)) => Some(table.min(config)),
         (table, config) => table.or(config),
@@ -70,7 +80,8 @@ fn position_table_limit(graph: &Graph) -> Option<usize> {
     let layout = crate::structure::detect(&graph).ok()?;
     let embedding = layout.embeddings.iter().find(|e| e.role == EmbeddingRole::Position)?;
     let table = graph.initializer(&embedding.table)?;
-    let rows = if embedding.through_transpose.is_some() { table.dims.get(1) } else { table.dims.first() };
+    let rows =
+        if embedding.through_transpose.is_some() { table.dims.get(1) } else { table.dims.first() };
     let rows = usize::try_from(*rows?).ok()?;
     let index = GraphIndex::new(&graph);
     let offset = index

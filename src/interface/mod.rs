@@ -56,12 +56,22 @@ impl InputPlan {
     /// The same plan from the graph's declared inputs and outputs, without building a session
     /// (ONNX Runtime reports exactly these declarations; inputs with an initializer are constants).
     pub fn for_graph(graph: &Graph, label: &str, model_path: Option<&Path>) -> Result<Self> {
-        let inputs: Vec<TensorInfo> = graph.inputs.iter().filter(|v| graph.initializer(&v.name).is_none()).map(TensorInfo::declared).collect();
+        let inputs: Vec<TensorInfo> = graph
+            .inputs
+            .iter()
+            .filter(|v| graph.initializer(&v.name).is_none())
+            .map(TensorInfo::declared)
+            .collect();
         let outputs: Vec<TensorInfo> = graph.outputs.iter().map(TensorInfo::declared).collect();
         Self::for_interface(label, &inputs, &outputs, model_path)
     }
 
-    fn for_interface(label: &str, inputs: &[TensorInfo], outputs: &[TensorInfo], model_path: Option<&Path>) -> Result<Self> {
+    fn for_interface(
+        label: &str,
+        inputs: &[TensorInfo],
+        outputs: &[TensorInfo],
+        model_path: Option<&Path>,
+    ) -> Result<Self> {
         let config = ModelConfig::beside(model_path);
         let mut plan = InputPlan {
             ids: Feed { name: String::new(), element_type: ElementType::I64 },
@@ -98,7 +108,10 @@ impl InputPlan {
             }
         }
         if !found_ids {
-            return Err(unusable(format!("{label} has no `input_ids` input; its inputs are: {}", input_names(inputs))));
+            return Err(unusable(format!(
+                "{label} has no `input_ids` input; its inputs are: {}",
+                input_names(inputs)
+            )));
         }
         Ok(plan)
     }
@@ -110,7 +123,11 @@ impl InputPlan {
 
     /// The inputs for token ids `[b, L]` and their mask (1 = real token; all ones when `None`).
     /// Position ids follow Hugging Face: `cumsum(mask) − 1`, and 1 at padding.
-    pub fn feed(&self, ids: &Array2<i64>, mask: Option<&Array2<i64>>) -> Result<Vec<(String, TensorValue)>> {
+    pub fn feed(
+        &self,
+        ids: &Array2<i64>,
+        mask: Option<&Array2<i64>>,
+    ) -> Result<Vec<(String, TensorValue)>> {
         let (batch, length) = ids.dim();
         let ones;
         let mask = match mask {
@@ -125,13 +142,18 @@ impl InputPlan {
             inputs.push((feed.name.clone(), integer_tensor(mask, &feed.element_type)));
         }
         if let Some(feed) = &self.positions {
-            inputs.push((feed.name.clone(), integer_tensor(&position_ids(mask), &feed.element_type)));
+            inputs
+                .push((feed.name.clone(), integer_tensor(&position_ids(mask), &feed.element_type)));
         }
         for past in &self.past {
             let shape = IxDyn(&[batch, past.heads, 0, past.head_dim]);
             let empty = match past.element_type {
-                ElementType::F16 => TensorValue::F16(ArrayD::<f16>::from_shape_vec(shape, Vec::new()).expect("empty past")),
-                _ => TensorValue::F32(ArrayD::<f32>::from_shape_vec(shape, Vec::new()).expect("empty past")),
+                ElementType::F16 => TensorValue::F16(
+                    ArrayD::<f16>::from_shape_vec(shape, Vec::new()).expect("empty past"),
+                ),
+                _ => TensorValue::F32(
+                    ArrayD::<f32>::from_shape_vec(shape, Vec::new()).expect("empty past"),
+                ),
             };
             inputs.push((past.name.clone(), empty));
         }
@@ -142,11 +164,18 @@ impl InputPlan {
     }
 
     /// Runs the model on `ids [b, L]` and returns the logits `[b, L, V]` as f32.
-    pub fn logits(&self, session: &mut ModelSession, ids: &Array2<i64>, mask: Option<&Array2<i64>>) -> Result<ArrayD<f32>> {
+    pub fn logits(
+        &self,
+        session: &mut ModelSession,
+        ids: &Array2<i64>,
+        mask: Option<&Array2<i64>>,
+    ) -> Result<ArrayD<f32>> {
         let inputs = self.feed(ids, mask)?;
-        let named: Vec<(&str, &TensorValue)> = inputs.iter().map(|(name, value)| (name.as_str(), value)).collect();
+        let named: Vec<(&str, &TensorValue)> =
+            inputs.iter().map(|(name, value)| (name.as_str(), value)).collect();
         let mut outputs = session.run_for(&named, &[self.logits.as_str()])?;
-        let logits = outputs.remove(&self.logits).expect("run_for returns the output it was asked for");
+        let logits =
+            outputs.remove(&self.logits).expect("run_for returns the output it was asked for");
         let logits = match logits {
             TensorValue::F32(array) => array,
             TensorValue::F16(array) => array.mapv(f32::from),
@@ -187,7 +216,9 @@ fn logits_output(outputs: &[TensorInfo]) -> String {
 
 fn integer_feed(label: &str, input: &TensorInfo) -> Result<Feed> {
     match input.element_type {
-        ElementType::I64 | ElementType::I32 => Ok(Feed { name: input.name.clone(), element_type: input.element_type.clone() }),
+        ElementType::I64 | ElementType::I32 => {
+            Ok(Feed { name: input.name.clone(), element_type: input.element_type.clone() })
+        }
         _ => Err(unusable(format!("{label}: input {input} must be int64 or int32"))),
     }
 }
@@ -213,7 +244,12 @@ fn position_ids(mask: &Array2<i64>) -> Array2<i64> {
 }
 
 /// A past input `[batch, kv_heads, past_length, head_dim]`.
-fn past_input(label: &str, input: &TensorInfo, outputs: &[TensorInfo], config: &ModelConfig) -> Result<PastInput> {
+fn past_input(
+    label: &str,
+    input: &TensorInfo,
+    outputs: &[TensorInfo],
+    config: &ModelConfig,
+) -> Result<PastInput> {
     if input.dims.len() != 4 {
         return Err(unusable(format!(
             "{label}: past input {input} is not 4-D [batch, heads, past_length, head_dim]; onnx-slice cannot feed it"

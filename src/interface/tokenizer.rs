@@ -10,12 +10,19 @@ use crate::Result;
 /// The tokenizer file to use: `explicit` when given (it must exist), else `tokenizer.json` beside
 /// the model. `ids_flag` is the command's way to give token ids instead ("--calib-ids FILE.npy"),
 /// suggested when there is no tokenizer.
-pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>, ids_flag: &str) -> Result<PathBuf> {
+pub fn find_tokenizer(
+    model_path: &Path,
+    explicit: Option<&Path>,
+    ids_flag: &str,
+) -> Result<PathBuf> {
     if let Some(path) = explicit {
         return if path.is_file() {
             Ok(path.to_path_buf())
         } else {
-            Err(unusable(format!("tokenizer {} not found (given with --tokenizer)", path.display())))
+            Err(unusable(format!(
+                "tokenizer {} not found (given with --tokenizer)",
+                path.display()
+            )))
         };
     }
     let beside = model_path.parent().unwrap_or(Path::new(".")).join("tokenizer.json");
@@ -32,8 +39,9 @@ pub fn find_tokenizer(model_path: &Path, explicit: Option<&Path>, ids_flag: &str
 
 /// Loads a `tokenizer.json`, without the truncation and padding it may configure.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let tokenizer =
-        Tokenizer::from_file(path).map_err(|error| unusable(format!("{}: not a usable tokenizer.json: {error}", path.display())))?;
+    let tokenizer = Tokenizer::from_file(path).map_err(|error| {
+        unusable(format!("{}: not a usable tokenizer.json: {error}", path.display()))
+    })?;
     plain_tokenizer(&tokenizer)
 }
 
@@ -42,6 +50,8 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 pub fn plain_tokenizer(tokenizer: &Tokenizer) -> Result<Tokenizer> {
     let mut plain = tokenizer.clone();
     plain.with_padding(None);
-    plain.with_truncation(None).map_err(|error| unusable(format!("cannot turn off the tokenizer's truncation: {error}")))?;
+    plain.with_truncation(None).map_err(|error| {
+        unusable(format!("cannot turn off the tokenizer's truncation: {error}"))
+    })?;
     Ok(plain)
 }

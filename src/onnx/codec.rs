@@ -7,12 +7,13 @@ use super::proto::{self, tensor_proto::DataLocation};
 use super::Opaque;
 use crate::error::Result;
 use crate::graph::{
-    AttrValue, Attribute, DataType, ExternalSource, Graph, Model, Node, OpsetImport, Tensor, TensorData,
-    TypedValues, ValueInfo,
+    AttrValue, Attribute, DataType, ExternalSource, Graph, Model, Node, OpsetImport, Tensor,
+    TensorData, TypedValues, ValueInfo,
 };
 
 /// Supplies the bytes of an externally stored tensor: (tensor name, source, expected byte length).
-pub(crate) type ExternalResolver<'a> = dyn FnMut(&str, &ExternalSource, Option<u64>) -> Result<Bytes> + 'a;
+pub(crate) type ExternalResolver<'a> =
+    dyn FnMut(&str, &ExternalSource, Option<u64>) -> Result<Bytes> + 'a;
 
 /// Decides where a top-level initializer goes when writing: `None` inline, `Some(entries)` external.
 pub(crate) type Placement<'a> = dyn FnMut(&Tensor) -> Result<Option<Vec<(String, String)>>> + 'a;
@@ -38,17 +39,26 @@ fn entries_from_proto(entries: Vec<proto::StringStringEntryProto>) -> Vec<(Strin
 fn entries_to_proto(entries: &[(String, String)]) -> Vec<proto::StringStringEntryProto> {
     entries
         .iter()
-        .map(|(k, v)| proto::StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) })
+        .map(|(k, v)| proto::StringStringEntryProto {
+            key: Some(k.clone()),
+            value: Some(v.clone()),
+        })
         .collect()
 }
 
 // ---- protobuf → IR ----
 
-pub(crate) fn model_from_proto(mut m: proto::ModelProto, resolve: &mut ExternalResolver) -> Result<Model> {
+pub(crate) fn model_from_proto(
+    mut m: proto::ModelProto,
+    resolve: &mut ExternalResolver,
+) -> Result<Model> {
     let graph = graph_from_proto(m.graph.take().unwrap_or_default(), resolve)?;
     Ok(Model {
         ir_version: take_opt(&mut m.ir_version),
-        opset_imports: std::mem::take(&mut m.opset_import).into_iter().map(opset_from_proto).collect(),
+        opset_imports: std::mem::take(&mut m.opset_import)
+            .into_iter()
+            .map(opset_from_proto)
+            .collect(),
         producer_name: take_opt(&mut m.producer_name),
         producer_version: take_opt(&mut m.producer_version),
         metadata: entries_from_proto(std::mem::take(&mut m.metadata_props)),
@@ -59,20 +69,30 @@ pub(crate) fn model_from_proto(mut m: proto::ModelProto, resolve: &mut ExternalR
 }
 
 fn opset_from_proto(mut o: proto::OperatorSetIdProto) -> OpsetImport {
-    OpsetImport { domain: take_opt(&mut o.domain), version: take_opt(&mut o.version), rest: Opaque(o) }
+    OpsetImport {
+        domain: take_opt(&mut o.domain),
+        version: take_opt(&mut o.version),
+        rest: Opaque(o),
+    }
 }
 
 fn graph_from_proto(mut g: proto::GraphProto, resolve: &mut ExternalResolver) -> Result<Graph> {
     Ok(Graph {
         name: take_opt(&mut g.name),
-        nodes: std::mem::take(&mut g.node).into_iter().map(|n| node_from_proto(n, resolve)).collect::<Result<_>>()?,
+        nodes: std::mem::take(&mut g.node)
+            .into_iter()
+            .map(|n| node_from_proto(n, resolve))
+            .collect::<Result<_>>()?,
         initializers: std::mem::take(&mut g.initializer)
             .into_iter()
             .map(|t| tensor_from_proto(t, resolve))
             .collect::<Result<_>>()?,
         inputs: std::mem::take(&mut g.input).into_iter().map(value_info_from_proto).collect(),
         outputs: std::mem::take(&mut g.output).into_iter().map(value_info_from_proto).collect(),
-        value_info: std::mem::take(&mut g.value_info).into_iter().map(value_info_from_proto).collect(),
+        value_info: std::mem::take(&mut g.value_info)
+            .into_iter()
+            .map(value_info_from_proto)
+            .collect(),
         rest: Opaque(g),
     })
 }
@@ -96,23 +116,39 @@ fn node_from_proto(mut n: proto::NodeProto, resolve: &mut ExternalResolver) -> R
     })
 }
 
-fn attribute_from_proto(mut a: proto::AttributeProto, resolve: &mut ExternalResolver) -> Result<Attribute> {
+fn attribute_from_proto(
+    mut a: proto::AttributeProto,
+    resolve: &mut ExternalResolver,
+) -> Result<Attribute> {
     use proto::attribute_proto::AttributeType as T;
-    let kind = a.r#type.and_then(|t| T::try_from(t).ok()).unwrap_or_else(|| infer_attribute_type(&a));
+    let kind =
+        a.r#type.and_then(|t| T::try_from(t).ok()).unwrap_or_else(|| infer_attribute_type(&a));
     let value = match kind {
         T::Float if a.f.is_some() => AttrValue::Float(take_opt(&mut a.f)),
         T::Int if a.i.is_some() => AttrValue::Int(take_opt(&mut a.i)),
         T::String if a.s.is_some() => AttrValue::String(take_opt(&mut a.s).to_vec()),
-        T::Tensor if a.t.is_some() => AttrValue::Tensor(Box::new(tensor_from_proto(a.t.take().unwrap_or_default(), resolve)?)),
-        T::Graph if a.g.is_some() => AttrValue::Graph(Box::new(graph_from_proto(a.g.take().unwrap_or_default(), resolve)?)),
+        T::Tensor if a.t.is_some() => {
+            AttrValue::Tensor(Box::new(tensor_from_proto(a.t.take().unwrap_or_default(), resolve)?))
+        }
+        T::Graph if a.g.is_some() => {
+            AttrValue::Graph(Box::new(graph_from_proto(a.g.take().unwrap_or_default(), resolve)?))
+        }
         T::Floats => AttrValue::Floats(std::mem::take(&mut a.floats)),
         T::Ints => AttrValue::Ints(std::mem::take(&mut a.ints)),
-        T::Strings => AttrValue::Strings(std::mem::take(&mut a.strings).into_iter().map(|s| s.to_vec()).collect()),
+        T::Strings => AttrValue::Strings(
+            std::mem::take(&mut a.strings).into_iter().map(|s| s.to_vec()).collect(),
+        ),
         T::Tensors => AttrValue::Tensors(
-            std::mem::take(&mut a.tensors).into_iter().map(|t| tensor_from_proto(t, resolve)).collect::<Result<_>>()?,
+            std::mem::take(&mut a.tensors)
+                .into_iter()
+                .map(|t| tensor_from_proto(t, resolve))
+                .collect::<Result<_>>()?,
         ),
         T::Graphs => AttrValue::Graphs(
-            std::mem::take(&mut a.graphs).into_iter().map(|g| graph_from_proto(g, resolve)).collect::<Result<_>>()?,
+            std::mem::take(&mut a.graphs)
+                .into_iter()
+                .map(|g| graph_from_proto(g, resolve))
+                .collect::<Result<_>>()?,
         ),
         _ => AttrValue::Other,
     };
@@ -137,14 +173,19 @@ fn infer_attribute_type(a: &proto::AttributeProto) -> proto::attribute_proto::At
     }
 }
 
-pub(crate) fn tensor_from_proto(mut t: proto::TensorProto, resolve: &mut ExternalResolver) -> Result<Tensor> {
+pub(crate) fn tensor_from_proto(
+    mut t: proto::TensorProto,
+    resolve: &mut ExternalResolver,
+) -> Result<Tensor> {
     let name = take_opt(&mut t.name);
     let dtype = DataType::from_code(take_opt(&mut t.data_type));
     let dims = std::mem::take(&mut t.dims);
     let data = if t.data_location == Some(DataLocation::External as i32) {
         t.data_location = None;
         let source = external_source(std::mem::take(&mut t.external_data));
-        let expected = dtype.byte_size().map(|s| s as u64 * dims.iter().map(|&d| d.max(0) as u64).product::<u64>());
+        let expected = dtype
+            .byte_size()
+            .map(|s| s as u64 * dims.iter().map(|&d| d.max(0) as u64).product::<u64>());
         let bytes = resolve(&name, &source, expected)?;
         TensorData::External { bytes, source }
     } else if let Some(raw) = t.raw_data.take() {
@@ -295,7 +336,10 @@ fn attribute_to_proto(a: &Attribute) -> Result<proto::AttributeProto> {
 }
 
 /// `external`: the external-data entries to write instead of the data, or `None` to store inline.
-pub(crate) fn tensor_to_proto(t: &Tensor, external: Option<Vec<(String, String)>>) -> proto::TensorProto {
+pub(crate) fn tensor_to_proto(
+    t: &Tensor,
+    external: Option<Vec<(String, String)>>,
+) -> proto::TensorProto {
     let mut p = t.rest.0.clone();
     p.name = put_opt(&p.name, t.name.clone());
     p.data_type = put_opt(&p.data_type, t.dtype.code());

@@ -19,7 +19,9 @@ pub fn load(path: impl AsRef<Path>) -> Result<Model> {
     let proto = decode_model(path, bytes)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut data_files = DataFiles { model: path.to_path_buf(), dir, mapped: HashMap::new() };
-    let mut model = model_from_proto(proto, &mut |name, source, expected| data_files.slice(name, source, expected))?;
+    let mut model = model_from_proto(proto, &mut |name, source, expected| {
+        data_files.slice(name, source, expected)
+    })?;
     let mut external_files: Vec<PathBuf> =
         data_files.mapped.into_keys().map(|location| data_files.dir.join(location)).collect();
     external_files.sort();
@@ -46,7 +48,10 @@ fn map_file(path: &Path) -> Result<Bytes> {
     let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
     // A folder opens like a file on Unix; only the memory map would fail, with a bare OS error.
     if metadata.is_dir() {
-        return Err(Error::NotOnnx { path: path.into(), message: "it is a folder; give the model's .onnx file".into() });
+        return Err(Error::NotOnnx {
+            path: path.into(),
+            message: "it is a folder; give the model's .onnx file".into(),
+        });
     }
     let len = metadata.len();
     if len == 0 {
@@ -60,7 +65,11 @@ fn map_file(path: &Path) -> Result<Bytes> {
 
 fn decode_model(path: &Path, bytes: Bytes) -> Result<proto::ModelProto> {
     let not_onnx = |message: String| Error::NotOnnx { path: path.into(), message };
-    let model = proto::ModelProto::decode(bytes).map_err(|e| not_onnx(format!("protobuf decoding failed ({e}); the file is truncated or not an ONNX model")))?;
+    let model = proto::ModelProto::decode(bytes).map_err(|e| {
+        not_onnx(format!(
+            "protobuf decoding failed ({e}); the file is truncated or not an ONNX model"
+        ))
+    })?;
     // Many byte strings decode as an empty protobuf message; a model always has these two.
     if model.ir_version.is_none() {
         return Err(not_onnx("no ir_version field".into()));
@@ -79,7 +88,12 @@ struct DataFiles {
 }
 
 impl DataFiles {
-    fn slice(&mut self, tensor: &str, source: &ExternalSource, expected: Option<u64>) -> Result<Bytes> {
+    fn slice(
+        &mut self,
+        tensor: &str,
+        source: &ExternalSource,
+        expected: Option<u64>,
+    ) -> Result<Bytes> {
         let fail = |message: String| Error::ExternalData {
             model: self.model.clone(),
             tensor: tensor.into(),
@@ -91,7 +105,8 @@ impl DataFiles {
             Some(file) => file.clone(),
             None => {
                 let path = self.dir.join(&source.location);
-                let file = map_data_file(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+                let file = map_data_file(&path)
+                    .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
                 self.mapped.insert(source.location.clone(), file.clone());
                 file
             }
@@ -100,17 +115,22 @@ impl DataFiles {
             (u64::MAX, Some(expected)) => expected,
             (u64::MAX, None) => file.len() as u64 - source.offset.min(file.len() as u64),
             (length, Some(expected)) if length != expected => {
-                return Err(fail(format!("length {length} does not match the tensor's size, {expected} bytes")))
+                return Err(fail(format!(
+                    "length {length} does not match the tensor's size, {expected} bytes"
+                )))
             }
             (length, _) => length,
         };
-        let end = source.offset.checked_add(length).filter(|&end| end <= file.len() as u64).ok_or_else(|| {
-            fail(format!(
-                "offset {} + length {length} is past the end of the file ({} bytes)",
-                source.offset,
-                file.len()
-            ))
-        })?;
+        let end =
+            source.offset.checked_add(length).filter(|&end| end <= file.len() as u64).ok_or_else(
+                || {
+                    fail(format!(
+                        "offset {} + length {length} is past the end of the file ({} bytes)",
+                        source.offset,
+                        file.len()
+                    ))
+                },
+            )?;
         Ok(file.slice(source.offset as usize..end as usize))
     }
 }

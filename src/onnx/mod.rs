@@ -4,12 +4,16 @@
 mod codec;
 mod load;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
+#[rustfmt::skip]
 pub(crate) mod proto;
 mod save;
 mod value_info;
 
 pub use load::{load, load_from_bytes};
-pub use save::{check_destination, check_save_target, save, to_bytes, SaveOptions, Saved, Storage, DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT};
+pub use save::{
+    check_destination, check_save_target, save, to_bytes, SaveOptions, Saved, Storage,
+    DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
+};
 
 /// The part of a protobuf message that the IR does not model, carried along unchanged.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -65,7 +65,8 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
 pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<Saved> {
     let path = path.as_ref();
     let data_path = check_save_target(model, path)?;
-    check_types(&model.graph).map_err(|source| Error::IllTyped { output: path.to_path_buf(), source })?;
+    check_types(&model.graph)
+        .map_err(|source| Error::IllTyped { output: path.to_path_buf(), source })?;
     let external = match options.storage {
         Storage::Inline => false,
         Storage::External => true,
@@ -148,10 +149,10 @@ fn data_file_for(path: &Path) -> Result<PathBuf> {
 }
 
 fn file_name(path: &Path) -> Result<String> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .ok_or_else(|| Error::Save { output: path.into(), message: "the path has no file name".into() })
+    path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| Error::Save {
+        output: path.into(),
+        message: "the path has no file name".into(),
+    })
 }
 
 fn too_large(path: &Path, len: u64) -> Error {
@@ -201,7 +202,10 @@ fn refuse_overwriting_sources(model: &Model, path: &Path, data_path: &Path) -> R
             if same_file(input, output) {
                 return Err(Error::Save {
                     output: output.into(),
-                    message: format!("it is the input file {} (write to another path)", input.display()),
+                    message: format!(
+                        "it is the input file {} (write to another path)",
+                        input.display()
+                    ),
                 });
             }
         }
@@ -236,7 +240,8 @@ impl TempOutput {
 
     /// Encodes a message straight into the file: no second in-memory copy of a large model.
     fn write_message(&mut self, message: &impl Message) -> Result<()> {
-        let mut sink = MessageSink { out: self, staged: Vec::with_capacity(SINK_STAGING), error: None };
+        let mut sink =
+            MessageSink { out: self, staged: Vec::with_capacity(SINK_STAGING), error: None };
         message.encode_raw(&mut sink);
         sink.flush();
         match sink.error.take() {

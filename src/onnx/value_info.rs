@@ -1,5 +1,7 @@
 //! Element type and shape of declared values (graph inputs, outputs, value_info).
-use super::proto::{self, tensor_shape_proto::dimension::Value as DimValue, type_proto::Value as TypeValue};
+use super::proto::{
+    self, tensor_shape_proto::dimension::Value as DimValue, type_proto::Value as TypeValue,
+};
 use super::Opaque;
 use crate::graph::{DataType, Dim, ValueInfo};
 
@@ -96,7 +98,10 @@ impl ValueInfo {
     pub fn describe(&self) -> String {
         let dtype = self.elem_type().map_or_else(|| "?".to_string(), DataType::name);
         match self.shape() {
-            Some(dims) => format!("{dtype}[{}]", dims.iter().map(Dim::to_string).collect::<Vec<_>>().join(", ")),
+            Some(dims) => format!(
+                "{dtype}[{}]",
+                dims.iter().map(Dim::to_string).collect::<Vec<_>>().join(", ")
+            ),
             None => format!("{dtype}[?]"),
         }
     }

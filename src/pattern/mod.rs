@@ -147,13 +147,16 @@ impl<'g> GraphIndex<'g> {
 
 /// A Transpose that swaps the two axes of a matrix (perm [1, 0], or no perm: reverse the axes).
 pub fn is_matrix_transpose(node: &Node) -> bool {
-    node.is("Transpose") && node.in_default_domain() && matches!(node.attr_ints("perm"), None | Some([1, 0]))
+    node.is("Transpose")
+        && node.in_default_domain()
+        && matches!(node.attr_ints("perm"), None | Some([1, 0]))
 }
 
 /// Ops that pass the stream (or a normalized stream) on with its last axis intact: the
 /// value-preserving ones, and the reshapes exporters apply (`[B, S, D]` ⇄ `[B·S, D]`).
 pub fn is_stream_transparent(node: &Node) -> bool {
-    is_value_preserving(node) || (node.in_default_domain() && matches!(node.op_type.as_str(), "Reshape" | "Flatten"))
+    is_value_preserving(node)
+        || (node.in_default_domain() && matches!(node.op_type.as_str(), "Reshape" | "Flatten"))
 }
 
 /// Identity, and Cast to a float type (exporters wrap fp32 norms in Cast to float32 and back).
@@ -162,7 +165,10 @@ pub fn is_value_preserving(node: &Node) -> bool {
         "Identity" => node.in_default_domain() && node.inputs.len() == 1,
         "Cast" => {
             node.inputs.len() == 1
-                && node.attr_int("to").map(|code| DataType::from_code(code as i32)).is_some_and(|t| matches!(t, DataType::Float | DataType::Double))
+                && node
+                    .attr_int("to")
+                    .map(|code| DataType::from_code(code as i32))
+                    .is_some_and(|t| matches!(t, DataType::Float | DataType::Double))
         }
         _ => false,
     }

@@ -49,7 +49,8 @@ pub struct NormMatch {
 /// Every normalization layer over the last axis in the graph, in graph order (of the node that
 /// writes each norm's output).
 pub fn find_norms(index: &GraphIndex) -> Vec<NormMatch> {
-    let mut found: Vec<NormMatch> = candidates(index).into_iter().filter_map(|(_, result)| result.ok()).collect();
+    let mut found: Vec<NormMatch> =
+        candidates(index).into_iter().filter_map(|(_, result)| result.ok()).collect();
     found.sort_by_key(|m| index.producer_index(&m.output));
     found
 }
@@ -61,13 +62,19 @@ pub fn find_norms(index: &GraphIndex) -> Vec<NormMatch> {
 pub fn explain_norms(index: &GraphIndex) -> Vec<String> {
     candidates(index)
         .into_iter()
-        .filter_map(|(i, result)| result.err().map(|why| format!("{} {}: {why}", index.node(i).op_type, label(index.node(i)))))
+        .filter_map(|(i, result)| {
+            result
+                .err()
+                .map(|why| format!("{} {}: {why}", index.node(i).op_type, label(index.node(i))))
+        })
         .collect()
 }
 
 /// Every candidate node with the outcome of matching a norm from it.
 fn candidates(index: &GraphIndex) -> Vec<(usize, Matched<NormMatch>)> {
-    (0..index.graph.nodes.len()).filter_map(|i| match_from(index, i).map(|result| (i, result))).collect()
+    (0..index.graph.nodes.len())
+        .filter_map(|i| match_from(index, i).map(|result| (i, result)))
+        .collect()
 }
 
 /// `None` when node `i` cannot start a norm at all.
@@ -76,11 +83,17 @@ fn match_from(index: &GraphIndex, i: usize) -> Option<Matched<NormMatch>> {
     let default_domain = node.in_default_domain();
     match node.op_type.as_str() {
         "LayerNormalization" if default_domain => Some(ops::layer_normalization(index, i)),
-        "RMSNormalization" | "SimplifiedLayerNormalization" if default_domain => Some(ops::rms_normalization(index, i)),
-        "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" if node.domain == "com.microsoft" => {
+        "RMSNormalization" | "SimplifiedLayerNormalization" if default_domain => {
+            Some(ops::rms_normalization(index, i))
+        }
+        "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization"
+            if node.domain == "com.microsoft" =>
+        {
             Some(Err("residual add fused into the norm: run decompose_skip_norms first".into()))
         }
-        "Pow" if default_domain && decomposed::feeds_a_mean(index, node) => Some(decomposed::from_square(index, i)),
+        "Pow" if default_domain && decomposed::feeds_a_mean(index, node) => {
+            Some(decomposed::from_square(index, i))
+        }
         _ => None,
     }
 }

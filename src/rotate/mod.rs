@@ -5,24 +5,37 @@
 
 use faer::{Mat, MatRef};
 
+use crate::algebra;
 use crate::error::{Error, Result};
 use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor};
 use crate::pattern::GraphIndex;
 use crate::structure::{Bias, Layout, StreamReshape};
-use crate::algebra;
 
 const PASS: &str = "rotate";
 
 /// Rotates (and, where a basis has fewer than D columns, slices) a fused model. `groups[p]` names
 /// the basis of point p: consecutive points of one group have the same basis, and the skip between
 /// them stays a plain Add.
-pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>], groups: &[usize]) -> Result<()> {
+pub fn rotate_and_slice(
+    graph: &mut Graph,
+    layout: &Layout,
+    bases: &[Mat<f64>],
+    groups: &[usize],
+) -> Result<()> {
     let points = layout.stream_points().len();
-    if groups.len() != points || bases.len() != points || bases.iter().any(|q| q.nrows() != layout.width || q.ncols() == 0 || q.ncols() > layout.width) {
+    if groups.len() != points
+        || bases.len() != points
+        || bases
+            .iter()
+            .any(|q| q.nrows() != layout.width || q.ncols() == 0 || q.ncols() > layout.width)
+    {
         return Err(Error::Pass {
             pass: PASS,
             node: "(graph)".into(),
-            message: format!("expected {points} bases of {} rows and at most as many columns", layout.width),
+            message: format!(
+                "expected {points} bases of {} rows and at most as many columns",
+                layout.width
+            ),
         });
     }
     let mut editor = StreamEditor::new(graph, layout);
@@ -31,7 +44,8 @@ pub fn rotate_and_slice(graph: &mut Graph, layout: &Layout, bases: &[Mat<f64>], 
         editor.rotate_readers(i, pair[0].as_ref())?;
         editor.rotate_writers(i, pair[1].as_ref())?;
         if groups[i] != groups[i + 1] {
-            editor.set_shortcut(i, algebra::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
+            editor
+                .set_shortcut(i, algebra::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
         }
     }
     editor.rotate_readers(points - 1, bases[points - 1].as_ref())?;
@@ -112,13 +126,17 @@ impl<'a> StreamEditor<'a> {
     /// then its matrix replaced).
     pub fn set_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<()> {
         let add = &self.layout.segments[segment].residual_adds[0];
-        let add_index = self.graph.node_index_producing(&add.output).ok_or_else(|| Error::Pass {
-            pass: PASS,
-            node: add.output.clone(),
-            message: "the residual Add is gone".into(),
-        })?;
+        let add_index =
+            self.graph.node_index_producing(&add.output).ok_or_else(|| Error::Pass {
+                pass: PASS,
+                node: add.output.clone(),
+                message: "the residual Add is gone".into(),
+            })?;
         let skip = self.graph.nodes[add_index].inputs[add.skip_input].clone();
-        let existing = self.graph.node_index_producing(&skip).filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE));
+        let existing = self
+            .graph
+            .node_index_producing(&skip)
+            .filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE));
         match existing {
             Some(i) => {
                 let matrix = self.graph.nodes[i].inputs[1].clone();
@@ -129,7 +147,12 @@ impl<'a> StreamEditor<'a> {
                 let rotated = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}/output"));
                 self.graph.initializers.push(algebra::mat_to_tensor(matrix.clone(), s, self.dtype));
                 let name = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}"));
-                self.graph.nodes.push(Node::new("MatMul", name, vec![skip, matrix], vec![rotated.clone()]));
+                self.graph.nodes.push(Node::new(
+                    "MatMul",
+                    name,
+                    vec![skip, matrix],
+                    vec![rotated.clone()],
+                ));
                 self.graph.nodes[add_index].inputs[add.skip_input] = rotated;
             }
         }
@@ -142,8 +165,13 @@ impl<'a> StreamEditor<'a> {
         let add = &self.layout.segments[segment].residual_adds[0];
         let Some(add_index) = self.graph.node_index_producing(&add.output) else { return Ok(()) };
         let skip = &self.graph.nodes[add_index].inputs[add.skip_input];
-        if let Some(i) = self.graph.node_index_producing(skip).filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE)) {
-            self.graph.nodes[add_index].inputs[add.skip_input] = self.graph.nodes[i].inputs[0].clone();
+        if let Some(i) = self
+            .graph
+            .node_index_producing(skip)
+            .filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE))
+        {
+            self.graph.nodes[add_index].inputs[add.skip_input] =
+                self.graph.nodes[i].inputs[0].clone();
         }
         Ok(())
     }
@@ -174,7 +202,11 @@ impl<'a> StreamEditor<'a> {
 pub const SHORTCUT_NODE: &str = "onnx_slice/shortcut";
 
 fn weight<'g>(graph: &'g Graph, name: &str, node: &str) -> Result<&'g Tensor> {
-    graph.initializer(name).ok_or_else(|| Error::Pass { pass: PASS, node: node.into(), message: format!("'{name}' is not an initializer") })
+    graph.initializer(name).ok_or_else(|| Error::Pass {
+        pass: PASS,
+        node: node.into(),
+        message: format!("'{name}' is not an initializer"),
+    })
 }
 
 fn named(mut t: Tensor, name: &str) -> Tensor {
@@ -187,16 +219,30 @@ fn named(mut t: Tensor, name: &str) -> Tensor {
 /// another width), so the last entry is always set to the constant width. The shape constant (or
 /// the Concat building it) may be shared with other Reshapes, even ones inside attention whose D
 /// must stay: it is copied, never edited in place.
-fn set_stream_width(graph: &mut Graph, namer: &mut Namer, reshape: &StreamReshape, width: usize, k: usize) -> Result<()> {
+fn set_stream_width(
+    graph: &mut Graph,
+    namer: &mut Namer,
+    reshape: &StreamReshape,
+    width: usize,
+    k: usize,
+) -> Result<()> {
     let Some(i) = graph.node_index_producing(&reshape.output) else { return Ok(()) };
     let shape = graph.nodes[i].inputs.get(1).cloned().unwrap_or_default();
-    let fail = |why: &str| Error::Pass { pass: PASS, node: graph.nodes[i].name.clone(), message: format!("cannot give this stream Reshape the width {k}: {why}") };
+    let fail = |why: &str| Error::Pass {
+        pass: PASS,
+        node: graph.nodes[i].name.clone(),
+        message: format!("cannot give this stream Reshape the width {k}: {why}"),
+    };
     let index = GraphIndex::new(graph);
     if let Some(values) = index.constant_i64(&shape) {
         return match resized_last(&values, width, k) {
             Some(values) => {
                 let name = namer.fresh(&format!("{shape}_width{k}"));
-                graph.initializers.push(Tensor::from_i64(name.clone(), vec![values.len() as i64], &values));
+                graph.initializers.push(Tensor::from_i64(
+                    name.clone(),
+                    vec![values.len() as i64],
+                    &values,
+                ));
                 graph.nodes[i].inputs[1] = name;
                 Ok(())
             }
@@ -209,12 +255,21 @@ fn set_stream_width(graph: &mut Graph, namer: &mut Namer, reshape: &StreamReshap
     };
     let last = graph.nodes[c].inputs.last().cloned().unwrap_or_default();
     let last_values = match index.constant_i64(&last) {
-        Some(values) => resized_last(&values, width, k).ok_or_else(|| fail("the last piece of its shape is not the stream width"))?,
+        Some(values) => resized_last(&values, width, k)
+            .ok_or_else(|| fail("the last piece of its shape is not the stream width"))?,
         None if index.producer(&last).is_some_and(|n| n.is("Unsqueeze")) => vec![k as i64],
-        None => return Err(fail("the last piece of its shape is computed in a way onnx-slice does not follow")),
+        None => {
+            return Err(fail(
+                "the last piece of its shape is computed in a way onnx-slice does not follow",
+            ))
+        }
     };
     let new_last = namer.fresh(&format!("{last}_width{k}"));
-    graph.initializers.push(Tensor::from_i64(new_last.clone(), vec![last_values.len() as i64], &last_values));
+    graph.initializers.push(Tensor::from_i64(
+        new_last.clone(),
+        vec![last_values.len() as i64],
+        &last_values,
+    ));
     let mut copy = graph.nodes[c].clone();
     copy.name = namer.fresh(&format!("{}_width{k}", copy.name));
     copy.outputs = vec![namer.fresh(&format!("{shape}_width{k}"))];
@@ -229,17 +284,28 @@ fn set_stream_width(graph: &mut Graph, namer: &mut Namer, reshape: &StreamReshap
 /// `Reshape(x, shape)` → `Reshape(x, Concat(shape[:-1], [k]))` for a shape computed at run time.
 fn replace_last_dim(graph: &mut Graph, namer: &mut Namer, reshape: usize, shape: &str, k: usize) {
     let base = format!("{shape}_width{k}");
-    let constants = [("starts", 0), ("ends", -1), ("axes", 0), ("last", k as i64)].map(|(what, v)| {
-        let name = namer.fresh(&format!("{base}/{what}"));
-        graph.initializers.push(Tensor::from_i64(name.clone(), vec![1], &[v]));
-        name
-    });
+    let constants =
+        [("starts", 0), ("ends", -1), ("axes", 0), ("last", k as i64)].map(|(what, v)| {
+            let name = namer.fresh(&format!("{base}/{what}"));
+            graph.initializers.push(Tensor::from_i64(name.clone(), vec![1], &[v]));
+            name
+        });
     let [starts, ends, axes, last] = constants;
     let leading = namer.fresh(&format!("{base}/leading"));
     let resized = namer.fresh(&base);
-    let mut concat = Node::new("Concat", namer.fresh(&format!("{base}/Concat")), vec![leading.clone(), last], vec![resized.clone()]);
+    let mut concat = Node::new(
+        "Concat",
+        namer.fresh(&format!("{base}/Concat")),
+        vec![leading.clone(), last],
+        vec![resized.clone()],
+    );
     concat.set_attr("axis", crate::graph::AttrValue::Int(0));
-    graph.nodes.push(Node::new("Slice", namer.fresh(&format!("{base}/Slice")), vec![shape.into(), starts, ends, axes], vec![leading]));
+    graph.nodes.push(Node::new(
+        "Slice",
+        namer.fresh(&format!("{base}/Slice")),
+        vec![shape.into(), starts, ends, axes],
+        vec![leading],
+    ));
     graph.nodes.push(concat);
     graph.nodes[reshape].inputs[1] = resized;
 }
@@ -258,7 +324,8 @@ fn resized_last(values: &[i64], width: usize, k: usize) -> Option<Vec<i64>> {
 /// Declared shapes of stream tensors are wrong once the stream is sliced: drop them (ONNX
 /// Runtime infers them again).
 fn forget_stream_shapes(graph: &mut Graph, layout: &Layout) {
-    let mut values: std::collections::HashSet<&str> = layout.stream_values.iter().map(String::as_str).collect();
+    let mut values: std::collections::HashSet<&str> =
+        layout.stream_values.iter().map(String::as_str).collect();
     for segment in &layout.segments {
         values.extend(segment.stream_values.iter().map(String::as_str));
         values.insert(&segment.input);
@@ -273,8 +340,16 @@ fn forget_stream_shapes(graph: &mut Graph, layout: &Layout) {
 /// don't, and after rotation they would say it wrong (some exporters even declare them wrong):
 /// the tensors' own dims are the truth.
 fn forget_constant_shapes(graph: &mut Graph) {
-    let mut constants: std::collections::HashSet<&str> = graph.initializers.iter().map(|t| t.name.as_str()).collect();
-    constants.extend(graph.nodes.iter().filter(|n| n.is("Constant")).flat_map(|n| n.outputs.iter().map(String::as_str)));
-    let constants: std::collections::HashSet<String> = constants.into_iter().map(String::from).collect();
+    let mut constants: std::collections::HashSet<&str> =
+        graph.initializers.iter().map(|t| t.name.as_str()).collect();
+    constants.extend(
+        graph
+            .nodes
+            .iter()
+            .filter(|n| n.is("Constant"))
+            .flat_map(|n| n.outputs.iter().map(String::as_str)),
+    );
+    let constants: std::collections::HashSet<String> =
+        constants.into_iter().map(String::from).collect();
     graph.value_info.retain(|v| !constants.contains(&v.name));
 }

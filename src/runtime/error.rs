@@ -16,11 +16,7 @@ pub enum RuntimeError {
         super::library::ORT_VERSION,
         default_hint(default.as_ref())
     )]
-    LibraryNotFound {
-        path: PathBuf,
-        origin: LibrarySource,
-        default: Option<PathBuf>,
-    },
+    LibraryNotFound { path: PathBuf, origin: LibrarySource, default: Option<PathBuf> },
 
     #[error(
         "cannot work out where ONNX Runtime is installed: HOME, XDG_CACHE_HOME and ONNX_SLICE_HOME \
@@ -57,32 +53,18 @@ pub enum RuntimeError {
     CudaUnavailable { reason: String },
 
     #[error("{step} failed for {model}: {reason}")]
-    Session {
-        model: String,
-        step: SessionStep,
-        reason: String,
-    },
+    Session { model: String, step: SessionStep, reason: String },
 
     #[error("{model} has no input named `{name}`; its inputs are: {}", expected.join(", "))]
-    UnknownInput {
-        model: String,
-        name: String,
-        expected: Vec<String>,
-    },
+    UnknownInput { model: String, name: String, expected: Vec<String> },
 
     #[error("{model} has no output named `{name}`; its outputs are: {}", available.join(", "))]
-    UnknownOutput {
-        model: String,
-        name: String,
-        available: Vec<String>,
-    },
+    UnknownOutput { model: String, name: String, available: Vec<String> },
 
-    #[error("{model}: output `{output}` has element type {element_type}, which onnx-slice cannot read")]
-    UnsupportedOutputType {
-        model: String,
-        output: String,
-        element_type: String,
-    },
+    #[error(
+        "{model}: output `{output}` has element type {element_type}, which onnx-slice cannot read"
+    )]
+    UnsupportedOutputType { model: String, output: String, element_type: String },
 
     #[error("expected a {expected} tensor, got {found}")]
     WrongElementType { expected: String, found: String },

@@ -91,7 +91,10 @@ pub fn default_library_path(env: &LibrarySearchEnv) -> Option<PathBuf> {
 }
 
 /// Picks the library path by precedence, without checking that it exists.
-pub fn choose_library(explicit: Option<&Path>, env: &LibrarySearchEnv) -> Result<LibraryLocation, RuntimeError> {
+pub fn choose_library(
+    explicit: Option<&Path>,
+    env: &LibrarySearchEnv,
+) -> Result<LibraryLocation, RuntimeError> {
     if let Some(path) = explicit {
         return Ok(LibraryLocation { path: path.to_path_buf(), source: LibrarySource::Flag });
     }
@@ -107,7 +110,10 @@ pub fn choose_library(explicit: Option<&Path>, env: &LibrarySearchEnv) -> Result
 ///
 /// Relative paths are taken relative to the current directory (never searched for in the
 /// system's library path), so that the error names the file that was really looked at.
-pub fn locate_library(explicit: Option<&Path>, env: &LibrarySearchEnv) -> Result<LibraryLocation, RuntimeError> {
+pub fn locate_library(
+    explicit: Option<&Path>,
+    env: &LibrarySearchEnv,
+) -> Result<LibraryLocation, RuntimeError> {
     let chosen = choose_library(explicit, env)?;
     let path = std::path::absolute(&chosen.path).unwrap_or_else(|_| chosen.path.clone());
     if path.is_file() {
@@ -155,15 +161,16 @@ pub(crate) fn environment() -> Result<Environment, RuntimeError> {
         return Ok(loaded.environment.clone());
     }
     init_runtime(None)?;
-    RUNTIME
-        .get()
-        .map(|loaded| loaded.environment.clone())
-        .ok_or_else(|| RuntimeError::Environment { reason: "ONNX Runtime was not initialised".into() })
+    RUNTIME.get().map(|loaded| loaded.environment.clone()).ok_or_else(|| {
+        RuntimeError::Environment { reason: "ONNX Runtime was not initialised".into() }
+    })
 }
 
 fn load_runtime(library: &Path) -> Result<LoadedRuntime, RuntimeError> {
-    let builder = ort::init_from(library)
-        .map_err(|error| RuntimeError::LibraryLoad { path: library.to_path_buf(), reason: error.to_string() })?;
+    let builder = ort::init_from(library).map_err(|error| RuntimeError::LibraryLoad {
+        path: library.to_path_buf(),
+        reason: error.to_string(),
+    })?;
     // Telemetry is off: onnx-slice never sends data anywhere.
     let environment = builder
         .with_name("onnx-slice")
@@ -173,11 +180,17 @@ fn load_runtime(library: &Path) -> Result<LoadedRuntime, RuntimeError> {
     Ok(LoadedRuntime { library: library.to_path_buf(), environment })
 }
 
-fn same_library_or_error(loaded: &'static LoadedRuntime, requested: &Path) -> Result<&'static Path, RuntimeError> {
+fn same_library_or_error(
+    loaded: &'static LoadedRuntime,
+    requested: &Path,
+) -> Result<&'static Path, RuntimeError> {
     if same_file(&loaded.library, requested) {
         return Ok(&loaded.library);
     }
-    Err(RuntimeError::AlreadyInitialised { loaded: loaded.library.clone(), requested: requested.to_path_buf() })
+    Err(RuntimeError::AlreadyInitialised {
+        loaded: loaded.library.clone(),
+        requested: requested.to_path_buf(),
+    })
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

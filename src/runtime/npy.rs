@@ -99,14 +99,19 @@ pub struct Npz {
 impl Npz {
     pub fn read(path: &Path) -> Result<Self, NpyError> {
         let origin = path.display().to_string();
-        let file = File::open(path).map_err(|error| NpyError::Io { path: path.to_path_buf(), error })?;
-        let mut archive = NpzReader::new(BufReader::new(file)).map_err(|e| invalid_npz(&origin, e))?;
+        let file =
+            File::open(path).map_err(|error| NpyError::Io { path: path.to_path_buf(), error })?;
+        let mut archive =
+            NpzReader::new(BufReader::new(file)).map_err(|e| invalid_npz(&origin, e))?;
         let names = archive.names().map_err(|e| invalid_npz(&origin, e))?;
         let arrays = names
             .into_iter()
             .map(|entry| {
                 let entry_origin = format!("{origin}:{entry}");
-                let array = first_readable(&entry_origin, &mut NpzEntry { archive: &mut archive, name: &entry })?;
+                let array = first_readable(
+                    &entry_origin,
+                    &mut NpzEntry { archive: &mut archive, name: &entry },
+                )?;
                 Ok((entry.strip_suffix(".npy").unwrap_or(&entry).to_string(), array))
             })
             .collect::<Result<_, NpyError>>()?;
@@ -171,9 +176,11 @@ struct NpzEntry<'a, R: Read + Seek> {
 
 impl<R: Read + Seek> ArraySource for NpzEntry<'_, R> {
     fn read<T: ReadableElement>(&mut self) -> Result<ArrayD<T>, Failure> {
-        self.archive.by_name::<ndarray::OwnedRepr<T>, ndarray::IxDyn>(self.name).map_err(|error| match error {
-            ReadNpzError::Npy(error) => npy_failure(error),
-            other => Failure::Broken(other.to_string()),
+        self.archive.by_name::<ndarray::OwnedRepr<T>, ndarray::IxDyn>(self.name).map_err(|error| {
+            match error {
+                ReadNpzError::Npy(error) => npy_failure(error),
+                other => Failure::Broken(other.to_string()),
+            }
         })
     }
 }
@@ -203,7 +210,9 @@ fn first_readable(origin: &str, source: &mut impl ArraySource) -> Result<NpyArra
         }
     }
     Err(match broken {
-        Some(reason) => NpyError::Invalid { origin: origin.to_string(), kind: "NumPy array", reason },
+        Some(reason) => {
+            NpyError::Invalid { origin: origin.to_string(), kind: "NumPy array", reason }
+        }
         None => NpyError::UnsupportedDtype { origin: origin.to_string() },
     })
 }

@@ -11,13 +11,17 @@ use std::ffi::CString;
 use std::path::Path;
 
 use ort::session::builder::SessionBuilder;
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs};
+use ort::session::{
+    HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs,
+};
 use ort::AsPointer;
 
 use super::ep::{cuda_provider, Ep, EpChoice};
 use super::error::{RuntimeError, SessionStep};
 use super::library::environment;
-use super::tensor::{output_tensor, session_input, tensor_info, OutputError, TensorInfo, TensorValue};
+use super::tensor::{
+    output_tensor, session_input, tensor_info, OutputError, TensorInfo, TensorValue,
+};
 
 /// How to build a session.
 #[derive(Debug, Clone, Default)]
@@ -90,7 +94,11 @@ impl ModelSession {
     /// Loads a model from bytes. `external_data_dir` is where its external data files are
     /// (normally the directory of the `.onnx` file the bytes came from); without it ONNX Runtime
     /// looks in the current directory.
-    pub fn from_bytes(bytes: &[u8], external_data_dir: Option<&Path>, config: &SessionConfig) -> Result<Self, RuntimeError> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        external_data_dir: Option<&Path>,
+        config: &SessionConfig,
+    ) -> Result<Self, RuntimeError> {
         let label = match external_data_dir {
             Some(dir) => format!("in-memory model (external data in {})", dir.display()),
             None => "in-memory model".to_string(),
@@ -123,12 +131,20 @@ impl ModelSession {
     }
 
     /// Runs the model and returns the named outputs, in the order given.
-    pub fn run_for(&mut self, inputs: &[(&str, &TensorValue)], outputs: &[&str]) -> Result<RunOutputs, RuntimeError> {
+    pub fn run_for(
+        &mut self,
+        inputs: &[(&str, &TensorValue)],
+        outputs: &[&str],
+    ) -> Result<RunOutputs, RuntimeError> {
         let wanted: Vec<String> = outputs.iter().map(ToString::to_string).collect();
         self.run_outputs(inputs, &wanted)
     }
 
-    fn run_outputs(&mut self, inputs: &[(&str, &TensorValue)], wanted: &[String]) -> Result<RunOutputs, RuntimeError> {
+    fn run_outputs(
+        &mut self,
+        inputs: &[(&str, &TensorValue)],
+        wanted: &[String],
+    ) -> Result<RunOutputs, RuntimeError> {
         self.check_input_names(inputs)?;
         self.check_output_names(wanted)?;
         let values = self.session_inputs(inputs)?;
@@ -169,19 +185,30 @@ impl ModelSession {
         }
     }
 
-    fn session_inputs<'v>(&self, inputs: &[(&'v str, &'v TensorValue)]) -> Result<Vec<(Cow<'v, str>, SessionInputValue<'v>)>, RuntimeError> {
+    fn session_inputs<'v>(
+        &self,
+        inputs: &[(&'v str, &'v TensorValue)],
+    ) -> Result<Vec<(Cow<'v, str>, SessionInputValue<'v>)>, RuntimeError> {
         inputs
             .iter()
             .map(|&(name, value)| {
-                session_input(value)
-                    .map(|input| (Cow::Borrowed(name), input))
-                    .map_err(|error| self.error(SessionStep::PrepareInputs, format!("input `{name}` ({}): {error}", value.describe())))
+                session_input(value).map(|input| (Cow::Borrowed(name), input)).map_err(|error| {
+                    self.error(
+                        SessionStep::PrepareInputs,
+                        format!("input `{name}` ({}): {error}", value.describe()),
+                    )
+                })
             })
             .collect()
     }
 
-    fn run_options(&self, wanted: &[String]) -> Result<RunOptions<HasSelectedOutputs>, RuntimeError> {
-        let selector = wanted.iter().fold(OutputSelector::no_default(), |selector, name| selector.with(name.as_str()));
+    fn run_options(
+        &self,
+        wanted: &[String],
+    ) -> Result<RunOptions<HasSelectedOutputs>, RuntimeError> {
+        let selector = wanted
+            .iter()
+            .fold(OutputSelector::no_default(), |selector, name| selector.with(name.as_str()));
         RunOptions::new()
             .map(|options| options.with_outputs(selector))
             .map_err(|error| self.error(SessionStep::Run, error.to_string()))
@@ -191,14 +218,23 @@ impl ModelSession {
         session_error(&self.label, step, reason)
     }
 
-    fn build(source: ModelSource<'_>, label: String, config: &SessionConfig) -> Result<Self, RuntimeError> {
+    fn build(
+        source: ModelSource<'_>,
+        label: String,
+        config: &SessionConfig,
+    ) -> Result<Self, RuntimeError> {
         let (session, ep) = match config.ep {
             Ep::Cpu => (commit(source, &label, config, false)?, EpChoice::cpu()),
             Ep::Cuda => (commit(source, &label, config, true)?, EpChoice::cuda()),
             Ep::Auto => commit_preferring_cuda(source, &label, config)?,
         };
-        let inputs = session.inputs().iter().map(|input| tensor_info(input.name(), input.dtype())).collect();
-        let outputs = session.outputs().iter().map(|output| tensor_info(output.name(), output.dtype())).collect();
+        let inputs =
+            session.inputs().iter().map(|input| tensor_info(input.name(), input.dtype())).collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|output| tensor_info(output.name(), output.dtype()))
+            .collect();
         Ok(Self { session, label, inputs, outputs, ep })
     }
 }
@@ -207,7 +243,11 @@ impl ModelSession {
 ///
 /// Any CUDA failure falls back, including ones at model load (a missing GPU shows up only
 /// there). A model that is itself broken fails on the CPU too, and that error is returned.
-fn commit_preferring_cuda(source: ModelSource<'_>, label: &str, config: &SessionConfig) -> Result<(Session, EpChoice), RuntimeError> {
+fn commit_preferring_cuda(
+    source: ModelSource<'_>,
+    label: &str,
+    config: &SessionConfig,
+) -> Result<(Session, EpChoice), RuntimeError> {
     match commit(source, label, config, true) {
         Ok(session) => Ok((session, EpChoice::cuda())),
         Err(cuda_error) => {
@@ -224,7 +264,12 @@ fn cuda_failure_reason(error: RuntimeError) -> String {
     }
 }
 
-fn commit(source: ModelSource<'_>, label: &str, config: &SessionConfig, use_cuda: bool) -> Result<Session, RuntimeError> {
+fn commit(
+    source: ModelSource<'_>,
+    label: &str,
+    config: &SessionConfig,
+    use_cuda: bool,
+) -> Result<Session, RuntimeError> {
     let mut builder = configured_builder(source, label, config, use_cuda)?;
     let committed = match source {
         ModelSource::File(path) => builder.commit_from_file(path),
@@ -233,55 +278,84 @@ fn commit(source: ModelSource<'_>, label: &str, config: &SessionConfig, use_cuda
     committed.map_err(|error| session_error(label, SessionStep::Load, error.to_string()))
 }
 
-fn configured_builder(source: ModelSource<'_>, label: &str, config: &SessionConfig, use_cuda: bool) -> Result<SessionBuilder, RuntimeError> {
-    let configure_error = |error: ort::Error<SessionBuilder>| session_error(label, SessionStep::Configure, error.to_string());
-    let mut builder = Session::builder(&environment()?).map_err(|error| session_error(label, SessionStep::Configure, error.to_string()))?;
+fn configured_builder(
+    source: ModelSource<'_>,
+    label: &str,
+    config: &SessionConfig,
+    use_cuda: bool,
+) -> Result<SessionBuilder, RuntimeError> {
+    let configure_error = |error: ort::Error<SessionBuilder>| {
+        session_error(label, SessionStep::Configure, error.to_string())
+    };
+    let mut builder = Session::builder(&environment()?)
+        .map_err(|error| session_error(label, SessionStep::Configure, error.to_string()))?;
     if let Some(threads) = config.intra_threads {
         builder = builder.with_intra_threads(threads).map_err(configure_error)?;
     }
     if let ModelSource::Bytes { external_data_dir: Some(dir), .. } = source {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        set_external_data_dir(&mut builder, &dir).map_err(|reason| session_error(label, SessionStep::Configure, reason))?;
+        set_external_data_dir(&mut builder, &dir)
+            .map_err(|reason| session_error(label, SessionStep::Configure, reason))?;
     }
     // Between runs onnx-slice computes on the same cores (covariances, projections); ONNX
     // Runtime's workers would otherwise spin there and take them (SmolLM2 calibration: PCA
     // 13.0 s → 9.4 s on 2 cores).
-    set_config_entry(&mut builder, SPINNING_STOP_KEY, c"1").map_err(|reason| session_error(label, SessionStep::Configure, reason))?;
+    set_config_entry(&mut builder, SPINNING_STOP_KEY, c"1")
+        .map_err(|reason| session_error(label, SessionStep::Configure, reason))?;
     if use_cuda {
-        builder = builder
-            .with_execution_providers([cuda_provider()?])
-            .map_err(|error| RuntimeError::CudaUnavailable { reason: sentence_fragment(&error.to_string()) })?;
+        builder = builder.with_execution_providers([cuda_provider()?]).map_err(|error| {
+            RuntimeError::CudaUnavailable { reason: sentence_fragment(&error.to_string()) }
+        })?;
     }
     Ok(builder)
 }
 
-const EXTERNAL_DATA_DIR_KEY: &std::ffi::CStr = c"session.model_external_initializers_file_folder_path";
+const EXTERNAL_DATA_DIR_KEY: &std::ffi::CStr =
+    c"session.model_external_initializers_file_folder_path";
 const SPINNING_STOP_KEY: &std::ffi::CStr = c"session.force_spinning_stop";
 
 fn set_external_data_dir(builder: &mut SessionBuilder, dir: &Path) -> Result<(), String> {
-    let dir_text = dir.to_str().ok_or_else(|| format!("the external data directory {} is not valid UTF-8", dir.display()))?;
-    let value = CString::new(dir_text).map_err(|_| format!("the external data directory {} contains a NUL byte", dir.display()))?;
+    let dir_text = dir.to_str().ok_or_else(|| {
+        format!("the external data directory {} is not valid UTF-8", dir.display())
+    })?;
+    let value = CString::new(dir_text).map_err(|_| {
+        format!("the external data directory {} contains a NUL byte", dir.display())
+    })?;
     set_config_entry(builder, EXTERNAL_DATA_DIR_KEY, &value)
 }
 
 // `ort` keeps its generic config-entry setter private, so entries go through the C API.
-fn set_config_entry(builder: &mut SessionBuilder, key: &std::ffi::CStr, value: &std::ffi::CStr) -> Result<(), String> {
+fn set_config_entry(
+    builder: &mut SessionBuilder,
+    key: &std::ffi::CStr,
+    value: &std::ffi::CStr,
+) -> Result<(), String> {
     // SAFETY: the builder owns live session options; both strings are NUL-terminated and live
     // across the call, and ONNX Runtime copies them.
-    let status = unsafe { (ort::api().AddSessionConfigEntry)(builder.ptr_mut(), key.as_ptr(), value.as_ptr()) };
+    let status = unsafe {
+        (ort::api().AddSessionConfigEntry)(builder.ptr_mut(), key.as_ptr(), value.as_ptr())
+    };
     // SAFETY: `status` was just returned by an ONNX Runtime API call.
     unsafe { ort::Error::result_from_status(status) }.map_err(|error| error.to_string())
 }
 
-fn owned_output(label: &str, outputs: &SessionOutputs<'_>, name: &str) -> Result<TensorValue, RuntimeError> {
-    let value = outputs
-        .get(name)
-        .ok_or_else(|| session_error(label, SessionStep::ReadOutputs, format!("ONNX Runtime returned no `{name}`")))?;
+fn owned_output(
+    label: &str,
+    outputs: &SessionOutputs<'_>,
+    name: &str,
+) -> Result<TensorValue, RuntimeError> {
+    let value = outputs.get(name).ok_or_else(|| {
+        session_error(label, SessionStep::ReadOutputs, format!("ONNX Runtime returned no `{name}`"))
+    })?;
     output_tensor(value).map_err(|error| match error {
-        OutputError::Unsupported(element_type) => {
-            RuntimeError::UnsupportedOutputType { model: label.to_string(), output: name.to_string(), element_type }
+        OutputError::Unsupported(element_type) => RuntimeError::UnsupportedOutputType {
+            model: label.to_string(),
+            output: name.to_string(),
+            element_type,
+        },
+        OutputError::Ort(reason) => {
+            session_error(label, SessionStep::ReadOutputs, format!("output `{name}`: {reason}"))
         }
-        OutputError::Ort(reason) => session_error(label, SessionStep::ReadOutputs, format!("output `{name}`: {reason}")),
     })
 }
 
@@ -295,6 +369,7 @@ fn session_error(label: &str, step: SessionStep, reason: String) -> RuntimeError
 }
 
 fn run_error(label: &str, inputs: &[(&str, &TensorValue)], error: &ort::Error) -> RuntimeError {
-    let fed: Vec<String> = inputs.iter().map(|(name, value)| format!("{name} {}", value.describe())).collect();
+    let fed: Vec<String> =
+        inputs.iter().map(|(name, value)| format!("{name} {}", value.describe())).collect();
     session_error(label, SessionStep::Run, format!("{error} (inputs given: {})", fed.join(", ")))
 }

@@ -9,7 +9,10 @@ use half::f16;
 use ndarray::{Array, ArrayD, Dimension, IxDyn};
 use ort::memory::Allocator;
 use ort::session::SessionInputValue;
-use ort::value::{DynTensor, DynTensorValueType, DynValue, PrimitiveTensorElementType, TensorElementType, TensorRef, ValueType};
+use ort::value::{
+    DynTensor, DynTensorValueType, DynValue, PrimitiveTensorElementType, TensorElementType,
+    TensorRef, ValueType,
+};
 
 use super::error::RuntimeError;
 
@@ -150,7 +153,9 @@ impl TensorInfo {
     pub fn declared(value: &crate::graph::ValueInfo) -> TensorInfo {
         TensorInfo {
             name: value.name.clone(),
-            element_type: value.elem_type().map_or_else(|| ElementType::Other("undeclared".into()), element_type_of_data),
+            element_type: value
+                .elem_type()
+                .map_or_else(|| ElementType::Other("undeclared".into()), element_type_of_data),
             dims: value.shape().unwrap_or_default(),
         }
     }
@@ -177,9 +182,17 @@ pub(crate) fn tensor_info(name: &str, value_type: &ValueType) -> TensorInfo {
         ValueType::Tensor { ty, shape, dimension_symbols } => TensorInfo {
             name: name.to_string(),
             element_type: element_type_of(*ty),
-            dims: shape.iter().zip(dimension_symbols.iter()).map(|(&size, symbol)| dim_of(size, symbol)).collect(),
+            dims: shape
+                .iter()
+                .zip(dimension_symbols.iter())
+                .map(|(&size, symbol)| dim_of(size, symbol))
+                .collect(),
         },
-        other => TensorInfo { name: name.to_string(), element_type: ElementType::Other(other.to_string()), dims: Vec::new() },
+        other => TensorInfo {
+            name: name.to_string(),
+            element_type: ElementType::Other(other.to_string()),
+            dims: Vec::new(),
+        },
     }
 }
 
@@ -231,8 +244,14 @@ where
 // tensors are copied bit for bit into a tensor that ONNX Runtime allocates.
 fn f16_input(array: &ArrayD<f16>) -> ort::Result<DynTensor> {
     let contiguous = array.as_standard_layout();
-    let mut tensor = DynTensor::new(&Allocator::default(), TensorElementType::Float16, contiguous.shape().to_vec())?;
-    let source = contiguous.as_slice().ok_or_else(|| ort::Error::new("f16 input is not contiguous after copying"))?;
+    let mut tensor = DynTensor::new(
+        &Allocator::default(),
+        TensorElementType::Float16,
+        contiguous.shape().to_vec(),
+    )?;
+    let source = contiguous
+        .as_slice()
+        .ok_or_else(|| ort::Error::new("f16 input is not contiguous after copying"))?;
     let destination = tensor.data_ptr_mut().cast::<f16>();
     if !source.is_empty() && !destination.is_null() {
         // SAFETY: ONNX Runtime allocated `destination` on the CPU for exactly `source.len()`
@@ -249,10 +268,18 @@ pub(crate) fn output_tensor(value: &DynValue) -> Result<TensorValue, OutputError
         other => return Err(OutputError::Unsupported(other.to_string())),
     };
     let extracted = match element_type {
-        TensorElementType::Float32 => value.try_extract_array::<f32>().map(|a| TensorValue::F32(a.to_owned())),
-        TensorElementType::Int64 => value.try_extract_array::<i64>().map(|a| TensorValue::I64(a.to_owned())),
-        TensorElementType::Int32 => value.try_extract_array::<i32>().map(|a| TensorValue::I32(a.to_owned())),
-        TensorElementType::Bool => value.try_extract_array::<bool>().map(|a| TensorValue::Bool(a.to_owned())),
+        TensorElementType::Float32 => {
+            value.try_extract_array::<f32>().map(|a| TensorValue::F32(a.to_owned()))
+        }
+        TensorElementType::Int64 => {
+            value.try_extract_array::<i64>().map(|a| TensorValue::I64(a.to_owned()))
+        }
+        TensorElementType::Int32 => {
+            value.try_extract_array::<i32>().map(|a| TensorValue::I32(a.to_owned()))
+        }
+        TensorElementType::Bool => {
+            value.try_extract_array::<bool>().map(|a| TensorValue::Bool(a.to_owned()))
+        }
         TensorElementType::Float16 => f16_output(value).map(TensorValue::F16),
         other => return Err(OutputError::Unsupported(other.to_string())),
     };
@@ -270,7 +297,8 @@ fn f16_output(value: &DynValue) -> ort::Result<ArrayD<f16>> {
     if !tensor.memory_info().is_cpu_accessible() {
         return Err(ort::Error::new("the f16 output is not in CPU memory"));
     }
-    let shape: Vec<usize> = tensor.shape().iter().map(|&size| usize::try_from(size).unwrap_or(0)).collect();
+    let shape: Vec<usize> =
+        tensor.shape().iter().map(|&size| usize::try_from(size).unwrap_or(0)).collect();
     let len: usize = shape.iter().product();
     let source = tensor.data_ptr().cast::<f16>();
     let data = if len == 0 || source.is_null() {

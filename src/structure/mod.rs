@@ -131,7 +131,9 @@ pub struct Layout {
 impl Embedding {
     /// The Gather reading the table (behind the adapter of a tied table).
     pub fn gather<'g>(&self, graph: &'g crate::graph::Graph) -> Option<&'g crate::graph::Node> {
-        let producer = |value: &str| graph.nodes.iter().find(|n| n.outputs.first().map(String::as_str) == Some(value));
+        let producer = |value: &str| {
+            graph.nodes.iter().find(|n| n.outputs.first().map(String::as_str) == Some(value))
+        };
         let node = producer(&self.output)?;
         match &self.adapter {
             Some(_) if node.is("MatMul") => producer(node.inputs.first()?),
@@ -156,7 +158,8 @@ impl Layout {
 
     /// Every stream point, in order: the first segment's input, then each segment's output.
     pub fn stream_points(&self) -> Vec<&str> {
-        let mut points: Vec<&str> = self.segments.first().map(|s| s.input.as_str()).into_iter().collect();
+        let mut points: Vec<&str> =
+            self.segments.first().map(|s| s.input.as_str()).into_iter().collect();
         points.extend(self.segments.iter().map(|s| s.output.as_str()));
         points
     }
@@ -168,6 +171,8 @@ impl Layout {
 
     /// Every linear layer the rewrite touches.
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
-        self.branches().flat_map(|b| b.readers.iter()).chain(self.segments.iter().flat_map(|s| s.writers.iter()))
+        self.branches()
+            .flat_map(|b| b.readers.iter())
+            .chain(self.segments.iter().flat_map(|s| s.writers.iter()))
     }
 }

@@ -3,7 +3,10 @@
 //! residual Add).
 use std::collections::HashSet;
 
-use super::{Bias, Branch, Embedding, EmbeddingRole, Layout, Linear, ResidualAdd, Segment, StreamReshape, WeightLayout};
+use super::{
+    Bias, Branch, Embedding, EmbeddingRole, Layout, Linear, ResidualAdd, Segment, StreamReshape,
+    WeightLayout,
+};
 use crate::graph::{DataType, Graph, Node};
 use crate::pattern::norm::{find_norms, NormMatch};
 use crate::pattern::{is_matrix_transpose, is_stream_transparent, GraphIndex};
@@ -20,7 +23,11 @@ pub struct DetectError {
 type Found<T> = Result<T, DetectError>;
 
 fn stop(node: &Node, expected: impl Into<String>) -> DetectError {
-    DetectError { node: node.label().to_string(), op: node.op_type.clone(), expected: expected.into() }
+    DetectError {
+        node: node.label().to_string(),
+        op: node.op_type.clone(),
+        expected: expected.into(),
+    }
 }
 
 /// Finds the transformer in a graph whose Skip*Normalization ops have been decomposed.
@@ -52,7 +59,8 @@ impl<'g> Walker<'_, 'g> {
         let width = self.token_width(&token)?;
         let mut embeddings = vec![token.clone()];
         let mut stream_values = Vec::new();
-        let mut point = self.first_stream_point(&token, width, &mut embeddings, &mut stream_values)?;
+        let mut point =
+            self.first_stream_point(&token, width, &mut embeddings, &mut stream_values)?;
         let mut segments = Vec::new();
         loop {
             let norms = self.norms_reading(&point);
@@ -76,9 +84,13 @@ impl<'g> Walker<'_, 'g> {
         point: String,
         mut stream_values: Vec<String>,
     ) -> Found<Layout> {
-        let at = |s: &Self| s.index.producer(&point).map(|n| stop(n, "one final normalization before the head"));
+        let at = |s: &Self| {
+            s.index.producer(&point).map(|n| stop(n, "one final normalization before the head"))
+        };
         if segments.is_empty() {
-            return Err(at(&self).unwrap_or_else(|| no_node("a transformer block after the embeddings")));
+            return Err(
+                at(&self).unwrap_or_else(|| no_node("a transformer block after the embeddings"))
+            );
         }
         if norms.len() != 1 {
             return Err(at(&self).unwrap_or_else(|| no_node("one final normalization")));
@@ -113,7 +125,9 @@ impl<'g> Walker<'_, 'g> {
             .map(|v| v.name.as_str())
             .collect();
         let mut best: Option<(u64, Embedding)> = None;
-        for node in graph.nodes.iter().filter(|n| n.is("Gather") && n.attr_int("axis").unwrap_or(0) == 0) {
+        for node in
+            graph.nodes.iter().filter(|n| n.is("Gather") && n.attr_int("axis").unwrap_or(0) == 0)
+        {
             let Some(emb) = self.gather_embedding(node, EmbeddingRole::Token) else { continue };
             if !self.traces_to_input(&node.inputs[1], &id_inputs) {
                 continue;
@@ -139,13 +153,23 @@ impl<'g> Walker<'_, 'g> {
         let data = node.inputs.first()?;
         let output = node.outputs.first()?.clone();
         if let Some(t) = self.index.initializer(data) {
-            return (t.dims.len() == 2 && is_float(t.dtype))
-                .then(|| Embedding { role, output, table: t.name.clone(), through_transpose: None, adapter: None });
+            return (t.dims.len() == 2 && is_float(t.dtype)).then(|| Embedding {
+                role,
+                output,
+                table: t.name.clone(),
+                through_transpose: None,
+                adapter: None,
+            });
         }
         let transpose = self.index.producer(data)?;
         let table = self.index.initializer(transpose.inputs.first()?)?;
-        (is_matrix_transpose(transpose) && table.dims.len() == 2)
-            .then(|| Embedding { role, output, table: table.name.clone(), through_transpose: Some(data.clone()), adapter: None })
+        (is_matrix_transpose(transpose) && table.dims.len() == 2).then(|| Embedding {
+            role,
+            output,
+            table: table.name.clone(),
+            through_transpose: Some(data.clone()),
+            adapter: None,
+        })
     }
 
     fn table_rows(&self, emb: &Embedding) -> u64 {
@@ -170,7 +194,12 @@ impl<'g> Walker<'_, 'g> {
                 return true;
             }
             match self.index.producer(&value) {
-                Some(n) if matches!(n.op_type.as_str(), "Reshape" | "Cast" | "Unsqueeze" | "Squeeze" | "Identity" | "Flatten") => {
+                Some(n)
+                    if matches!(
+                        n.op_type.as_str(),
+                        "Reshape" | "Cast" | "Unsqueeze" | "Squeeze" | "Identity" | "Flatten"
+                    ) =>
+                {
                     let Some(input) = n.inputs.first() else { return false };
                     value = input.clone();
                 }
@@ -205,12 +234,21 @@ impl<'g> Walker<'_, 'g> {
             };
             value = match self.embedding_step(next, &value, width, embeddings) {
                 Some(v) => v,
-                None => return Err(stop(next, "a normalization layer or a position embedding Add after the token embedding")),
+                None => return Err(stop(
+                    next,
+                    "a normalization layer or a position embedding Add after the token embedding",
+                )),
             };
         }
     }
 
-    fn embedding_step(&mut self, node: &Node, from: &str, width: usize, embeddings: &mut Vec<Embedding>) -> Option<String> {
+    fn embedding_step(
+        &mut self,
+        node: &Node,
+        from: &str,
+        width: usize,
+        embeddings: &mut Vec<Embedding>,
+    ) -> Option<String> {
         if is_stream_transparent(node) {
             self.note_reshape(node);
             return node.outputs.first().cloned();
@@ -218,7 +256,11 @@ impl<'g> Walker<'_, 'g> {
         if !node.is("Add") || node.inputs.len() != 2 {
             return None;
         }
-        let other = if self.index.source_of(&node.inputs[0]) == self.index.source_of(from) { &node.inputs[1] } else { &node.inputs[0] };
+        let other = if self.index.source_of(&node.inputs[0]) == self.index.source_of(from) {
+            &node.inputs[1]
+        } else {
+            &node.inputs[0]
+        };
         let gather = self.index.producer(self.index.source_of(other)).filter(|n| n.is("Gather"))?;
         let emb = self.gather_embedding(gather, EmbeddingRole::Position)?;
         let table = self.index.initializer(&emb.table)?;
@@ -247,7 +289,8 @@ impl<'g> Walker<'_, 'g> {
 
     /// Consumers of a stream point other than the norms that read it: the way on to the next point.
     fn residual_consumers(&self, value: &str, norms: &[NormMatch]) -> Vec<&'g Node> {
-        let norm_nodes: HashSet<usize> = norms.iter().flat_map(|n| n.nodes.iter().copied()).collect();
+        let norm_nodes: HashSet<usize> =
+            norms.iter().flat_map(|n| n.nodes.iter().copied()).collect();
         self.index
             .consumers_through_aliases(value)
             .into_iter()
@@ -273,7 +316,11 @@ impl<'g> Walker<'_, 'g> {
             let consumers = self.residual_consumers(&value, &skip_norms);
             skip_norms.clear();
             let [next] = consumers.as_slice() else {
-                let at = consumers.get(1).or(consumers.first()).copied().or_else(|| self.index.producer(&value));
+                let at = consumers
+                    .get(1)
+                    .or(consumers.first())
+                    .copied()
+                    .or_else(|| self.index.producer(&value));
                 return Err(at.map_or_else(
                     || no_node("a residual Add"),
                     |n| stop(n, format!("one residual Add reading the stream value '{value}', found {} readers", consumers.len())),
@@ -282,26 +329,43 @@ impl<'g> Walker<'_, 'g> {
             if is_stream_transparent(next) {
                 self.note_reshape(next);
             } else if next.is("Add") && next.inputs.len() == 2 {
-                let skip_input = self.skip_side(next, &value).ok_or_else(|| stop(next, "the stream on one side of the residual Add"))?;
+                let skip_input = self
+                    .skip_side(next, &value)
+                    .ok_or_else(|| stop(next, "the stream on one side of the residual Add"))?;
                 let branch = &next.inputs[1 - skip_input];
                 // From the residual Add on, tensors carry the next point's width.
                 self.point = start_point + 1;
                 writers.extend(self.writers(branch, width, &mut stream_values)?);
                 residual_adds.push(ResidualAdd { output: next.outputs[0].clone(), skip_input });
             } else {
-                return Err(stop(next, format!("a residual Add reading the stream value '{value}'")));
+                return Err(stop(
+                    next,
+                    format!("a residual Add reading the stream value '{value}'"),
+                ));
             }
             value = next.outputs[0].clone();
             stream_values.push(value.clone());
-            if !self.norms_reading(&value).is_empty() || self.residual_consumers(&value, &[]).is_empty() {
+            if !self.norms_reading(&value).is_empty()
+                || self.residual_consumers(&value, &[]).is_empty()
+            {
                 break;
             }
         }
         if residual_adds.is_empty() || writers.is_empty() {
             let at = self.index.producer(&value);
-            return Err(at.map_or_else(|| no_node("a residual Add"), |n| stop(n, "a residual Add fed by linear layers")));
+            return Err(at.map_or_else(
+                || no_node("a residual Add"),
+                |n| stop(n, "a residual Add fed by linear layers"),
+            ));
         }
-        Ok(Segment { input: input.into(), branches, writers, residual_adds, output: value, stream_values })
+        Ok(Segment {
+            input: input.into(),
+            branches,
+            writers,
+            residual_adds,
+            output: value,
+            stream_values,
+        })
     }
 
     fn skip_side(&self, add: &Node, stream: &str) -> Option<usize> {
@@ -311,22 +375,32 @@ impl<'g> Walker<'_, 'g> {
 
     fn note_reshape(&mut self, node: &Node) {
         if node.is("Reshape") && !self.reshapes.iter().any(|r| r.output == node.outputs[0]) {
-            self.reshapes.push(StreamReshape { output: node.outputs[0].clone(), point: self.point });
+            self.reshapes
+                .push(StreamReshape { output: node.outputs[0].clone(), point: self.point });
         }
     }
 
     // ---- readers and writers ----
 
     /// The linear layers reading a norm's output (through reshapes and casts).
-    fn readers(&mut self, norm: &NormMatch, width: usize, stream_values: &mut Vec<String>) -> Found<Vec<Linear>> {
+    fn readers(
+        &mut self,
+        norm: &NormMatch,
+        width: usize,
+        stream_values: &mut Vec<String>,
+    ) -> Found<Vec<Linear>> {
         let mut found = Vec::new();
         let mut frontier = vec![norm.output.clone()];
         while let Some(value) = frontier.pop() {
             stream_values.push(value.clone());
-            let consumers: Vec<&Node> = self.index.consumers(&value).filter(|n| reads_values(n)).collect();
+            let consumers: Vec<&Node> =
+                self.index.consumers(&value).filter(|n| reads_values(n)).collect();
             if consumers.is_empty() && !self.index.is_graph_output(&value) {
                 let at = self.index.producer(&value);
-                return Err(at.map_or_else(|| no_node("linear layers after a norm"), |n| stop(n, "linear layers reading the normalized stream")));
+                return Err(at.map_or_else(
+                    || no_node("linear layers after a norm"),
+                    |n| stop(n, "linear layers reading the normalized stream"),
+                ));
             }
             for node in consumers {
                 if is_stream_transparent(node) {
@@ -347,9 +421,17 @@ impl<'g> Walker<'_, 'g> {
 
     /// The linear layers whose outputs add up to a residual branch (through bias Adds, reshapes,
     /// and the sum of a parallel block's two branches).
-    fn writers(&mut self, branch: &str, width: usize, stream_values: &mut Vec<String>) -> Found<Vec<Linear>> {
+    fn writers(
+        &mut self,
+        branch: &str,
+        width: usize,
+        stream_values: &mut Vec<String>,
+    ) -> Found<Vec<Linear>> {
         stream_values.push(branch.to_string());
-        let node = self.index.producer(branch).ok_or_else(|| no_node(format!("a linear layer producing '{branch}'")))?;
+        let node = self
+            .index
+            .producer(branch)
+            .ok_or_else(|| no_node(format!("a linear layer producing '{branch}'")))?;
         if is_stream_transparent(node) {
             self.note_reshape(node);
             return self.writers(&node.inputs[0], width, stream_values);
@@ -359,10 +441,14 @@ impl<'g> Walker<'_, 'g> {
             return match constant {
                 Some(c) => {
                     let mut linears = self.writers(&node.inputs[1 - c], width, stream_values)?;
-                    let bias = Bias::AddNode { output: node.outputs[0].clone(), initializer: node.inputs[c].clone() };
+                    let bias = Bias::AddNode {
+                        output: node.outputs[0].clone(),
+                        initializer: node.inputs[c].clone(),
+                    };
                     match linears.as_mut_slice() {
-                        [linear] if self.index.initializer(&node.inputs[c]).is_some()
-                            && linear.bias.as_ref().is_none_or(|b| *b == bias) =>
+                        [linear]
+                            if self.index.initializer(&node.inputs[c]).is_some()
+                                && linear.bias.as_ref().is_none_or(|b| *b == bias) =>
                         {
                             linear.bias = Some(bias);
                             Ok(linears)
@@ -398,8 +484,16 @@ impl<'g> Walker<'_, 'g> {
                 if !plain {
                     return None;
                 }
-                let layout = if node.attr_int("transB").unwrap_or(0) == 1 { WeightLayout::OutIn } else { WeightLayout::InOut };
-                let bias = node.inputs.get(2).filter(|c| self.index.initializer(c).is_some()).map(|c| Bias::GemmC(c.clone()));
+                let layout = if node.attr_int("transB").unwrap_or(0) == 1 {
+                    WeightLayout::OutIn
+                } else {
+                    WeightLayout::InOut
+                };
+                let bias = node
+                    .inputs
+                    .get(2)
+                    .filter(|c| self.index.initializer(c).is_some())
+                    .map(|c| Bias::GemmC(c.clone()));
                 if node.inputs.get(2).is_some_and(|c| !c.is_empty()) && bias.is_none() {
                     return None;
                 }
@@ -436,8 +530,9 @@ impl<'g> Walker<'_, 'g> {
         }
         let transpose = self.index.producer(value)?;
         let source = transpose.inputs.first()?;
-        (is_matrix_transpose(transpose) && self.index.initializer(source).is_some_and(|t| t.dims.len() == 2))
-            .then(|| (source.clone(), Some(value.to_string())))
+        (is_matrix_transpose(transpose)
+            && self.index.initializer(source).is_some_and(|t| t.dims.len() == 2))
+        .then(|| (source.clone(), Some(value.to_string())))
     }
 
     /// A MatMul's bias: the single consumer is `Add(output, 1-D initializer)`.
@@ -450,7 +545,8 @@ impl<'g> Walker<'_, 'g> {
         }
         let other = add.inputs.iter().find(|i| *i != output)?;
         let t = self.index.initializer(other)?;
-        (t.dims.len() == 1).then(|| Bias::AddNode { output: add.outputs[0].clone(), initializer: other.clone() })
+        (t.dims.len() == 1)
+            .then(|| Bias::AddNode { output: add.outputs[0].clone(), initializer: other.clone() })
     }
 }
 

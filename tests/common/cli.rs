@@ -18,7 +18,8 @@ where
     S: AsRef<OsStr>,
 {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_onnx-slice")).args(args).output().expect("run onnx-slice");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_onnx-slice")).args(args).output().expect("run onnx-slice");
     Outcome {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -22,7 +22,8 @@ pub fn cpu() -> SessionConfig {
 
 pub fn open(path: &Path, config: &SessionConfig) -> ModelSession {
     runtime();
-    ModelSession::from_file(path, config).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+    ModelSession::from_file(path, config)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
 }
 
 pub struct Reference {
@@ -36,9 +37,19 @@ pub struct Reference {
 
 impl Reference {
     pub fn load(arch: &str) -> Self {
-        let npz = Npz::read(&fixture(&format!("{arch}/reference.npz"))).unwrap_or_else(|error| panic!("{error}"));
-        let int64 = |name: &str| npz.array(name).cloned().and_then(|a| a.into_i64()).unwrap_or_else(|error| panic!("{error}"));
-        let logits = npz.array("logits").cloned().and_then(|a| a.into_f32()).unwrap_or_else(|error| panic!("{error}"));
+        let npz = Npz::read(&fixture(&format!("{arch}/reference.npz")))
+            .unwrap_or_else(|error| panic!("{error}"));
+        let int64 = |name: &str| {
+            npz.array(name)
+                .cloned()
+                .and_then(|a| a.into_i64())
+                .unwrap_or_else(|error| panic!("{error}"))
+        };
+        let logits = npz
+            .array("logits")
+            .cloned()
+            .and_then(|a| a.into_f32())
+            .unwrap_or_else(|error| panic!("{error}"));
         Self {
             input_ids: int64("input_ids"),
             attention_mask: int64("attention_mask"),
@@ -73,7 +84,15 @@ impl Reference {
     /// Every input the model declares: the reference tensors by name, and an empty KV cache for
     /// `past_key_values.*` inputs.
     pub fn inputs_for(&self, session: &ModelSession) -> Vec<(String, TensorValue)> {
-        feed(session, &self.input_ids, &self.attention_mask, &self.position_ids, None, self.head_dim).unwrap_or_else(|error| panic!("{error}"))
+        feed(
+            session,
+            &self.input_ids,
+            &self.attention_mask,
+            &self.position_ids,
+            None,
+            self.head_dim,
+        )
+        .unwrap_or_else(|error| panic!("{error}"))
     }
 }
 
@@ -102,11 +121,23 @@ pub fn feed(
                 name if name.starts_with("past_key_values.") => match past {
                     Some(cache) => {
                         let present = name.replacen("past_key_values.", "present.", 1);
-                        TensorValue::F32(cache.get(&present).cloned().ok_or_else(|| format!("no output {present} to feed {name}"))?)
+                        TensorValue::F32(
+                            cache
+                                .get(&present)
+                                .cloned()
+                                .ok_or_else(|| format!("no output {present} to feed {name}"))?,
+                        )
                     }
                     None => match input.dims.as_slice() {
-                        [_, Dim::Fixed(heads), _, _] => TensorValue::F32(ArrayD::zeros(vec![batch, *heads as usize, 0, head_dim])),
-                        other => return Err(format!("unexpected KV-cache dims {other:?} for {name}")),
+                        [_, Dim::Fixed(heads), _, _] => TensorValue::F32(ArrayD::zeros(vec![
+                            batch,
+                            *heads as usize,
+                            0,
+                            head_dim,
+                        ])),
+                        other => {
+                            return Err(format!("unexpected KV-cache dims {other:?} for {name}"))
+                        }
                     },
                 },
                 other => return Err(format!("no value for input {other}")),
@@ -125,8 +156,12 @@ fn head_dim(arch: &str) -> usize {
         .map(|e| e.path().join("meta.json"))
         .find(|p| p.exists())
         .unwrap_or_else(|| panic!("no meta.json under {}", dir.display()));
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
-    meta["head_dim"].as_u64().map(|dim| dim as usize).unwrap_or_else(|| panic!("meta.json has no head_dim"))
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    meta["head_dim"]
+        .as_u64()
+        .map(|dim| dim as usize)
+        .unwrap_or_else(|| panic!("meta.json has no head_dim"))
 }
 
 pub fn as_named(inputs: &[(String, TensorValue)]) -> Vec<(&str, &TensorValue)> {
@@ -134,15 +169,23 @@ pub fn as_named(inputs: &[(String, TensorValue)]) -> Vec<(&str, &TensorValue)> {
 }
 
 pub fn run_logits(session: &mut ModelSession, inputs: &[(String, TensorValue)]) -> ArrayD<f32> {
-    let mut outputs = session.run_for(&as_named(inputs), &["logits"]).unwrap_or_else(|error| panic!("{error}"));
-    outputs.remove("logits").map(TensorValue::into_f32).and_then(Result::ok).unwrap_or_else(|| panic!("no f32 logits"))
+    let mut outputs =
+        session.run_for(&as_named(inputs), &["logits"]).unwrap_or_else(|error| panic!("{error}"));
+    outputs
+        .remove("logits")
+        .map(TensorValue::into_f32)
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no f32 logits"))
 }
 
 /// All outputs of a model on its reference inputs, in the model's order.
 pub fn run_all(path: &Path, reference: &Reference) -> Vec<(String, TensorValue)> {
     let mut session = open(path, &cpu());
     let inputs = reference.inputs_for(&session);
-    session.run(&as_named(&inputs)).unwrap_or_else(|error| panic!("{}: {error}", path.display())).into_vec()
+    session
+        .run(&as_named(&inputs))
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        .into_vec()
 }
 
 pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {

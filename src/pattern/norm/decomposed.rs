@@ -4,8 +4,9 @@
 use std::collections::BTreeSet;
 
 use super::parts::{
-    channel_vector, check_mean_over_last_axis, epsilon_constant, finish, input, label, other_operand,
-    output, require, scalar, sole_reader, sole_reader_of_type, source, Draft, Matched,
+    channel_vector, check_mean_over_last_axis, epsilon_constant, finish, input, label,
+    other_operand, output, require, scalar, sole_reader, sole_reader_of_type, source, Draft,
+    Matched,
 };
 use super::{NormKind, NormMatch};
 use crate::graph::Node;
@@ -14,7 +15,9 @@ use crate::pattern::{is_value_preserving, GraphIndex};
 /// A `Pow` whose result a `ReduceMean` averages: how every decomposed variance or mean square
 /// starts (and the only `Pow`s worth explaining).
 pub(super) fn feeds_a_mean(index: &GraphIndex, pow: &Node) -> bool {
-    pow.outputs.first().is_some_and(|squares| index.consumers(squares).any(|reader| reader.is("ReduceMean")))
+    pow.outputs
+        .first()
+        .is_some_and(|squares| index.consumers(squares).any(|reader| reader.is("ReduceMean")))
 }
 
 /// Decomposed LayerNorm (TorchScript opset 14):
@@ -41,7 +44,9 @@ pub(super) fn from_square(index: &GraphIndex, pow_index: usize) -> Matched<NormM
     let squares = output(pow)?;
     let mean_index = sole_reader_of_type(index, squares, "ReduceMean")?;
     let mean = index.node(mean_index);
-    require(input(mean, 0) == Some(squares), || format!("the squares are the axes of {}, not its data", label(mean)))?;
+    require(input(mean, 0) == Some(squares), || {
+        format!("the squares are the axes of {}, not its data", label(mean))
+    })?;
     check_mean_over_last_axis(index, mean)?;
     let scaling = divide_by_root(index, output(mean)?)?;
     require(source(index, scaling.numerator) == source(index, squared), || {
@@ -74,7 +79,8 @@ pub(super) fn from_square(index: &GraphIndex, pow_index: usize) -> Matched<NormM
 
 /// The exponent is the constant 2 (float or integer storage).
 fn check_squares(index: &GraphIndex, pow: &Node) -> Matched<()> {
-    let exponent = input(pow, 1).and_then(|e| scalar(index, e)).ok_or("its exponent is not a constant")?;
+    let exponent =
+        input(pow, 1).and_then(|e| scalar(index, e)).ok_or("its exponent is not a constant")?;
     require(exponent == 2.0, || format!("its exponent is {exponent}, not 2"))
 }
 
@@ -98,7 +104,8 @@ struct Scaling<'g> {
 fn divide_by_root<'g>(index: &GraphIndex<'g>, mean: &str) -> Matched<Scaling<'g>> {
     let add_index = sole_reader_of_type(index, mean, "Add")?;
     let add = index.node(add_index);
-    let epsilon = epsilon_constant(index, other_operand(add, mean).ok_or("the mean is added to itself")?)?;
+    let epsilon =
+        epsilon_constant(index, other_operand(add, mean).ok_or("the mean is added to itself")?)?;
     let guarded = output(add)?;
     let root_index = sole_reader(index, guarded)?;
     let root = index.node(root_index);
@@ -113,15 +120,29 @@ fn divide_by_root<'g>(index: &GraphIndex<'g>, mean: &str) -> Matched<Scaling<'g>
                 "Div" if input(user, 1) == Some(sqrt) => {
                     let numerator = input(user, 0).ok_or("the division has no numerator")?;
                     if scalar(index, numerator) != Some(1.0) {
-                        return Ok(Scaling { epsilon, numerator, normalized: output(user)?, nodes });
+                        return Ok(Scaling {
+                            epsilon,
+                            numerator,
+                            normalized: output(user)?,
+                            nodes,
+                        });
                     }
                     output(user)?
                 }
                 "Reciprocal" => output(user)?,
-                _ => return Err(format!("the root goes to {} {}, not a division", user.op_type, label(user))),
+                _ => {
+                    return Err(format!(
+                        "the root goes to {} {}, not a division",
+                        user.op_type,
+                        label(user)
+                    ))
+                }
             }
         }
-        "Pow" if input(root, 0) == Some(guarded) && input(root, 1).and_then(|e| scalar(index, e)) == Some(-0.5) => {
+        "Pow"
+            if input(root, 0) == Some(guarded)
+                && input(root, 1).and_then(|e| scalar(index, e)) == Some(-0.5) =>
+        {
             output(root)?
         }
         _ => return Err(format!("'{guarded}' goes to {} {}, not Sqrt", root.op_type, label(root))),
@@ -209,7 +230,11 @@ fn follow_casts<'g>(index: &GraphIndex<'g>, value: &'g str) -> (Vec<usize>, &'g 
 
 /// The only reader of `value`, when it is `op(value, c)` with a per-channel constant c:
 /// (node, c, result).
-fn per_channel_step<'g>(index: &GraphIndex<'g>, value: &str, op: &str) -> Option<(usize, &'g str, &'g str)> {
+fn per_channel_step<'g>(
+    index: &GraphIndex<'g>,
+    value: &str,
+    op: &str,
+) -> Option<(usize, &'g str, &'g str)> {
     let reader = sole_reader_of_type(index, value, op).ok()?;
     let node = index.node(reader);
     let constant = other_operand(node, value)?;

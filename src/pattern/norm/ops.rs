@@ -1,7 +1,10 @@
 //! Norms exported as one op.
 use std::collections::BTreeSet;
 
-use super::parts::{check_channel_vector, check_epsilon, finish, input, is_last_axis, label, output, require, Draft, Matched};
+use super::parts::{
+    check_channel_vector, check_epsilon, finish, input, is_last_axis, label, output, require,
+    Draft, Matched,
+};
 use super::{NormKind, NormMatch};
 use crate::pattern::GraphIndex;
 
@@ -35,7 +38,9 @@ fn single_op(index: &GraphIndex, i: usize, kind: NormKind) -> Matched<NormMatch>
     let y = output(node)?;
     // These ops normalize over axes [axis, rank): only axis −1 is "the last axis only".
     let axis = node.attr_int("axis").unwrap_or(-1);
-    require(is_last_axis(index, x, axis), || format!("it normalizes from axis {axis}, not over the last axis only"))?;
+    require(is_last_axis(index, x, axis), || {
+        format!("it normalizes from axis {axis}, not over the last axis only")
+    })?;
     let gamma = input(node, 1).ok_or("it has no scale input")?;
     check_channel_vector(index, gamma, "scale")?;
     let beta = match kind {
@@ -48,6 +53,15 @@ fn single_op(index: &GraphIndex, i: usize, kind: NormKind) -> Matched<NormMatch>
     let epsilon = check_epsilon(node.attr_float("epsilon").unwrap_or(DEFAULT_EPSILON))?;
     finish(
         index,
-        Draft { kind, reads: vec![x], output: y, gamma: Some(gamma), beta, epsilon, nodes: BTreeSet::from([i]), anchor: i },
+        Draft {
+            kind,
+            reads: vec![x],
+            output: y,
+            gamma: Some(gamma),
+            beta,
+            epsilon,
+            nodes: BTreeSet::from([i]),
+            anchor: i,
+        },
     )
 }

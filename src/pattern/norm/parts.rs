@@ -37,7 +37,11 @@ pub(super) fn input(node: &Node, i: usize) -> Option<&str> {
 
 /// The first output of a node.
 pub(super) fn output(node: &Node) -> Matched<&str> {
-    node.outputs.first().map(String::as_str).filter(|v| !v.is_empty()).ok_or_else(|| format!("{} has no output", label(node)))
+    node.outputs
+        .first()
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{} has no output", label(node)))
 }
 
 /// The only node reading `value`. A value with several readers, or one that is a graph output, is
@@ -57,7 +61,9 @@ pub(super) fn sole_reader(index: &GraphIndex, value: &str) -> Matched<usize> {
 pub(super) fn sole_reader_of_type(index: &GraphIndex, value: &str, op: &str) -> Matched<usize> {
     let reader = sole_reader(index, value)?;
     let node = index.node(reader);
-    require(node.is(op) && node.in_default_domain(), || format!("'{value}' goes to {} {}, not {op}", node.op_type, label(node)))?;
+    require(node.is(op) && node.in_default_domain(), || {
+        format!("'{value}' goes to {} {}, not {op}", node.op_type, label(node))
+    })?;
     Ok(reader)
 }
 
@@ -85,13 +91,17 @@ pub(super) fn scalar(index: &GraphIndex, value: &str) -> Option<f64> {
 /// ε must be a small non-negative number: a larger constant added to the variance is not a guard
 /// against division by zero but a different computation.
 pub(super) fn check_epsilon(epsilon: f32) -> Matched<f32> {
-    require(epsilon.is_finite() && (0.0..0.1).contains(&epsilon), || format!("ε = {epsilon} is outside [0, 0.1)"))?;
+    require(epsilon.is_finite() && (0.0..0.1).contains(&epsilon), || {
+        format!("ε = {epsilon} is outside [0, 0.1)")
+    })?;
     Ok(epsilon)
 }
 
 /// ε stored as a scalar float constant (an initializer or a Constant node).
 pub(super) fn epsilon_constant(index: &GraphIndex, value: &str) -> Matched<f32> {
-    let epsilon = index.scalar_f32(value).ok_or_else(|| format!("'{value}' added to the mean is not a scalar float constant"))?;
+    let epsilon = index
+        .scalar_f32(value)
+        .ok_or_else(|| format!("'{value}' added to the mean is not a scalar float constant"))?;
     check_epsilon(epsilon)
 }
 
@@ -111,7 +121,13 @@ pub(super) fn source(index: &GraphIndex, value: &str) -> String {
 /// The shape the graph declares for `value` (graph input, value_info or graph output), if any.
 fn declared_shape(index: &GraphIndex, value: &str) -> Option<Vec<Dim>> {
     let graph = index.graph;
-    graph.inputs.iter().chain(&graph.value_info).chain(&graph.outputs).find(|v| v.name == value).and_then(|v| v.shape())
+    graph
+        .inputs
+        .iter()
+        .chain(&graph.value_info)
+        .chain(&graph.outputs)
+        .find(|v| v.name == value)
+        .and_then(|v| v.shape())
 }
 
 /// `axis` is the last axis of `value`: −1, or rank − 1 when the graph declares the rank.
@@ -125,13 +141,17 @@ pub(super) fn check_mean_over_last_axis(index: &GraphIndex, node: &Node) -> Matc
     let data = input(node, 0).ok_or_else(|| format!("{} has no data input", label(node)))?;
     let axes: Vec<i64> = match (node.attr_ints("axes"), input(node, 1)) {
         (Some(axes), _) => axes.to_vec(),
-        (None, Some(axes)) => index.constant_i64(axes).ok_or_else(|| format!("the axes of {} are not constant", label(node)))?,
+        (None, Some(axes)) => index
+            .constant_i64(axes)
+            .ok_or_else(|| format!("the axes of {} are not constant", label(node)))?,
         (None, None) => return Err(format!("{} averages over every axis", label(node))),
     };
     require(matches!(axes.as_slice(), [axis] if is_last_axis(index, data, *axis)), || {
         format!("{} averages over axes {axes:?}, not over the last axis only", label(node))
     })?;
-    require(node.attr_int("keepdims").unwrap_or(1) == 1, || format!("{} drops the averaged axis (keepdims = 0)", label(node)))
+    require(node.attr_int("keepdims").unwrap_or(1) == 1, || {
+        format!("{} drops the averaged axis (keepdims = 0)", label(node))
+    })
 }
 
 /// The length D of a per-channel vector (γ or β): a float constant whose dims are all 1 but the
@@ -144,27 +164,44 @@ pub(super) fn channel_vector(index: &GraphIndex, value: &str) -> Option<usize> {
             (t.dtype, t.dims)
         }
     };
-    let float = matches!(dtype, DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double);
+    let float = matches!(
+        dtype,
+        DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
+    );
     let (&last, leading) = dims.split_last()?;
     (float && last >= 2 && leading.iter().all(|&d| d == 1)).then_some(last as usize)
 }
 
 /// γ for a norm op, whose scale input is required to be a per-channel constant.
 pub(super) fn check_channel_vector(index: &GraphIndex, value: &str, what: &str) -> Matched<()> {
-    require(channel_vector(index, value).is_some(), || format!("{what} '{value}' is not a constant vector along the last axis"))
+    require(channel_vector(index, value).is_some(), || {
+        format!("{what} '{value}' is not a constant vector along the last axis")
+    })
 }
 
 /// γ and β have the same length D, and D is the last dim of the input wherever the graph
 /// declares it.
-fn check_width(index: &GraphIndex, input: &str, gamma: Option<&str>, beta: Option<&str>) -> Matched<()> {
-    let widths: Vec<(&str, usize)> =
-        gamma.iter().chain(beta.iter()).filter_map(|&v| channel_vector(index, v).map(|d| (v, d))).collect();
+fn check_width(
+    index: &GraphIndex,
+    input: &str,
+    gamma: Option<&str>,
+    beta: Option<&str>,
+) -> Matched<()> {
+    let widths: Vec<(&str, usize)> = gamma
+        .iter()
+        .chain(beta.iter())
+        .filter_map(|&v| channel_vector(index, v).map(|d| (v, d)))
+        .collect();
     if let [(first, d), rest @ ..] = widths.as_slice() {
         if let Some((other, e)) = rest.iter().find(|(_, e)| e != d) {
             return Err(format!("'{first}' has {d} channels but '{other}' has {e}"));
         }
-        if let Some(Dim::Fixed(declared)) = declared_shape(index, input).and_then(|s| s.last().cloned()) {
-            require(declared == *d as i64, || format!("'{input}' has {declared} channels but '{first}' has {d}"))?;
+        if let Some(Dim::Fixed(declared)) =
+            declared_shape(index, input).and_then(|s| s.last().cloned())
+        {
+            require(declared == *d as i64, || {
+                format!("'{input}' has {declared} channels but '{first}' has {d}")
+            })?;
         }
     }
     Ok(())
@@ -208,7 +245,11 @@ pub(super) fn finish(index: &GraphIndex, draft: Draft) -> Matched<NormMatch> {
 /// Identity). Such an op belongs to the norm only when the norm is all that reads it: LLaMA's
 /// TorchScript export casts the stream once and feeds that Cast to both the norm and the
 /// residual Add, so that Cast stays outside (and the norm's input is the value before it).
-fn stream_input(index: &GraphIndex, reads: &[&str], nodes: &mut BTreeSet<usize>) -> Matched<String> {
+fn stream_input(
+    index: &GraphIndex,
+    reads: &[&str],
+    nodes: &mut BTreeSet<usize>,
+) -> Matched<String> {
     let mut sources = BTreeSet::new();
     for &read in reads {
         let mut value = read.to_string();
@@ -235,7 +276,9 @@ fn stream_input(index: &GraphIndex, reads: &[&str], nodes: &mut BTreeSet<usize>)
 /// `value` is read, and only by `nodes` (and is not a graph output).
 fn only_read_by(index: &GraphIndex, value: &str, nodes: &BTreeSet<usize>) -> bool {
     let readers = index.consumer_indices(value);
-    !index.is_graph_output(value) && !readers.is_empty() && readers.iter().all(|r| nodes.contains(r))
+    !index.is_graph_output(value)
+        && !readers.is_empty()
+        && readers.iter().all(|r| nodes.contains(r))
 }
 
 /// Constant nodes (ε, exponent, axes, the 1 of 1/x) that only the norm reads belong to it.
@@ -256,11 +299,20 @@ fn add_private_constants(index: &GraphIndex, nodes: &mut BTreeSet<usize>) {
 /// is not a graph output: otherwise replacing the norm would break its other readers.
 fn check_nothing_escapes(index: &GraphIndex, nodes: &BTreeSet<usize>, output: &str) -> Matched<()> {
     for &i in nodes {
-        for value in index.node(i).outputs.iter().filter(|v| !v.is_empty() && v.as_str() != output) {
-            require(!index.is_graph_output(value), || format!("its intermediate '{value}' is a graph output"))?;
-            if let Some(&outside) = index.consumer_indices(value).iter().find(|r| !nodes.contains(r)) {
+        for value in index.node(i).outputs.iter().filter(|v| !v.is_empty() && v.as_str() != output)
+        {
+            require(!index.is_graph_output(value), || {
+                format!("its intermediate '{value}' is a graph output")
+            })?;
+            if let Some(&outside) =
+                index.consumer_indices(value).iter().find(|r| !nodes.contains(r))
+            {
                 let reader = index.node(outside);
-                return Err(format!("its intermediate '{value}' is also read by {} {}", reader.op_type, label(reader)));
+                return Err(format!(
+                    "its intermediate '{value}' is also read by {} {}",
+                    reader.op_type,
+                    label(reader)
+                ));
             }
         }
     }

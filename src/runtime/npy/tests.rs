@@ -10,7 +10,11 @@ fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
-fn write_npy<T: ndarray_npy::WritableElement>(dir: &Path, name: &str, array: &ArrayD<T>) -> PathBuf {
+fn write_npy<T: ndarray_npy::WritableElement>(
+    dir: &Path,
+    name: &str,
+    array: &ArrayD<T>,
+) -> PathBuf {
     let path = dir.join(name);
     array.write_npy(File::create(&path).expect("create")).expect("write npy");
     path
@@ -20,20 +24,34 @@ fn write_npy<T: ndarray_npy::WritableElement>(dir: &Path, name: &str, array: &Ar
 fn reads_every_supported_element_type() {
     let dir = scratch();
     let ids = arr2(&[[1i64, 2, 3], [4, 5, 6]]).into_dyn();
-    assert_eq!(read_npy(&write_npy(dir.path(), "a.npy", &ids)).unwrap(), NpyArray::I64(ids.clone()));
+    assert_eq!(
+        read_npy(&write_npy(dir.path(), "a.npy", &ids)).unwrap(),
+        NpyArray::I64(ids.clone())
+    );
     let narrow = ids.mapv(|v| v as i32);
-    assert_eq!(read_npy(&write_npy(dir.path(), "b.npy", &narrow)).unwrap().into_i64().unwrap(), ids);
+    assert_eq!(
+        read_npy(&write_npy(dir.path(), "b.npy", &narrow)).unwrap().into_i64().unwrap(),
+        ids
+    );
     let floats = ids.mapv(|v| v as f32 / 2.0);
-    assert_eq!(read_npy(&write_npy(dir.path(), "c.npy", &floats)).unwrap(), NpyArray::F32(floats.clone()));
+    assert_eq!(
+        read_npy(&write_npy(dir.path(), "c.npy", &floats)).unwrap(),
+        NpyArray::F32(floats.clone())
+    );
     let doubles = ids.mapv(|v| v as f64 / 3.0);
-    assert_eq!(read_npy(&write_npy(dir.path(), "d.npy", &doubles)).unwrap().into_f64().unwrap(), doubles);
+    assert_eq!(
+        read_npy(&write_npy(dir.path(), "d.npy", &doubles)).unwrap().into_f64().unwrap(),
+        doubles
+    );
 }
 
 #[test]
 fn fortran_order_comes_back_in_standard_layout() {
     let dir = scratch();
     let mut fortran = ArrayD::<i64>::zeros(ndarray::IxDyn(&[2, 3]).f());
-    for ((i, j), v) in [((0, 0), 1), ((0, 1), 2), ((0, 2), 3), ((1, 0), 4), ((1, 1), 5), ((1, 2), 6)] {
+    for ((i, j), v) in
+        [((0, 0), 1), ((0, 1), 2), ((0, 2), 3), ((1, 0), 4), ((1, 1), 5), ((1, 2), 6)]
+    {
         fortran[[i, j]] = v;
     }
     let array = read_npy(&write_npy(dir.path(), "f.npy", &fortran)).unwrap().into_i64().unwrap();
@@ -64,7 +82,8 @@ fn archives_plain_and_compressed() {
     for (name, compressed) in [("plain.npz", false), ("compressed.npz", true)] {
         let path = dir.path().join(name);
         let file = File::create(&path).unwrap();
-        let mut writer = if compressed { NpzWriter::new_compressed(file) } else { NpzWriter::new(file) };
+        let mut writer =
+            if compressed { NpzWriter::new_compressed(file) } else { NpzWriter::new(file) };
         writer.add_array("input_ids", &ids).unwrap();
         writer.add_array("logits", &logits).unwrap();
         writer.finish().unwrap();
@@ -74,6 +93,9 @@ fn archives_plain_and_compressed() {
         assert_eq!(npz.array("input_ids").unwrap(), &NpyArray::I64(ids.clone()));
         assert_eq!(npz.get("logits"), Some(&NpyArray::F32(logits.clone())));
         let missing = npz.array("attention_mask").unwrap_err().to_string();
-        assert!(missing.contains("attention_mask") && missing.contains("input_ids, logits"), "{missing}");
+        assert!(
+            missing.contains("attention_mask") && missing.contains("input_ids, logits"),
+            "{missing}"
+        );
     }
 }
