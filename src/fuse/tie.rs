@@ -1,4 +1,4 @@
-//! A tied head stays tied (DESIGN §1, tied embeddings): one `[V, D]` table E serves the embedding
+//! A tied head stays tied (docs/design.md §1, "Tied embeddings"): one `[V, D]` table E serves the embedding
 //! and the head, and the rotations they need are carried by two small matrices instead of a
 //! rotated copy of E:
 //!
