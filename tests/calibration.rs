@@ -11,7 +11,6 @@ use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
 use onnx_slice::graph::Model;
 use onnx_slice::interface::load_tokenizer;
 use onnx_slice::onnx;
-use onnx_slice::runtime::ModelSession;
 use onnx_slice::transform::{self, BasisMode, Dimensions};
 
 fn calibration_set(arch: &str) -> CalibrationSet {
@@ -57,24 +56,15 @@ fn calibrate_dims(
     model
 }
 
-fn logits(model: &Model, dir: &std::path::Path, reference: &Reference) -> ndarray::ArrayD<f32> {
-    runtime();
-    let bytes = onnx::to_bytes(model).unwrap();
-    let mut session =
-        ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"));
-    let inputs = reference.inputs_for(&session);
-    run_logits(&mut session, &inputs)
-}
-
 #[test]
 fn pca_rotation_at_ratio_zero_keeps_the_logits() {
     let mut failures = Vec::new();
     for (arch, exporter, path) in all_models() {
         let reference = Reference::for_exporter(&arch, &exporter);
         let dir = path.parent().unwrap();
-        let expected = logits(&onnx::load(&path).unwrap(), dir, &reference);
+        let expected = logits_of(&onnx::load(&path).unwrap(), dir, &reference);
         let result =
-            std::panic::catch_unwind(|| logits(&calibrate(&path, &arch, 0.0), dir, &reference));
+            std::panic::catch_unwind(|| logits_of(&calibrate(&path, &arch, 0.0), dir, &reference));
         match result {
             Ok(got) => {
                 let diff = max_abs_diff(&got, &expected);
@@ -100,10 +90,10 @@ fn pca_block_and_global_bases_at_ratio_zero_keep_the_logits() {
         let path = fixture(&format!("{arch}/optimum/model.onnx"));
         let reference = Reference::for_exporter(arch, "optimum");
         let dir = path.parent().unwrap();
-        let expected = logits(&onnx::load(&path).unwrap(), dir, &reference);
+        let expected = logits_of(&onnx::load(&path).unwrap(), dir, &reference);
         for basis in [BasisMode::Block, BasisMode::Global] {
             let dims = Dimensions { basis, ..Dimensions::default() };
-            let got = logits(&calibrate_dims(&path, arch, dims, false), dir, &reference);
+            let got = logits_of(&calibrate_dims(&path, arch, dims, false), dir, &reference);
             let diff = max_abs_diff(&got, &expected);
             if diff.is_nan() || diff > 1e-4 {
                 failures.push(format!("{arch}/optimum, basis {basis}: max |Δlogits| = {diff}"));
@@ -247,11 +237,11 @@ fn centered_embeddings_change_rmsnorm_models_only_and_slice_exactly() {
             .fold(0.0, f64::max);
         assert!(worst_mean < 1e-6, "{arch}: an embedding row has mean {worst_mean}");
 
-        let original = logits(&onnx::load(&path).unwrap(), dir, &reference);
-        let expected = logits(&centered, dir, &reference);
+        let original = logits_of(&onnx::load(&path).unwrap(), dir, &reference);
+        let expected = logits_of(&centered, dir, &reference);
         let moved = max_abs_diff(&expected, &original);
         assert_eq!(moved > 1e-4, changed, "{arch}: centering moved the logits by {moved}");
-        let sliced = logits(&calibrate_with(&path, arch, 0.0, true), dir, &reference);
+        let sliced = logits_of(&calibrate_with(&path, arch, 0.0, true), dir, &reference);
         let diff = max_abs_diff(&sliced, &expected);
         assert!(
             diff <= 1e-4,

@@ -65,15 +65,6 @@ fn fp16_models() -> Vec<(&'static str, &'static str, PathBuf)> {
     models
 }
 
-fn logits_of(model: &Model, dir: &Path, reference: &Reference) -> ArrayD<f32> {
-    runtime();
-    let bytes = onnx::to_bytes(model).unwrap();
-    let mut session =
-        ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"));
-    let inputs = reference.inputs_for(&session);
-    run_logits(&mut session, &inputs)
-}
-
 /// Saves `model` and reads the logits back from the written file through ONNX Runtime.
 fn saved_logits(model: &Model, reference: &Reference) -> ArrayD<f32> {
     let dir = scratch();

@@ -8,22 +8,9 @@ use common::*;
 use ndarray::ArrayD;
 use onnx_slice::graph::Model;
 use onnx_slice::onnx;
-use onnx_slice::runtime::ModelSession;
 use onnx_slice::transform::{self, Dimensions, Orientation};
 
 const TOLERANCE: f32 = 1e-4;
-
-fn session_for(model: &Model, dir: &std::path::Path) -> ModelSession {
-    runtime();
-    let bytes = onnx::to_bytes(model).unwrap_or_else(|e| panic!("{e}"));
-    ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn logits_of(model: &Model, dir: &std::path::Path, reference: &Reference) -> ndarray::ArrayD<f32> {
-    let mut session = session_for(model, dir);
-    let inputs = reference.inputs_for(&session);
-    run_logits(&mut session, &inputs)
-}
 
 /// Rewrites every fixture and compares its logits on the reference input with the original's
 /// (`compare` returns what is wrong, if anything); reports every fixture that fails.

@@ -192,3 +192,21 @@ pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
     a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// A session of `model` as it is in memory; external data is read from `dir`.
+pub fn session_for(model: &onnx_slice::graph::Model, dir: &Path) -> ModelSession {
+    runtime();
+    let bytes = onnx_slice::onnx::to_bytes(model).unwrap_or_else(|e| panic!("{e}"));
+    ModelSession::from_bytes(&bytes, Some(dir), &cpu()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The logits of `model` (in memory) on the reference inputs, through ONNX Runtime.
+pub fn logits_of(
+    model: &onnx_slice::graph::Model,
+    dir: &Path,
+    reference: &Reference,
+) -> ArrayD<f32> {
+    let mut session = session_for(model, dir);
+    let inputs = reference.inputs_for(&session);
+    run_logits(&mut session, &inputs)
+}
