@@ -290,12 +290,18 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     crate::structure::refuse_quantized(&model.graph)?;
     checks::slice_tokenizer(&args, &input)?;
     let budget = args.target_size.or(args.target_params.map(Budget::Parameters));
-    let plan = Plan::new(&model).with_context(|| format!("planning {}", input.display()))?;
-    let dims = match &budget {
-        Some(budget) => plan.solve(&dims, budget)?,
-        None => dims,
+    // The size plan reads the layout and may compare the head with the embedding table byte for
+    // byte: only a target or a dry run needs it.
+    let plan = if budget.is_some() || args.dry_run {
+        Some(Plan::new(&model).with_context(|| format!("planning {}", input.display()))?)
+    } else {
+        None
     };
-    if args.dry_run {
+    let dims = match (&plan, &budget) {
+        (Some(plan), Some(budget)) => plan.solve(&dims, budget)?,
+        _ => dims,
+    };
+    if let (true, Some(plan)) = (args.dry_run, &plan) {
         let p = plan.predict(&dims);
         print!(
             "{}",
@@ -320,8 +326,10 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
-            let allocation =
-                budget.filter(|_| args.allocate_widths).map(|budget| Allocation { plan, budget });
+            let allocation = budget
+                .filter(|_| args.allocate_widths)
+                .zip(plan)
+                .map(|(budget, plan)| Allocation { plan, budget });
             let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims, allocation)?;
             let description = format!("pca ({} calibration tokens)", calibrated.tokens);
             (calibrated.rewritten.clone(), description, Some(calibrated))
