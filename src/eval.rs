@@ -228,6 +228,10 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Say which execution provider ONNX Runtime really ran, and show its warnings (-vv: also
+    /// its information messages; -vvv: everything it logs).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 /// Runs `onnx-slice eval`.
@@ -248,10 +252,13 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
     let length = windows.first().map_or(0, Vec::len);
     warn_about_position_limit(&args.model, length);
     init_runtime(args.ort_lib.as_deref())?;
+    if let Some(level) = crate::runtime::LogLevel::for_verbosity(args.verbose) {
+        crate::runtime::set_log_level(level)?;
+    }
     let config = SessionConfig { ep: args.ep, intra_threads: None };
     let mut session = ModelSession::from_file(&args.model, &config)?;
-    if session.ep().fell_back() {
-        eprintln!("note: {}", session.ep());
+    if let Some(line) = session.ep().notice(args.verbose > 0) {
+        eprintln!("{line}");
     }
     let bar = indicatif::ProgressBar::new(windows.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(

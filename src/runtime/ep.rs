@@ -82,6 +82,19 @@ impl EpChoice {
     pub fn fell_back(&self) -> bool {
         self.cuda_unavailable.is_some()
     }
+
+    /// The line a user is shown about this choice: a CUDA→CPU fallback always ("note: CUDA
+    /// unavailable (reason), using CPU": the work may take far longer than expected), the
+    /// provider itself only when `verbose`.
+    pub fn notice(&self, verbose: bool) -> Option<String> {
+        if self.fell_back() {
+            Some(format!("note: {self}"))
+        } else if verbose {
+            Some(format!("note: ONNX Runtime runs on the {} execution provider", self.active))
+        } else {
+            None
+        }
+    }
 }
 
 impl fmt::Display for EpChoice {

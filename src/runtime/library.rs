@@ -128,6 +128,8 @@ pub fn locate_library(
 
 struct LoadedRuntime {
     library: PathBuf,
+    /// The library's own version string (`OrtGetApiBase()->GetVersionString()`), when it gave one.
+    version: Option<String>,
     environment: Environment,
 }
 
@@ -154,6 +156,49 @@ pub fn loaded_library() -> Option<&'static Path> {
     RUNTIME.get().map(|loaded| loaded.library.as_path())
 }
 
+/// The version of the ONNX Runtime library this process loaded ("1.31.1"), as the library itself
+/// reports it; `None` before [`init_runtime`] (or if the library gave no readable version).
+pub fn loaded_version() -> Option<&'static str> {
+    RUNTIME.get().and_then(|loaded| loaded.version.as_deref())
+}
+
+/// How much of ONNX Runtime's own logging reaches stderr. ONNX Runtime starts at `Error` (or at
+/// the `ORT_LOG` environment variable's level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Everything, down to where each node runs.
+    Verbose,
+    /// Sessions, graph optimizations and execution providers as they are set up.
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    /// The level for a command line's `-v` count: `-v` its warnings, `-vv` also its information
+    /// messages, `-vvv` everything; without `-v`, ONNX Runtime's own default (errors only).
+    pub fn for_verbosity(count: u8) -> Option<LogLevel> {
+        match count {
+            0 => None,
+            1 => Some(LogLevel::Warning),
+            2 => Some(LogLevel::Info),
+            _ => Some(LogLevel::Verbose),
+        }
+    }
+}
+
+/// Sets ONNX Runtime's log level for every session from now on (loading the library from its
+/// usual place if no one has called [`init_runtime`] yet).
+pub fn set_log_level(level: LogLevel) -> Result<(), RuntimeError> {
+    environment()?.set_log_level(match level {
+        LogLevel::Verbose => ort::logging::LogLevel::Verbose,
+        LogLevel::Info => ort::logging::LogLevel::Info,
+        LogLevel::Warning => ort::logging::LogLevel::Warning,
+        LogLevel::Error => ort::logging::LogLevel::Error,
+    });
+    Ok(())
+}
+
 /// The process's ONNX Runtime environment, loading the library from its usual place if no one
 /// has called [`init_runtime`] yet.
 pub(crate) fn environment() -> Result<Environment, RuntimeError> {
@@ -177,7 +222,34 @@ fn load_runtime(library: &Path) -> Result<LoadedRuntime, RuntimeError> {
         .with_telemetry(false)
         .build()
         .map_err(|error| RuntimeError::Environment { reason: error.to_string() })?;
-    Ok(LoadedRuntime { library: library.to_path_buf(), environment })
+    Ok(LoadedRuntime {
+        library: library.to_path_buf(),
+        version: library_version(library),
+        environment,
+    })
+}
+
+/// The version string of the library at `library`, which `ort` has just loaded: opening it again
+/// only takes another reference to the same loaded copy. (`ort` reads it too, but keeps it
+/// private.)
+fn library_version(library: &Path) -> Option<String> {
+    type GetApiBase = unsafe extern "C" fn() -> *const ort::sys::OrtApiBase;
+    // SAFETY: the library is a loaded ONNX Runtime (ort::init_from succeeded on this path), whose
+    // `OrtGetApiBase` has this signature and returns a pointer to a static table; its
+    // `GetVersionString` returns a static NUL-terminated string, copied before `handle` drops.
+    unsafe {
+        let handle = libloading::Library::new(library).ok()?;
+        let get_api_base: libloading::Symbol<'_, GetApiBase> = handle.get(b"OrtGetApiBase").ok()?;
+        let base = get_api_base();
+        if base.is_null() {
+            return None;
+        }
+        let version = ((*base).GetVersionString)();
+        if version.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(version).to_str().ok().map(str::to_string)
+    }
 }
 
 fn same_library_or_error(

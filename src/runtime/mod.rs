@@ -28,8 +28,9 @@ mod tensor;
 pub use ep::{ActiveEp, Ep, EpChoice};
 pub use error::{RuntimeError, SessionStep};
 pub use library::{
-    choose_library, default_library_path, init_runtime, loaded_library, locate_library,
-    LibraryLocation, LibrarySearchEnv, LibrarySource, ORT_VERSION,
+    choose_library, default_library_path, init_runtime, loaded_library, loaded_version,
+    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LibrarySource, LogLevel,
+    ORT_VERSION,
 };
 pub use session::{ModelSession, RunOutputs, SessionConfig};
 pub use tensor::{Dim, ElementType, TensorInfo, TensorValue};
