@@ -15,10 +15,12 @@
 //!    CPU EP: max |Δ| between them, and whether the saved files are byte-identical;
 //! 4. the seconds of each slicing (load, calibrate, rotate, save) and the EP the sessions got.
 //!
-//! Slicing is what the CLI's default command does: `slice_with_pca` on the built-in calibration
-//! text with the CLI's defaults (128 samples, 2048 tokens capped by the model's position limit,
-//! batch 4, seed 42; samples and length can be changed as in the CLI), except batch 1 for `dynamo23` exports, which ONNX Runtime runs at batch 1
-//! only (fixtures/README.md). The tokenizer is the one beside the model, else the fixture's
+//! Slicing is the library's one call, `onnx_slice::slice`, which the CLI makes: PCA on the built-in
+//! calibration text with the CLI's defaults (128 samples, 2048 tokens capped by the model's
+//! position limit, batch 4, seed 42; samples and length can be changed as in the CLI) except the
+//! basis, one per point (`--basis point`, the paper's; the most calibration runs on the EP under
+//! test), and batch 1 for `dynamo23` exports, which ONNX Runtime runs at batch 1 only
+//! (fixtures/README.md). The tokenizer is the one beside the model, else the fixture's
 //! `_hf/<arch>/tokenizer.json`.
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,15 +29,13 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _};
 use clap::Parser;
-use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Axis, Ix2};
-use onnx_slice::calibrate::data::{self, CalibrationSet};
-use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
+use onnx_slice::calibrate::data;
 use onnx_slice::interface::{self, InputPlan};
-use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::runtime::npy::Npz;
 use onnx_slice::runtime::{init_runtime, Ep, ModelSession, RuntimeError, SessionConfig};
-use onnx_slice::transform::{self, Dimensions};
+use onnx_slice::transform::BasisMode;
+use onnx_slice::Options;
 use serde::Serialize;
 
 /// Ratio-0 slicing must reproduce the original logits to this.
@@ -221,15 +221,14 @@ fn check(path: &Path, ep: Ep, calibration: &Calibration) -> anyhow::Result<Measu
     let (original_cpu, _) = logits(path, path, Ep::Cpu, &input)?;
     let (original_ep, ep_used) = logits(path, path, ep, &input)?;
 
-    let set = calibration_set(path, calibration)?;
     let r0 = scratch.path().join("ratio0.onnx");
-    let (seconds_ratio0_ep, calibration_tokens) = slice(path, &set, 0.0, ep, &r0)?;
+    let (seconds_ratio0_ep, calibration_tokens) = slice(path, calibration, 0.0, ep, &r0)?;
     let (ratio0, _) = logits(&r0, path, ep, &input)?;
 
     let (on_ep, on_cpu) =
         (scratch.path().join("r025-ep.onnx"), scratch.path().join("r025-cpu.onnx"));
-    let (seconds_ratio025_ep, _) = slice(path, &set, 0.25, ep, &on_ep)?;
-    let (seconds_ratio025_cpu, _) = slice(path, &set, 0.25, Ep::Cpu, &on_cpu)?;
+    let (seconds_ratio025_ep, _) = slice(path, calibration, 0.25, ep, &on_ep)?;
+    let (seconds_ratio025_cpu, _) = slice(path, calibration, 0.25, Ep::Cpu, &on_cpu)?;
     let (ep_sliced, _) = logits(&on_ep, path, Ep::Cpu, &input)?;
     let (cpu_sliced, _) = logits(&on_cpu, path, Ep::Cpu, &input)?;
 
@@ -246,53 +245,37 @@ fn check(path: &Path, ep: Ep, calibration: &Calibration) -> anyhow::Result<Measu
     })
 }
 
-/// The CLI's default slice command: load, calibrate with PCA on `ep`, record, save. Returns the
-/// seconds it took and the calibration tokens.
+/// The library's one slicing call, as the CLI makes it: PCA on `ep` at `ratio`, the paper's basis
+/// per point, recorded and saved. Returns the seconds it took and the calibration tokens.
 fn slice(
     path: &Path,
-    set: &CalibrationSet,
+    calibration: &Calibration,
     ratio: f64,
     ep: Ep,
     out: &Path,
 ) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
-    let mut model = onnx::load(path)?;
-    let dims = Dimensions { ratio, ..Dimensions::default() };
-    let options = CalibrationOptions {
-        dims,
-        batch: if exporter(path) == "dynamo23" { 1 } else { CALIB_BATCH },
-        session: SessionConfig { ep, intra_threads: None },
-        center_embeddings: false,
-        model_path: Some(path.to_path_buf()),
-        allocation: None,
+    let options = Options {
+        ratio,
+        basis: BasisMode::Point,
+        calib_samples: calibration.samples,
+        calib_seqlen: calibration.seqlen,
+        calib_batch: if exporter(path) == "dynamo23" { 1 } else { CALIB_BATCH },
+        tokenizer: fixture_tokenizer(path),
+        ep,
+        ..Options::default()
     };
-    let calibrated = slice_with_pca(&mut model, set, &options, &ProgressBar::hidden())
+    let report = onnx_slice::slice(path, out, &options)
         .with_context(|| format!("slicing {} at {ratio} on {ep}", path.display()))?;
-    let orientation = format!("pca ({} calibration tokens)", calibrated.tokens);
-    transform::record_in_metadata(&mut model, &calibrated.rewritten, &dims, &orientation);
-    onnx::save(&model, out, &SaveOptions::default())?;
-    Ok((started.elapsed().as_secs_f64(), calibrated.tokens))
+    Ok((started.elapsed().as_secs_f64(), report.calibration_tokens))
 }
 
-/// The CLI's calibration set from the built-in text: the model's tokenizer, the sample length
-/// capped by the model's position limit, the default seed.
-fn calibration_set(path: &Path, calibration: &Calibration) -> anyhow::Result<CalibrationSet> {
-    let model = onnx::load(path)?;
-    let seqlen = interface::position_limit(&model)
-        .map_or(calibration.seqlen, |limit| limit.min(calibration.seqlen));
-    let tokenizer = match interface::find_tokenizer(path, None, "--calib-ids FILE.npy") {
-        Ok(found) => found,
-        Err(_) => fixture_dir(path).join(format!("_hf/{}/tokenizer.json", arch(path))),
-    };
-    let tokenizer = interface::load_tokenizer(&tokenizer)?;
-    let texts = [data::default_calibration_text().to_string()];
-    Ok(CalibrationSet::from_texts(
-        &texts,
-        &tokenizer,
-        calibration.samples,
-        seqlen,
-        data::DEFAULT_SEED,
-    )?)
+/// The tokenizer beside the model, else the fixture's `_hf/<arch>/tokenizer.json`.
+fn fixture_tokenizer(path: &Path) -> Option<PathBuf> {
+    match interface::find_tokenizer(path, None, "--calib-ids FILE.npy") {
+        Ok(_) => None,
+        Err(_) => Some(fixture_dir(path).join(format!("_hf/{}/tokenizer.json", arch(path)))),
+    }
 }
 
 /// The logits of `model` on `ep` for the reference input, and the EP the session got. The

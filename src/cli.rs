@@ -1,28 +1,22 @@
 //! Command line: raw flags are validated into plain options once, then handed to the library.
 mod checks;
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-
-use std::io::IsTerminal;
-use std::path::Path;
-use std::time::Instant;
-
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
-use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
-use crate::report::Report;
-use crate::runtime::{init_runtime, Ep, SessionConfig};
-use crate::size::{Budget, Plan};
-use crate::transform::{self, BasisMode, Dimensions, Orientation};
-use checks::{usage, Checked};
+use crate::pipeline::{self, CalibrationData, Notice, Orientation};
+use crate::runtime::{Ep, LogLevel};
+use crate::size::Budget;
+use crate::transform::BasisMode;
+use checks::usage;
 
 const SLICE_EXAMPLES: &str = "\
 Examples:
@@ -37,8 +31,11 @@ Examples:
       calibrate on your own text; write a JSON report of widths, sizes and times
   onnx-slice model.onnx -o small.onnx --ratio 0.2 --calib-ids tokens.npy --ep cuda
       calibrate on token ids, through the CUDA execution provider
-  onnx-slice model.onnx -o check.onnx --ratio 0.25 --orientation random --seed 1
+  onnx-slice model.onnx -o check.onnx --ratio 0.25 --orientation random-basis --seed 1
       no calibration: a valid model of the sliced shape, for checking a deployment
+  onnx-slice model.onnx -o small.onnx --sparsity 0.25 --ep auto -v
+      --sparsity is --ratio (the reference's and Olive's name); -v shows ONNX Runtime's warnings
+      and the execution provider calibration really ran on (-vv, -vvv: more of ONNX Runtime's log)
 
 Exit codes:
   0  done
@@ -94,9 +91,11 @@ struct SliceArgs {
     /// Where to write the sliced model (a new file; its folder must exist). Not needed with --dry-run.
     #[arg(short, long, value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see --target-size).
+    /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see
+    /// --target-size). --sparsity is the same (the reference's and Olive's name for it).
     #[arg(
         long,
+        visible_alias = "sparsity",
         value_name = "R",
         allow_negative_numbers = true,
         required_unless_present_any = ["target_size", "target_params"],
@@ -129,10 +128,14 @@ struct SliceArgs {
     /// Slice the last stream point too (changes the head's input width).
     #[arg(long)]
     slice_head: bool,
-    /// How to choose the basis at each stream point: pca (calibrated), random or identity.
+    /// How to choose the basis at each stream point: pca (calibrated on data), random-basis (a
+    /// random orthogonal basis, no calibration: a model of the sliced shape for checking a
+    /// deployment; its outputs mean nothing) or identity (the stream's own coordinates, no
+    /// calibration). random-basis is not the reference's and Olive's "random" (PCA, then a random
+    /// rotation inside the kept subspace), hence its name; "random" is its deprecated old name.
     #[arg(long, default_value = "pca")]
     orientation: OrientationArg,
-    /// Seed for --orientation random.
+    /// Seed for --orientation random-basis.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write tensors to OUTPUT.data (default: only when the model exceeds 2 GiB).
@@ -183,13 +186,31 @@ struct SliceArgs {
     /// No progress bars or summary.
     #[arg(short, long)]
     quiet: bool,
+    /// Say which execution provider ONNX Runtime really ran, and show its warnings (-vv: also
+    /// its information messages; -vvv: everything it logs).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum OrientationArg {
     Pca,
-    Random,
+    RandomBasis,
     Identity,
+    /// random-basis's old name, kept working with a deprecation warning.
+    #[value(hide = true)]
+    Random,
+}
+
+impl OrientationArg {
+    fn name(self) -> &'static str {
+        match self {
+            OrientationArg::Pca => "pca",
+            OrientationArg::RandomBasis => "random-basis",
+            OrientationArg::Identity => "identity",
+            OrientationArg::Random => "random",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -278,214 +299,100 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
-    let started = Instant::now();
     let Some(input) = args.model.clone() else {
         return Err(usage("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)").into());
     };
-    let dims = slice_dimensions(&args)?;
+    if args.orientation == OrientationArg::Random {
+        eprintln!(
+            "warning: --orientation random is deprecated: it is now called random-basis (a random orthogonal basis, no \
+             calibration), not to be confused with the reference's and Olive's \"random\" (PCA, then a random rotation); \
+             the old name will go away"
+        );
+    }
+    let options = slice_options(&args);
+    options.check().map_err(flag_error)?;
     checks::slice_command(&args, &input, args.output.as_deref())?;
-    let storage = storage_of(args.external_data, args.inline);
-    let mut model = onnx::load(&input)?;
-    transform::refuse_sliced(&model)?;
-    crate::structure::refuse_quantized(&model.graph)?;
-    checks::slice_tokenizer(&args, &input)?;
-    let budget = args.target_size.or(args.target_params.map(Budget::Parameters));
-    // The size plan reads the layout and may compare the head with the embedding table byte for
-    // byte: only a target or a dry run needs it.
-    let plan = if budget.is_some() || args.dry_run {
-        Some(Plan::new(&model).with_context(|| format!("planning {}", input.display()))?)
-    } else {
-        None
-    };
-    let dims = match (&plan, &budget) {
-        (Some(plan), Some(budget)) => plan.solve(&dims, budget)?,
-        _ => dims,
-    };
-    if let (true, Some(plan)) = (args.dry_run, &plan) {
-        let p = plan.predict(&dims);
-        print!(
-            "{}",
-            inspect::size_summary(
-                plan.layout.width,
-                &p.widths,
-                plan.layout.block_count(),
-                p.before,
-                p.after
-            )
-        );
-        println!(
-            "basis {}: {} shortcut matrices, {} parameters",
-            dims.basis, p.shortcuts, p.shortcut_parameters
-        );
+    if args.dry_run {
+        print!("{}", pipeline::plan(&input, &options).map_err(flag_error)?);
         return Ok(());
     }
     let Some(output) = args.output.clone() else {
         return Err(usage("-o OUTPUT is required (or --dry-run)").into());
     };
-    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
-    let before = inspect::summarize(&model);
-    let (rewritten, orientation, calibration) = match args.orientation {
-        OrientationArg::Pca => {
-            let allocation = budget
-                .filter(|_| args.allocate_widths)
-                .zip(plan)
-                .map(|(budget, plan)| Allocation { plan, budget });
-            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims, allocation)?;
-            let description = format!("pca ({} calibration tokens)", calibrated.tokens);
-            (calibrated.rewritten.clone(), description, Some(calibrated))
-        }
-        other => {
-            let orientation = match other {
-                OrientationArg::Random => Orientation::Random { seed: args.seed },
-                _ => Orientation::Identity,
-            };
-            let rewritten = transform::rotate(&mut model, orientation, &dims)
-                .with_context(|| format!("rewriting {}", input.display()))?;
-            (rewritten, orientation.to_string(), None)
-        }
-    };
-    if let Some(budget) = &budget {
-        budget.check(before.weights, crate::size::weight_totals(&model.graph))?;
-    }
-    transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
-    let saving = Instant::now();
-    let saved = onnx::save(&model, &output, &SaveOptions { storage, ..Default::default() })?;
-    let save_seconds = saving.elapsed().as_secs_f64();
-    let after = inspect::summarize(&model);
+    let report = pipeline::slice(&input, &output, &options).map_err(flag_error)?;
     if !args.quiet {
-        eprint!("{}", inspect::slicing_summary(&rewritten, &before, &after, &saved));
+        eprint!("{}", report.summary());
+    }
+    if args.verbose > 0 && report.execution_provider.is_none() {
+        eprintln!(
+            "note: no ONNX Runtime session ran (--orientation {} does not calibrate)",
+            args.orientation.name()
+        );
     }
     if let Some(path) = &args.report {
-        let mut report = Report::new(
-            &input,
-            &saved,
-            &rewritten,
-            &dims,
-            &orientation,
-            &before,
-            &after,
-            calibration.as_ref(),
-            save_seconds,
-            started,
-        );
-        report.target = budget;
-        report.target_limit = budget.map(|b| b.limit(before.weights));
         write_json(path, &report)?;
     }
     Ok(())
 }
 
-fn slice_dimensions(args: &SliceArgs) -> Checked<Dimensions> {
-    let ratio = args.ratio.unwrap_or(0.0);
-    if !(0.0..1.0).contains(&ratio) {
-        return Err(usage(format!("--ratio must be at least 0 and less than 1, got {ratio}")));
-    }
-    checks::at_least_one("--round-to", args.round_to)?;
-    Ok(Dimensions {
-        ratio,
+/// The library's options for a slicing command line (checked by [`pipeline::Options::check`]).
+fn slice_options(args: &SliceArgs) -> pipeline::Options {
+    let calibration = match (&args.calib_ids, args.calib.is_empty()) {
+        (Some(ids), _) => CalibrationData::Ids(ids.clone()),
+        (None, true) => CalibrationData::BuiltIn,
+        (None, false) => CalibrationData::Texts(args.calib.clone()),
+    };
+    let verbose = args.verbose;
+    let progress = progress_bar(args.quiet, "calibrating", "segment runs");
+    pipeline::Options {
+        ratio: args.ratio.unwrap_or(0.0),
+        target: args.target_size.or(args.target_params.map(Budget::Parameters)),
         round_to: args.round_to,
         slice_head: args.slice_head,
         basis: args.basis,
-        width: None,
-    })
-}
-
-fn calibrate_and_slice(
-    args: &SliceArgs,
-    input: &Path,
-    model: &mut Model,
-    dims: &Dimensions,
-    allocation: Option<Allocation>,
-) -> anyhow::Result<Calibrated> {
-    init_runtime(args.ort_lib.as_deref())?;
-    let set = calibration_set(args, input, model)?;
-    let progress = progress_bar(args.quiet, "calibrating", "segment runs");
-    let options = CalibrationOptions {
-        dims: *dims,
-        batch: args.calib_batch,
-        session: SessionConfig { ep: args.ep, intra_threads: None },
+        orientation: match args.orientation {
+            OrientationArg::Pca => Orientation::Pca,
+            OrientationArg::RandomBasis | OrientationArg::Random => {
+                Orientation::RandomBasis { seed: args.seed }
+            }
+            OrientationArg::Identity => Orientation::Identity,
+        },
+        allocate_widths: args.allocate_widths,
+        calibration,
+        tokenizer: args.tokenizer.clone(),
+        calib_samples: args.calib_samples,
+        calib_seqlen: args.calib_seqlen,
+        calib_batch: args.calib_batch,
+        calib_seed: args.calib_seed,
         center_embeddings: args.center_embeddings,
-        model_path: Some(input.to_path_buf()),
-        allocation,
-    };
-    let calibrated = slice_with_pca(model, &set, &options, &progress)
-        .with_context(|| format!("slicing {}", input.display()))?;
-    progress.finish_and_clear();
-    if let Some(path) = &args.save_rotations {
-        let points: Vec<(String, &crate::pca::Basis, usize)> = calibrated
-            .bases
-            .iter()
-            .zip(&calibrated.rewritten.widths)
-            .enumerate()
-            .map(|(p, (basis, &k))| (format!("point{p}"), basis, k))
-            .collect();
-        crate::pca::save_rotations(path, &points)?;
+        ep: args.ep,
+        ort_library: args.ort_lib.clone(),
+        ort_log_level: LogLevel::for_verbosity(verbose),
+        storage: storage_of(args.external_data, args.inline),
+        save_rotations: args.save_rotations.clone(),
+        progress: progress.clone(),
+        // Printed above the progress bar, not through it.
+        notices: Some(Arc::new(move |notice| match notice {
+            Notice::Warning(message) => progress.suspend(|| eprintln!("warning: {message}")),
+            Notice::ExecutionProvider(choice) => {
+                if let Some(line) = choice.notice(verbose > 0) {
+                    progress.suspend(|| eprintln!("{line}"));
+                }
+            }
+        })),
     }
-    Ok(calibrated)
 }
 
-fn calibration_set(
-    args: &SliceArgs,
-    input: &Path,
-    model: &Model,
-) -> anyhow::Result<CalibrationSet> {
-    let limit = crate::interface::position_limit(model);
-    let seqlen = limit.map_or(args.calib_seqlen, |l| args.calib_seqlen.min(l));
-    if let Some(ids) = &args.calib_ids {
-        let set = CalibrationSet::from_npy(ids, Some(args.calib_samples))?;
-        warn_if_short(&set, args.calib_samples, "rows in the file");
-        return Ok(if set.seqlen() > seqlen { set.truncated(seqlen) } else { set });
-    }
-    let texts: Vec<String> = if args.calib.is_empty() {
-        vec![data::default_calibration_text().to_string()]
-    } else {
-        args.calib
-            .iter()
-            .map(|p| {
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading calibration text {}", p.display()))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
-    let tokenizer_path =
-        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")?;
-    let tokenizer = crate::interface::load_tokenizer(&tokenizer_path)?;
-    let set = CalibrationSet::from_texts(
-        &texts,
-        &tokenizer,
-        args.calib_samples,
-        seqlen,
-        args.calib_seed,
-    )?;
-    warn_if_short(&set, args.calib_samples, "windows in the text; give more text with --calib");
-    if let Some(unknown) = data::unknown_tokens(&set, &tokenizer) {
-        if unknown.share() > UNKNOWN_WARNING_SHARE {
-            eprintln!(
-                "warning: {:.1} % of the calibration tokens are the unknown token '{}' of {}: the tokenizer does not read \
-                 this text, and PCA on it says little about real input; calibrate on text in the model's vocabulary \
-                 (--calib FILE) or on token ids (--calib-ids FILE.npy)",
-                100.0 * unknown.share(),
-                unknown.token,
-                tokenizer_path.display()
-            );
-        }
-    }
-    Ok(set)
-}
-
-/// More unknown tokens than this share in the calibration set gets a warning: byte-level
-/// tokenizers have none on any text, word-level ones a few on text of their language.
-const UNKNOWN_WARNING_SHARE: f64 = 0.05;
-
-/// A warning on stderr when the data gave fewer samples than asked for.
-fn warn_if_short(set: &CalibrationSet, requested: usize, why: &str) {
-    if set.len() < requested {
-        eprintln!(
-            "warning: calibrating on {} of the {requested} samples asked for (--calib-samples), {} tokens in all: there are \
-             no more {why}",
-            set.len(),
-            set.tokens()
-        );
+/// A library error as the command line says it: an invalid option names its flag and exits 2.
+fn flag_error(error: crate::Error) -> anyhow::Error {
+    match error {
+        crate::Error::Invalid { option, message } => usage(match option {
+            "output" => format!("-o: {message}"),
+            "tokenizer" => message,
+            _ => format!("--{} {message}", option.replace('_', "-")),
+        })
+        .into(),
+        other => other.into(),
     }
 }
 

@@ -52,9 +52,32 @@ pub enum Error {
 
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
+
+    /// An option of [`crate::pipeline::slice`] that cannot work as given (a value out of range,
+    /// no tokenizer for text calibration, an output that would overwrite the input), found before
+    /// any long work and before anything is written. `option` is the field of
+    /// [`crate::pipeline::Options`] (`output` for the output path).
+    #[error("option `{option}`: {message}")]
+    Invalid { option: &'static str, message: String },
+
+    /// What was being done when `source` happened.
+    #[error("{doing}")]
+    Context {
+        doing: String,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
+    /// The error under any [`Error::Context`] layers: what went wrong, for matching on.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -6,7 +6,6 @@ use serde::Serialize;
 use crate::graph::{Model, ValueInfo};
 use crate::pattern::norm::{NormKind, NormMatch};
 use crate::structure::{Layout, Linear};
-use crate::transform::Rewritten;
 
 #[derive(Debug, Serialize)]
 pub struct ModelSummary {
@@ -367,28 +366,6 @@ impl std::fmt::Display for LayoutView {
             }
         )
     }
-}
-
-/// The stderr summary of a slicing run.
-pub fn slicing_summary(
-    rewritten: &Rewritten,
-    before: &ModelSummary,
-    after: &ModelSummary,
-    saved: &crate::onnx::Saved,
-) -> String {
-    let mut out = size_summary(
-        rewritten.layout.width,
-        &rewritten.widths,
-        rewritten.layout.block_count(),
-        before.weights,
-        after.weights,
-    );
-    out += &format!("wrote {}", saved.path.display());
-    if let Some((data, len)) = &saved.data_file {
-        out.push_str(&format!(" and {} ({} bytes)", data.display(), group_thousands(*len)));
-    }
-    out.push('\n');
-    out
 }
 
 /// Widths and weights before → after, for the slicing summary and `--dry-run`.

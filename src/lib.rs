@@ -15,6 +15,7 @@ pub mod interface;
 pub mod onnx;
 pub mod pattern;
 pub mod pca;
+pub mod pipeline;
 pub mod report;
 pub mod rotate;
 pub mod runtime;
@@ -23,3 +24,4 @@ pub mod structure;
 pub mod transform;
 
 pub use error::{Error, Result};
+pub use pipeline::{plan, slice, Options};

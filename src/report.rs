@@ -9,11 +9,25 @@ use crate::inspect::ModelSummary;
 use crate::onnx::Saved;
 use crate::transform::{Dimensions, Rewritten};
 
+/// The version of [`Report`]'s layout: raised when a field changes meaning or goes away (not
+/// when one is added). Reports before this field existed are version 0.
+pub const SCHEMA_VERSION: u32 = 1;
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The onnx-slice that wrote it, e.g. "onnx-slice 0.1.0".
+    pub tool: String,
     pub input: String,
+    /// SHA-256 of the input model file (hex), the first of `input_files`.
+    pub input_sha256: String,
+    /// Every file the input was read from (the model file, then its external data files).
+    pub input_files: Vec<InputFile>,
     pub output: String,
     pub external_data: Option<String>,
+    /// Bytes of the external data file, when one was written.
+    pub external_data_bytes: Option<u64>,
     pub ratio: f64,
     pub round_to: usize,
     pub slice_head: bool,
@@ -41,7 +55,26 @@ pub struct Report {
     pub file_bytes_after: u64,
     pub calibration_tokens: u64,
     pub calibration_source: Option<String>,
+    /// The ONNX Runtime version that calibrated (as the loaded library reports it); `null` when
+    /// no calibration ran (orientation identity or random-basis).
+    pub onnx_runtime: Option<String>,
+    /// The execution provider calibration asked for (cpu, cuda, auto) and the one it ran on (CPU,
+    /// CUDA); `null` without calibration.
+    pub execution_provider_requested: Option<String>,
+    pub execution_provider: Option<String>,
+    /// Why `auto` ran on the CPU instead of CUDA.
+    pub cuda_unavailable: Option<String>,
+    /// Warnings about the calibration data (as printed while slicing).
+    pub warnings: Vec<String>,
     pub seconds: Seconds,
+}
+
+/// One file the input model was read from.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,9 +101,14 @@ impl Report {
     ) -> Self {
         let shortcut_parameters = shortcut_parameters(&rewritten.widths, &rewritten.groups);
         Report {
+            schema_version: SCHEMA_VERSION,
+            tool: format!("onnx-slice {}", env!("CARGO_PKG_VERSION")),
             input: input.display().to_string(),
+            input_sha256: String::new(),
+            input_files: Vec::new(),
             output: saved.path.display().to_string(),
             external_data: saved.data_file.as_ref().map(|(p, _)| p.display().to_string()),
+            external_data_bytes: saved.data_file.as_ref().map(|(_, n)| *n),
             ratio: dims.ratio,
             round_to: dims.round_to,
             slice_head: dims.slice_head,
@@ -90,12 +128,44 @@ impl Report {
             file_bytes_after: saved.model_bytes + saved.data_file.as_ref().map_or(0, |(_, n)| *n),
             calibration_tokens: calibration.map_or(0, |c| c.tokens),
             calibration_source: calibration.map(|c| c.source.clone()),
+            onnx_runtime: None,
+            execution_provider_requested: None,
+            execution_provider: None,
+            cuda_unavailable: None,
+            warnings: Vec::new(),
             seconds: Seconds {
                 phases: calibration.map(|c| c.timings.clone()).unwrap_or_default(),
                 save_seconds,
                 total_seconds: started.elapsed().as_secs_f64(),
             },
         }
+    }
+}
+
+impl Report {
+    /// The execution provider a run got.
+    pub fn set_execution_provider(&mut self, choice: Option<&crate::runtime::EpChoice>) {
+        self.execution_provider = choice.map(|c| c.active.to_string());
+        self.cuda_unavailable = choice.and_then(|c| c.cuda_unavailable.clone());
+    }
+
+    /// What a slicing wrote, for people: widths, parameters and bytes before → after, and the
+    /// files.
+    pub fn summary(&self) -> String {
+        let totals = |parameters, bytes| crate::size::Totals { parameters, bytes };
+        let mut out = crate::inspect::size_summary(
+            self.stream_width,
+            &self.widths,
+            self.blocks,
+            totals(self.parameters_before, self.weight_bytes_before),
+            totals(self.parameters_after, self.weight_bytes_after),
+        );
+        out += &format!("wrote {}", self.output);
+        if let (Some(data), Some(len)) = (&self.external_data, self.external_data_bytes) {
+            out.push_str(&format!(" and {data} ({} bytes)", crate::inspect::group_thousands(len)));
+        }
+        out.push('\n');
+        out
     }
 }
 

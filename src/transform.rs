@@ -17,7 +17,9 @@ use crate::structure::{self, Layout};
 pub enum Orientation {
     /// Keep the stream as it is (only the norms are rewritten).
     Identity,
-    /// A different Haar-random orthogonal matrix at each point, from `seed`.
+    /// A different Haar-random orthogonal matrix at each point (each basis group), from `seed`:
+    /// the command line's `--orientation random-basis`. Not the reference's or Olive's "random"
+    /// (PCA, then a random rotation inside the kept subspace).
     Random { seed: u64 },
 }
 
@@ -244,7 +246,7 @@ impl std::fmt::Display for Orientation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Orientation::Identity => write!(f, "identity"),
-            Orientation::Random { seed } => write!(f, "random (seed {seed})"),
+            Orientation::Random { seed } => write!(f, "random-basis (seed {seed})"),
         }
     }
 }

@@ -50,6 +50,7 @@ fn calibrate_dims(
         center_embeddings,
         model_path: Some(path.to_path_buf()),
         allocation: None,
+        on_execution_provider: None,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -290,7 +291,7 @@ fn the_command_records_centered_embeddings_and_refuses_them_without_pca() {
     );
 
     std::fs::remove_file(&out).unwrap();
-    let refused = slice(&["--orientation", "random"]);
+    let refused = slice(&["--orientation", "random-basis"]);
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--center-embeddings applies to PCA slicing"), "{stderr}");

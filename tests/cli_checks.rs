@@ -232,7 +232,7 @@ fn flag_values_are_checked_with_plain_messages() {
         &"--ratio",
         &"0.25",
         &"--orientation",
-        &"random",
+        &"random-basis",
         &"--center-embeddings",
     ]));
     assert_usage_error(&run, "--center-embeddings applies to PCA slicing", outputs.path());
@@ -251,7 +251,7 @@ fn the_tool_knows_its_own_output() {
         &"--ratio",
         &"0.25",
         &"--orientation",
-        &"random",
+        &"random-basis",
         &"--seed",
         &"3",
         &"--quiet",
@@ -266,7 +266,7 @@ fn the_tool_knows_its_own_output() {
         "{}",
         inspect.stdout
     );
-    assert!(inspect.stdout.contains("orientation random (seed 3)"), "{}", inspect.stdout);
+    assert!(inspect.stdout.contains("orientation random-basis (seed 3)"), "{}", inspect.stdout);
     assert!(
         inspect.stdout.contains("this model is the output of onnx-slice"),
         "{}",

@@ -1055,7 +1055,7 @@ fn check_binary(what: &str, model: &Path, nodes: &[String]) -> Vec<String> {
             "--ratio",
             "0",
             "--orientation",
-            "random",
+            "random-basis",
             "--seed",
             "1",
         ])

@@ -186,6 +186,7 @@ fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> 
         center_embeddings: false,
         model_path: Some(path.to_path_buf()),
         allocation: None,
+        on_execution_provider: None,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())?;
     Ok(model)
@@ -370,7 +371,7 @@ fn quantized_models_are_refused_by_name() {
         ),
     ] {
         let model = fixture(rel);
-        for extra in [&[][..], &["--orientation", "random"][..]] {
+        for extra in [&[][..], &["--orientation", "random-basis"][..]] {
             let dir = scratch();
             let out = dir.path().join("sliced.onnx");
             let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))

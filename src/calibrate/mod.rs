@@ -19,7 +19,7 @@ use crate::graph::{DataType, Model};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::StreamEditor;
-use crate::runtime::{ModelSession, SessionConfig, TensorValue};
+use crate::runtime::{EpChoice, ModelSession, SessionConfig, TensorValue};
 use crate::structure::Layout;
 use crate::transform::{self, Dimensions, Rewritten};
 use data::CalibrationSet;
@@ -38,7 +38,12 @@ pub struct CalibrationOptions {
     pub model_path: Option<PathBuf>,
     /// Widths per point from their spectra under a size budget, instead of `dims`' uniform width.
     pub allocation: Option<Allocation>,
+    /// Told the execution provider of the first session, and of any later one that got another.
+    pub on_execution_provider: Option<EpHook>,
 }
+
+/// Receives the execution provider ONNX Runtime gave a calibration session.
+pub type EpHook = std::sync::Arc<dyn Fn(&EpChoice) + Send + Sync>;
 
 /// A size budget for widths allocated point by point ([`crate::size::Plan::allocate`]).
 pub struct Allocation {
@@ -54,6 +59,9 @@ pub struct Calibrated {
     /// Where the calibration tokens came from.
     pub source: String,
     pub timings: Timings,
+    /// The execution provider of the last session calibration ran (every session asks for the
+    /// same one; `auto` could in principle get CUDA for one and the CPU for another).
+    pub ep: Option<EpChoice>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -77,6 +85,7 @@ pub fn slice_with_pca(
     progress: &ProgressBar,
 ) -> Result<Calibrated> {
     let mut timings = Timings::default();
+    let mut ep = None;
     let started = Instant::now();
     let mut rewritten = transform::fuse(model)?;
     if options.center_embeddings {
@@ -89,8 +98,15 @@ pub fn slice_with_pca(
         .map(|(ids, mask)| Batch::new(ids, mask))
         .collect::<Result<Vec<_>>>()?;
     let shell = Model { graph: Default::default(), ..model.clone() };
-    let mut run =
-        Runner::new(&shell, &model.graph, &layout, options, &batches, progress, &mut timings)?;
+    let mut run = Runner::new(
+        &shell,
+        &model.graph,
+        &layout,
+        options,
+        &batches,
+        progress,
+        (&mut timings, &mut ep),
+    )?;
     // One basis for the whole stream has one spectrum: its allocation is the uniform width.
     let widths = match &options.allocation {
         Some(allocation) if options.dims.basis != transform::BasisMode::Global => {
@@ -106,7 +122,7 @@ pub fn slice_with_pca(
     rewritten.widths = widths;
     rewritten.groups = groups;
     let tokens = batches.iter().map(|b| b.real_tokens()).sum();
-    Ok(Calibrated { rewritten, bases, tokens, source: set.source.clone(), timings })
+    Ok(Calibrated { rewritten, bases, tokens, source: set.source.clone(), timings, ep })
 }
 
 /// SliceGPT's order: each segment runs on the sliced stream of the points before it, so every
@@ -291,6 +307,8 @@ struct Runner<'a> {
     batches: &'a [Batch],
     progress: &'a ProgressBar,
     timings: &'a mut Timings,
+    /// The execution provider the latest session got.
+    ep: &'a mut Option<EpChoice>,
     /// How the model's own inputs (ids, mask, positions, empty KV cache) are filled.
     plan: InputPlan,
     /// Where the stream is cut at each point.
@@ -309,7 +327,7 @@ impl<'a> Runner<'a> {
         options: &'a CalibrationOptions,
         batches: &'a [Batch],
         progress: &'a ProgressBar,
-        timings: &'a mut Timings,
+        (timings, ep): (&'a mut Timings, &'a mut Option<EpChoice>),
     ) -> Result<Self> {
         let label = options
             .model_path
@@ -322,7 +340,7 @@ impl<'a> Runner<'a> {
             .map(|value| segment::Cut { value, rank: None, dtype })
             .collect();
         let unpadded = batches.iter().all(|b| b.rows.iter().all(|&real| real));
-        Ok(Runner { shell, layout, options, batches, progress, timings, plan, cuts, unpadded })
+        Ok(Runner { shell, layout, options, batches, progress, timings, ep, plan, cuts, unpadded })
     }
 
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
@@ -339,6 +357,7 @@ impl<'a> Runner<'a> {
         let sub =
             segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
         let mut session = session_for(&sub, self.options)?;
+        self.note_execution_provider(session.ep());
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
         let input_name = point.map(|p| self.cuts[p].value.clone());
@@ -400,6 +419,15 @@ impl<'a> Runner<'a> {
             feeds.push(own.swap_remove(i));
         }
         Ok(feeds)
+    }
+
+    fn note_execution_provider(&mut self, choice: &EpChoice) {
+        if self.ep.as_ref() != Some(choice) {
+            if let Some(hook) = &self.options.on_execution_provider {
+                hook(choice);
+            }
+            *self.ep = Some(choice.clone());
+        }
     }
 
     fn basis(&mut self, cov: &Covariance) -> Result<Basis> {

@@ -3,7 +3,7 @@
 //! which flag, which path, and what is wrong with it, and exits with [`EXIT_USAGE`].
 use std::path::{Path, PathBuf};
 
-use super::{OrientationArg, SliceArgs};
+use super::SliceArgs;
 
 /// The command line cannot work as given (a flag's value, a path); nothing was read or written.
 /// The same code as clap's own usage errors.
@@ -40,7 +40,7 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
             || cause.downcast_ref::<crate::structure::QuantizedModel>().is_some()
             || cause.downcast_ref::<crate::Error>().is_some_and(|e| {
                 matches!(
-                    e,
+                    e.root(),
                     crate::Error::Detect(_)
                         | crate::Error::AlreadySliced { .. }
                         | crate::Error::Quantized(_)
@@ -48,9 +48,17 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
             })
     };
     let unreachable_target = |cause: &(dyn std::error::Error + 'static)| {
-        matches!(cause.downcast_ref::<crate::Error>(), Some(crate::Error::Budget { .. }))
+        cause
+            .downcast_ref::<crate::Error>()
+            .is_some_and(|e| matches!(e.root(), crate::Error::Budget { .. }))
     };
-    if error.chain().any(|cause| cause.downcast_ref::<UsageError>().is_some()) {
+    let invalid_option = |cause: &(dyn std::error::Error + 'static)| {
+        cause.downcast_ref::<UsageError>().is_some()
+            || cause
+                .downcast_ref::<crate::Error>()
+                .is_some_and(|e| matches!(e.root(), crate::Error::Invalid { .. }))
+    };
+    if error.chain().any(invalid_option) {
         EXIT_USAGE
     } else if error.chain().any(unsupported) {
         EXIT_UNSUPPORTED_MODEL
@@ -147,19 +155,13 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
 
 /// Every flag and path of a slicing command, checked before the model is loaded: the inputs
 /// exist and are files, the outputs can be written and overwrite no input (the tokenizer
-/// included). Whether text calibration has a tokenizer at all is [`slice_tokenizer`]'s check.
+/// included). Whether text calibration has a tokenizer at all is checked by the library, once the
+/// model is known not to be refused anyway (an already sliced model).
+/// The values themselves are [`crate::pipeline::Options::check`]'s.
 pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path>) -> Checked {
-    let pca = matches!(args.orientation, OrientationArg::Pca);
-    if args.center_embeddings && !pca {
-        return Err(usage("--center-embeddings applies to PCA slicing (--orientation pca) only"));
+    if args.allocate_widths && args.dry_run {
+        return Err(usage("--allocate-widths needs calibration, which --dry-run does not do"));
     }
-    let target = args.target_size.is_some() || args.target_params.is_some();
-    if args.allocate_widths && (!target || args.dry_run || !pca) {
-        return Err(usage("--allocate-widths needs a target (--target-size or --target-params) and PCA calibration (not --dry-run)"));
-    }
-    at_least_one("--calib-samples", args.calib_samples)?;
-    at_least_one("--calib-seqlen", args.calib_seqlen)?;
-    at_least_one("--calib-batch", args.calib_batch)?;
     let mut inputs: Vec<(&str, &Path)> = vec![("MODEL", input)];
     inputs.extend(args.calib.iter().map(|p| ("--calib", p.as_path())));
     inputs.extend(args.calib_ids.iter().map(|p| ("--calib-ids", p.as_path())));
@@ -174,16 +176,6 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
     outputs.extend(args.save_rotations.iter().map(|p| ("--save-rotations", p.as_path())));
     let read: Vec<&Path> = inputs.iter().map(|(_, p)| *p).chain(tokenizer.as_deref()).collect();
     output_files(&outputs, &read)
-}
-
-/// Text calibration has a tokenizer. Checked after the model is known not to be refused anyway
-/// (an already sliced model), still before calibration.
-pub(super) fn slice_tokenizer(args: &SliceArgs, input: &Path) -> Checked {
-    if matches!(args.orientation, OrientationArg::Pca) && args.calib_ids.is_none() {
-        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")
-            .map_err(|e| usage(e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// The files and counts of `eval`, and a tokenizer for its text.

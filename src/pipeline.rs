@@ -1,0 +1,534 @@
+//! The slicing pipeline in one place: [`slice`] loads a model, refuses what onnx-slice cannot
+//! slice, solves a size target, rewrites the model (calibrating by PCA through ONNX Runtime, or
+//! with a basis that needs no calibration), checks the target, records what it did in the model's
+//! metadata, and saves it; [`plan`] stops after the target and says what [`slice`] would write.
+//! The command line, the benchmarks and `bench/cuda_check.rs` all slice through these two calls.
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use sha2::Digest as _;
+
+use crate::calibrate::data::{self, CalibrationSet};
+use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
+use crate::error::{Error, Result};
+use crate::graph::Model;
+use crate::inspect;
+use crate::onnx::{self, SaveOptions, Storage};
+use crate::report::{InputFile, Report};
+use crate::runtime::{self, Ep, EpChoice, LogLevel, SessionConfig};
+use crate::size::{Budget, Plan, Totals};
+use crate::transform::{self, BasisMode, Dimensions};
+
+/// How the basis at each stream point is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Orientation {
+    /// SliceGPT: the principal components of calibration activations (through ONNX Runtime).
+    #[default]
+    Pca,
+    /// A random orthogonal basis at every point, from `seed`, without calibration: a model of the
+    /// sliced shape and size for checking a deployment, whose outputs mean nothing. Not the
+    /// reference's or Olive's "random" (PCA, then a random rotation inside the kept subspace).
+    RandomBasis { seed: u64 },
+    /// The stream as it is (only the norms are rewritten), cut to its first k coordinates.
+    Identity,
+}
+
+impl Orientation {
+    /// The fixed basis of an orientation that needs no calibration; `None` for PCA.
+    fn uncalibrated(self) -> Option<transform::Orientation> {
+        match self {
+            Orientation::Pca => None,
+            Orientation::RandomBasis { seed } => Some(transform::Orientation::Random { seed }),
+            Orientation::Identity => Some(transform::Orientation::Identity),
+        }
+    }
+}
+
+/// What calibration reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CalibrationData {
+    /// The built-in English Wikipedia sample, tokenized with the model's tokenizer.
+    #[default]
+    BuiltIn,
+    /// UTF-8 text files (documents separated by blank lines), tokenized with the model's tokenizer.
+    Texts(Vec<PathBuf>),
+    /// Token ids: an int64 (or int32) `[N, L]` .npy file.
+    Ids(PathBuf),
+}
+
+/// What [`slice`] tells its caller while it works (besides the progress bar).
+#[derive(Debug, Clone, Copy)]
+pub enum Notice<'a> {
+    /// Something the user should know about the result (fewer calibration samples than asked
+    /// for, text the tokenizer does not read). Also kept in [`Report::warnings`].
+    Warning(&'a str),
+    /// The execution provider ONNX Runtime gave calibration: said at its first session, and again
+    /// if a later session got another one.
+    ExecutionProvider(&'a EpChoice),
+}
+
+/// A receiver of [`Notice`]s.
+pub type NoticeHook = Arc<dyn Fn(Notice<'_>) + Send + Sync>;
+
+/// Everything [`slice`] and [`plan`] can be told; `Options::default()` is the command line's
+/// default (`onnx-slice MODEL -o OUT --ratio 0`).
+#[derive(Clone)]
+pub struct Options {
+    /// Fraction of the residual stream width to remove (0 ≤ ratio < 1). Ignored with a `target`.
+    pub ratio: f64,
+    /// The largest output instead of a ratio: the widest slicing that fits is chosen; none fitting
+    /// is [`Error::Budget`] and nothing is written.
+    pub target: Option<Budget>,
+    /// Sliced widths are rounded down to a multiple of this (at least 1).
+    pub round_to: usize,
+    /// Slice the last stream point too (changes the head's input width).
+    pub slice_head: bool,
+    /// Which stream points share a basis.
+    pub basis: BasisMode,
+    pub orientation: Orientation,
+    /// With a target and PCA: each stream point's width from the spectra of the unsliced model.
+    pub allocate_widths: bool,
+    pub calibration: CalibrationData,
+    /// tokenizer.json for calibration text (default: beside the model).
+    pub tokenizer: Option<PathBuf>,
+    /// Calibration sequences.
+    pub calib_samples: usize,
+    /// Tokens per calibration sequence (capped by the model's position limit where it has one).
+    pub calib_seqlen: usize,
+    /// Calibration sequences per ONNX Runtime run.
+    pub calib_batch: usize,
+    /// Seed for choosing calibration windows from text.
+    pub calib_seed: u64,
+    /// Subtract every embedding row's mean before calibrating, as the reference does
+    /// ([`transform::center_embeddings`]). PCA only.
+    pub center_embeddings: bool,
+    /// Execution provider for calibration.
+    pub ep: Ep,
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, else the setup-ort.sh location).
+    pub ort_library: Option<PathBuf>,
+    /// ONNX Runtime's own log level while calibrating (default: ONNX Runtime's, errors only).
+    pub ort_log_level: Option<LogLevel>,
+    pub storage: Storage,
+    /// Write every basis and its eigenvalues to this .safetensors file (PCA only).
+    pub save_rotations: Option<PathBuf>,
+    /// Advanced once per calibration segment run; hidden by default.
+    pub progress: ProgressBar,
+    /// Receives warnings and the execution provider as they happen; none by default (warnings
+    /// are in the report either way).
+    pub notices: Option<NoticeHook>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ratio: 0.0,
+            target: None,
+            round_to: 8,
+            slice_head: false,
+            basis: BasisMode::Global,
+            orientation: Orientation::Pca,
+            allocate_widths: false,
+            calibration: CalibrationData::BuiltIn,
+            tokenizer: None,
+            calib_samples: data::DEFAULT_SAMPLES,
+            calib_seqlen: data::DEFAULT_SEQLEN,
+            calib_batch: 4,
+            calib_seed: data::DEFAULT_SEED,
+            center_embeddings: false,
+            ep: Ep::Cpu,
+            ort_library: None,
+            ort_log_level: None,
+            storage: Storage::Auto,
+            save_rotations: None,
+            progress: ProgressBar::hidden(),
+            notices: None,
+        }
+    }
+}
+
+impl Options {
+    /// The values that cannot work whatever the model: each is [`Error::Invalid`] naming the
+    /// field. [`slice`] and [`plan`] check them first; a caller may check them earlier.
+    pub fn check(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.ratio) {
+            return Err(invalid(
+                "ratio",
+                format!("must be at least 0 and less than 1, got {}", self.ratio),
+            ));
+        }
+        at_least_one("round_to", self.round_to)?;
+        let pca = self.orientation == Orientation::Pca;
+        if self.center_embeddings && !pca {
+            return Err(invalid("center_embeddings", "applies to PCA slicing only"));
+        }
+        if self.allocate_widths && (self.target.is_none() || !pca) {
+            return Err(invalid("allocate_widths", "needs a size target and PCA calibration"));
+        }
+        at_least_one("calib_samples", self.calib_samples)?;
+        at_least_one("calib_seqlen", self.calib_seqlen)?;
+        at_least_one("calib_batch", self.calib_batch)
+    }
+
+    fn dimensions(&self) -> Dimensions {
+        Dimensions {
+            ratio: self.ratio,
+            round_to: self.round_to,
+            slice_head: self.slice_head,
+            basis: self.basis,
+            width: None,
+        }
+    }
+
+    fn notify(&self, notice: Notice<'_>) {
+        if let Some(hook) = &self.notices {
+            hook(notice);
+        }
+    }
+}
+
+fn invalid(option: &'static str, message: impl Into<String>) -> Error {
+    Error::Invalid { option, message: message.into() }
+}
+
+fn at_least_one(option: &'static str, value: usize) -> Result<()> {
+    if value == 0 {
+        return Err(invalid(option, "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// What [`plan`] predicts [`slice`] would write.
+#[derive(Debug, Clone)]
+pub struct DryRun {
+    /// D, the original residual stream width.
+    pub stream_width: usize,
+    /// k at every stream point.
+    pub widths: Vec<usize>,
+    pub blocks: usize,
+    pub before: Totals,
+    pub after: Totals,
+    pub basis: BasisMode,
+    /// Skips that get a shortcut MatMul, and their parameters.
+    pub shortcuts: usize,
+    pub shortcut_parameters: u64,
+}
+
+impl std::fmt::Display for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&inspect::size_summary(
+            self.stream_width,
+            &self.widths,
+            self.blocks,
+            self.before,
+            self.after,
+        ))?;
+        writeln!(
+            f,
+            "basis {}: {} shortcut matrices, {} parameters",
+            self.basis, self.shortcuts, self.shortcut_parameters
+        )
+    }
+}
+
+/// The widths, parameters and bytes [`slice`] would write for `input`, without calibrating or
+/// writing anything.
+pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
+    let prepared = prepare(input, options, true)?;
+    let plan = prepared.plan.as_ref().expect("a dry run makes a size plan");
+    let predicted = plan.predict(&prepared.dims);
+    Ok(DryRun {
+        stream_width: plan.layout.width,
+        widths: predicted.widths,
+        blocks: plan.layout.block_count(),
+        before: predicted.before,
+        after: predicted.after,
+        basis: prepared.dims.basis,
+        shortcuts: predicted.shortcuts,
+        shortcut_parameters: predicted.shortcut_parameters,
+    })
+}
+
+/// Slices the model at `input` (a `.onnx` file; its external data is found beside it) and writes
+/// the result to `output` (a new file whose folder exists; never one the model was read from).
+/// Nothing is written unless the whole rewrite succeeded and met the target. The report says what
+/// was done; `output` holds the same facts in its `onnx_slice.*` metadata.
+///
+/// Errors: [`Error::Invalid`] for an option that cannot work (checked before any long work),
+/// [`Error::Detect`], [`Error::Quantized`] or [`Error::AlreadySliced`] for a model onnx-slice
+/// cannot slice, [`Error::Budget`] for a target no slicing meets, and the errors of loading,
+/// calibration, ONNX Runtime and saving, each naming its file.
+///
+/// ```
+/// use onnx_slice::pipeline::{Options, Orientation};
+///
+/// # fn main() -> onnx_slice::Result<()> {
+/// let model = std::path::Path::new("fixtures/llama/optimum/model.onnx");
+/// let out = tempfile::tempdir().expect("a temporary folder");
+/// let output = out.path().join("model.sliced.onnx");
+/// // A quarter of the stream width, with a random orthogonal basis (no calibration: a model of
+/// // the sliced shape); `Orientation::Pca` (the default) calibrates on the built-in text.
+/// let options = Options {
+///     ratio: 0.25,
+///     orientation: Orientation::RandomBasis { seed: 1 },
+///     ..Options::default()
+/// };
+/// let report = onnx_slice::slice(model, &output, &options)?;
+/// assert_eq!(report.stream_width, 64);
+/// assert_eq!(report.widths, [48, 48, 48, 48, 64]); // the head's input keeps its width
+/// assert!(report.weight_bytes_after < report.weight_bytes_before);
+/// assert_eq!(report.input_sha256.len(), 64);
+/// # Ok(()) }
+/// ```
+pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let Prepared { mut model, dims, plan } = prepare(input, options, false)?;
+    onnx::check_save_target(&model, output).map_err(|e| invalid("output", e.to_string()))?;
+    let before = inspect::summarize(&model);
+    let mut warnings = Vec::new();
+    let (rewritten, orientation, calibration) = match options.orientation.uncalibrated() {
+        None => {
+            let allocation = options
+                .target
+                .filter(|_| options.allocate_widths)
+                .zip(plan)
+                .map(|(budget, plan)| Allocation { plan, budget });
+            let calibrated =
+                calibrate_and_slice(input, &mut model, &dims, allocation, options, &mut warnings)?;
+            let description = format!("pca ({} calibration tokens)", calibrated.tokens);
+            (calibrated.rewritten.clone(), description, Some(calibrated))
+        }
+        Some(orientation) => {
+            let rewritten = transform::rotate(&mut model, orientation, &dims)
+                .map_err(|e| in_context(e, format!("rewriting {}", input.display())))?;
+            (rewritten, orientation.to_string(), None)
+        }
+    };
+    if let Some(budget) = &options.target {
+        budget.check(before.weights, crate::size::weight_totals(&model.graph))?;
+    }
+    transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
+    let saving = Instant::now();
+    let saved = onnx::save(
+        &model,
+        output,
+        &SaveOptions { storage: options.storage, ..Default::default() },
+    )?;
+    let save_seconds = saving.elapsed().as_secs_f64();
+    let after = inspect::summarize(&model);
+    let input_files = hash_inputs(&model_files(&model, input))?;
+    let mut report = Report::new(
+        input,
+        &saved,
+        &rewritten,
+        &dims,
+        &orientation,
+        &before,
+        &after,
+        calibration.as_ref(),
+        save_seconds,
+        started,
+    );
+    report.target = options.target;
+    report.target_limit = options.target.map(|b| b.limit(before.weights));
+    report.execution_provider_requested = calibration.is_some().then(|| options.ep.to_string());
+    report.set_execution_provider(calibration.as_ref().and_then(|c| c.ep.as_ref()));
+    report.onnx_runtime =
+        calibration.as_ref().and_then(|_| runtime::loaded_version()).map(str::to_string);
+    report.input_sha256 = input_files.first().map(|f| f.sha256.clone()).unwrap_or_default();
+    report.input_files = input_files;
+    report.warnings = warnings;
+    Ok(report)
+}
+
+/// The model, its layout checked and a target solved: everything before the long work.
+struct Prepared {
+    model: Model,
+    dims: Dimensions,
+    /// The size plan, made only when a target or a dry run needs it: it copies the graph, detects
+    /// the layout and may compare the head with the embedding table byte for byte.
+    plan: Option<Plan>,
+}
+
+fn prepare(input: &Path, options: &Options, dry_run: bool) -> Result<Prepared> {
+    options.check()?;
+    let model = onnx::load(input)?;
+    transform::refuse_sliced(&model)?;
+    crate::structure::refuse_quantized(&model.graph)?;
+    if options.orientation == Orientation::Pca
+        && !matches!(options.calibration, CalibrationData::Ids(_))
+    {
+        crate::interface::find_tokenizer(input, options.tokenizer.as_deref(), IDS_HINT)
+            .map_err(|e| invalid("tokenizer", e.to_string()))?;
+    }
+    let dims = options.dimensions();
+    let plan = if options.target.is_some() || dry_run {
+        Some(
+            Plan::new(&model)
+                .map_err(|e| in_context(e, format!("planning {}", input.display())))?,
+        )
+    } else {
+        None
+    };
+    let dims = match (&plan, &options.target) {
+        (Some(plan), Some(budget)) => plan.solve(&dims, budget)?,
+        _ => dims,
+    };
+    Ok(Prepared { model, dims, plan })
+}
+
+/// How a tokenizer-less model is told to give token ids instead (the command line's flag).
+const IDS_HINT: &str = "--calib-ids FILE.npy";
+
+fn calibrate_and_slice(
+    input: &Path,
+    model: &mut Model,
+    dims: &Dimensions,
+    allocation: Option<Allocation>,
+    options: &Options,
+    warnings: &mut Vec<String>,
+) -> Result<Calibrated> {
+    runtime::init_runtime(options.ort_library.as_deref())?;
+    if let Some(level) = options.ort_log_level {
+        runtime::set_log_level(level)?;
+    }
+    let set = calibration_set(input, model, options, warnings)?;
+    let notices = options.notices.clone();
+    let calibration = CalibrationOptions {
+        dims: *dims,
+        batch: options.calib_batch,
+        session: SessionConfig { ep: options.ep, intra_threads: None },
+        center_embeddings: options.center_embeddings,
+        model_path: Some(input.to_path_buf()),
+        allocation,
+        on_execution_provider: notices.map(|hook| {
+            Arc::new(move |choice: &EpChoice| hook(Notice::ExecutionProvider(choice)))
+                as crate::calibrate::EpHook
+        }),
+    };
+    let calibrated = slice_with_pca(model, &set, &calibration, &options.progress)
+        .map_err(|e| in_context(e, format!("slicing {}", input.display())))?;
+    options.progress.finish_and_clear();
+    if let Some(path) = &options.save_rotations {
+        let points: Vec<(String, &crate::pca::Basis, usize)> = calibrated
+            .bases
+            .iter()
+            .zip(&calibrated.rewritten.widths)
+            .enumerate()
+            .map(|(p, (basis, &k))| (format!("point{p}"), basis, k))
+            .collect();
+        crate::pca::save_rotations(path, &points)?;
+    }
+    Ok(calibrated)
+}
+
+fn calibration_set(
+    input: &Path,
+    model: &Model,
+    options: &Options,
+    warnings: &mut Vec<String>,
+) -> Result<CalibrationSet> {
+    let mut warn = |message: String| {
+        options.notify(Notice::Warning(&message));
+        warnings.push(message);
+    };
+    let limit = crate::interface::position_limit(model);
+    let seqlen = limit.map_or(options.calib_seqlen, |l| options.calib_seqlen.min(l));
+    let samples = options.calib_samples;
+    let texts: Vec<String> = match &options.calibration {
+        CalibrationData::Ids(ids) => {
+            let set = CalibrationSet::from_npy(ids, Some(samples))?;
+            if let Some(message) = shortfall(&set, samples, "rows in the file") {
+                warn(message);
+            }
+            return Ok(if set.seqlen() > seqlen { set.truncated(seqlen) } else { set });
+        }
+        CalibrationData::BuiltIn => vec![data::default_calibration_text().to_string()],
+        CalibrationData::Texts(paths) => paths
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(p).map_err(|e| {
+                    in_context(Error::io(p, e), format!("reading calibration text {}", p.display()))
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    let tokenizer_path =
+        crate::interface::find_tokenizer(input, options.tokenizer.as_deref(), IDS_HINT)?;
+    let tokenizer = crate::interface::load_tokenizer(&tokenizer_path)?;
+    let set = CalibrationSet::from_texts(&texts, &tokenizer, samples, seqlen, options.calib_seed)?;
+    if let Some(message) =
+        shortfall(&set, samples, "windows in the text; give more text with --calib")
+    {
+        warn(message);
+    }
+    if let Some(unknown) = data::unknown_tokens(&set, &tokenizer) {
+        if unknown.share() > UNKNOWN_WARNING_SHARE {
+            warn(format!(
+                "{:.1} % of the calibration tokens are the unknown token '{}' of {}: the tokenizer does not read \
+                 this text, and PCA on it says little about real input; calibrate on text in the model's vocabulary \
+                 (--calib FILE) or on token ids (--calib-ids FILE.npy)",
+                100.0 * unknown.share(),
+                unknown.token,
+                tokenizer_path.display()
+            ));
+        }
+    }
+    Ok(set)
+}
+
+/// More unknown tokens than this share in the calibration set gets a warning: byte-level
+/// tokenizers have none on any text, word-level ones a few on text of their language.
+const UNKNOWN_WARNING_SHARE: f64 = 0.05;
+
+/// A warning when the data gave fewer samples than asked for.
+fn shortfall(set: &CalibrationSet, requested: usize, why: &str) -> Option<String> {
+    (set.len() < requested).then(|| {
+        format!(
+            "calibrating on {} of the {requested} samples asked for (--calib-samples), {} tokens in all: there are \
+             no more {why}",
+            set.len(),
+            set.tokens()
+        )
+    })
+}
+
+/// An error with what was being done when it happened ([`Error::root`] is the error itself).
+fn in_context(error: Error, doing: String) -> Error {
+    Error::Context { doing, source: Box::new(error) }
+}
+
+/// The files the model was read from: the .onnx file first, then its external data files.
+fn model_files(model: &Model, input: &Path) -> Vec<PathBuf> {
+    match &model.source {
+        Some(source) => std::iter::once(source.path.clone())
+            .chain(source.external_files.iter().cloned())
+            .collect(),
+        None => vec![input.to_path_buf()],
+    }
+}
+
+/// The SHA-256 of every file, read in 1 MiB pieces (a model's files may be larger than memory).
+fn hash_inputs(files: &[PathBuf]) -> Result<Vec<InputFile>> {
+    let mut buffer = vec![0u8; 1 << 20];
+    files
+        .iter()
+        .map(|path| {
+            let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let mut hasher = sha2::Sha256::new();
+            let mut bytes = 0u64;
+            loop {
+                let n = file.read(&mut buffer).map_err(|e| Error::io(path, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..n]);
+                bytes += n as u64;
+            }
+            let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Ok(InputFile { path: path.display().to_string(), bytes, sha256 })
+        })
+        .collect()
+}
