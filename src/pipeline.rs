@@ -284,8 +284,32 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
 /// ```
 pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     let started = Instant::now();
-    let Prepared { mut model, dims, plan } = prepare(input, options, false)?;
-    onnx::check_save_target(&model, output).map_err(|e| invalid("output", e.to_string()))?;
+    let prepared = prepare(input, options, false)?;
+    onnx::check_save_target(&prepared.model, output)
+        .map_err(|e| invalid("output", e.to_string()))?;
+    let files = model_files(&prepared.model, input);
+    // The input is hashed beside the work: it is only read, and a large model takes seconds.
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| hash_inputs(&files));
+        let sliced = rewrite_and_save(input, output, options, prepared, started);
+        let hashed = hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let (mut report, input_files) = (sliced?, hashed?);
+        report.input_sha256 = input_files.first().map(|f| f.sha256.clone()).unwrap_or_default();
+        report.input_files = input_files;
+        Ok(report)
+    })
+}
+
+/// [`slice`] once the options and the model are known to work: the rewrite, the target's check,
+/// the metadata, the save, and the report.
+fn rewrite_and_save(
+    input: &Path,
+    output: &Path,
+    options: &Options,
+    prepared: Prepared,
+    started: Instant,
+) -> Result<Report> {
+    let Prepared { mut model, dims, plan } = prepared;
     let before = inspect::summarize(&model);
     let mut warnings = Vec::new();
     let (rewritten, orientation, calibration) = match options.orientation.uncalibrated() {
@@ -318,7 +342,6 @@ pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     )?;
     let save_seconds = saving.elapsed().as_secs_f64();
     let after = inspect::summarize(&model);
-    let input_files = hash_inputs(&model_files(&model, input))?;
     let mut report = Report::new(
         input,
         &saved,
@@ -337,8 +360,6 @@ pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     report.set_execution_provider(calibration.as_ref().and_then(|c| c.ep.as_ref()));
     report.onnx_runtime =
         calibration.as_ref().and_then(|_| runtime::loaded_version()).map(str::to_string);
-    report.input_sha256 = input_files.first().map(|f| f.sha256.clone()).unwrap_or_default();
-    report.input_files = input_files;
     report.warnings = warnings;
     Ok(report)
 }
