@@ -329,10 +329,9 @@ fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> anyhow::Result<f32> {
 fn cuda_unavailable(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         matches!(cause.downcast_ref::<RuntimeError>(), Some(RuntimeError::CudaUnavailable { .. }))
-            || matches!(
-                cause.downcast_ref::<onnx_slice::Error>(),
-                Some(onnx_slice::Error::Runtime(RuntimeError::CudaUnavailable { .. }))
-            )
+            || cause.downcast_ref::<onnx_slice::Error>().is_some_and(|e| {
+                matches!(e.root(), onnx_slice::Error::Runtime(RuntimeError::CudaUnavailable { .. }))
+            })
     })
 }
 

@@ -282,3 +282,22 @@ fn verbose_sparsity_and_the_old_orientation_name() {
     );
     assert!(!help.stdout.contains("pca, random,"), "the old name is not offered: {}", help.stdout);
 }
+
+/// `eval -v` says which execution provider ran too, through the same notice as slicing.
+#[test]
+fn eval_verbose_says_the_execution_provider() {
+    let dir = scratch();
+    let ids = dir.path().join("ids.npy");
+    let data: Vec<u8> = (0..2 * 16).flat_map(|i: i64| (3 + i % 50).to_le_bytes()).collect();
+    common::write_npy(&ids, "<i8", &[2, 16], &data);
+    let run = onnx_slice(args(&[&"eval", &model(), &"--ids", &ids, &"-v"]));
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("note: ONNX Runtime runs on the CPU execution provider"),
+        "{}",
+        run.stderr
+    );
+    let run = onnx_slice(args(&[&"eval", &model(), &"--ids", &ids]));
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains("execution provider"), "{}", run.stderr);
+}
