@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::data::{self, CalibrationSet};
 use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
+use crate::export::{self, Destination};
 use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
@@ -245,8 +246,10 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Convert(args)) => run_convert(args),
-        Some(Command::Eval(args)) => checks::eval_command(&args)
+        Some(Command::Eval(mut args)) => export::resolve_input(&args.model)
+            .map(|input| args.model = input.model)
             .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(checks::eval_command(&args)?))
             .and_then(|()| crate::eval::run_eval_command(&args)),
         None => run_slice(cli.slice),
     };
@@ -263,8 +266,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
-    checks::input_file("MODEL", &args.model)?;
-    let model = onnx::load(&args.model)?;
+    let input = export::resolve_input(&args.model)?.model;
+    checks::input_file("MODEL", &input)?;
+    let model = onnx::load(&input)?;
     let summary = inspect::summarize(&model);
     let layout = inspect::describe_layout(&model, args.explain);
     if args.json {
@@ -279,11 +283,19 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
 
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let Some(input) = args.model.clone() else {
+    let Some(given) = args.model.clone() else {
         return Err(usage("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)").into());
     };
+    let source = export::resolve_input(&given)?;
+    let input = source.model.clone();
     let dims = slice_dimensions(&args)?;
-    checks::slice_command(&args, &input, args.output.as_deref())?;
+    let output_file = args.output.as_deref().filter(|_| source.folder.is_none());
+    checks::slice_command(&args, &input, output_file)?;
+    let destination =
+        args.output.as_deref().map(|o| export::plan_output(&source, o)).transpose()?;
+    if let (Some(Destination::Folder(plan)), false) = (&destination, args.quiet) {
+        plan.skipped_folders.iter().for_each(|f| eprintln!("note: the folder {f} is not copied"));
+    }
     let storage = storage_of(args.external_data, args.inline);
     let mut model = onnx::load(&input)?;
     transform::refuse_sliced(&model)?;
@@ -319,10 +331,12 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let Some(output) = args.output.clone() else {
+    let Some(destination) = destination else {
         return Err(usage("-o OUTPUT is required (or --dry-run)").into());
     };
-    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
+    if let Destination::File(output) = &destination {
+        onnx::check_save_target(&model, output).map_err(|e| usage(format!("-o: {e}")))?;
+    }
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
@@ -349,7 +363,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     }
     transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
     let saving = Instant::now();
-    let saved = onnx::save(&model, &output, &SaveOptions { storage, ..Default::default() })?;
+    let saved = destination.save(&model, &SaveOptions { storage, ..Default::default() })?;
     let save_seconds = saving.elapsed().as_secs_f64();
     let after = inspect::summarize(&model);
     if !args.quiet {
@@ -518,14 +532,22 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> 
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
-    checks::input_file("INPUT", &args.input)?;
-    checks::output_files(&[("-o", &args.output)], &[&args.input])?;
+    let source = export::resolve_input(&args.input)?;
+    let input = &source.model;
+    checks::input_file("INPUT", input)?;
+    if source.folder.is_none() {
+        checks::output_files(&[("-o", &args.output)], &[input])?;
+    }
+    let destination = export::plan_output(&source, &args.output)?;
     let storage = storage_of(args.external_data, args.inline);
-    let model = onnx::load(&args.input)?;
-    onnx::check_save_target(&model, &args.output).map_err(|e| usage(format!("-o: {e}")))?;
+    let model = onnx::load(input)?;
+    if let Destination::File(output) = &destination {
+        onnx::check_save_target(&model, output).map_err(|e| usage(format!("-o: {e}")))?;
+    }
     let options = SaveOptions { storage, size_threshold: args.size_threshold };
-    let saved = onnx::save(&model, &args.output, &options)
-        .with_context(|| format!("converting {}", args.input.display()))?;
+    let saved = destination
+        .save(&model, &options)
+        .with_context(|| format!("converting {}", input.display()))?;
     eprintln!("wrote {} ({} bytes)", saved.path.display(), saved.model_bytes);
     if let Some((data, len)) = saved.data_file {
         eprintln!("wrote {} ({} bytes)", data.display(), len);

@@ -31,7 +31,8 @@ pub fn usage(message: impl Into<String>) -> UsageError {
     UsageError(message.into())
 }
 
-/// The exit code for an error: [`EXIT_USAGE`] for a command-line mistake, [`EXIT_UNSUPPORTED_MODEL`]
+/// The exit code for an error: [`EXIT_USAGE`] for a command-line mistake (an unusable input or
+/// output folder is one), [`EXIT_UNSUPPORTED_MODEL`]
 /// when the model's structure is not one onnx-slice knows, [`EXIT_TARGET_NOT_MET`] for a size target
 /// out of reach, else 1.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
@@ -50,7 +51,11 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     let unreachable_target = |cause: &(dyn std::error::Error + 'static)| {
         matches!(cause.downcast_ref::<crate::Error>(), Some(crate::Error::Budget { .. }))
     };
-    if error.chain().any(|cause| cause.downcast_ref::<UsageError>().is_some()) {
+    let usage_error = |cause: &(dyn std::error::Error + 'static)| {
+        cause.downcast_ref::<UsageError>().is_some()
+            || matches!(cause.downcast_ref::<crate::Error>(), Some(crate::Error::Folder { .. }))
+    };
+    if error.chain().any(usage_error) {
         EXIT_USAGE
     } else if error.chain().any(unsupported) {
         EXIT_UNSUPPORTED_MODEL

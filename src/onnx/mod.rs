@@ -11,8 +11,8 @@ mod value_info;
 
 pub use load::{load, load_from_bytes};
 pub use save::{
-    check_destination, check_save_target, save, to_bytes, SaveOptions, Saved, Storage,
-    DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
+    check_destination, check_save_target, save, save_with_data_file, to_bytes, SaveOptions, Saved,
+    Storage, DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
 };
 
 /// The part of a protobuf message that the IR does not model, carried along unchanged.
