@@ -34,6 +34,10 @@ Examples:
       the widths, parameters and bytes that would be written, in seconds, without calibrating
   onnx-slice model.onnx -o model.sliced.onnx --ratio 0.25
       a quarter of the stream width removed (a width, not a size)
+  onnx-slice smollm2-onnx/ -o smollm2-sliced/ --ratio 0.25
+      an optimum or onnxruntime-genai export folder in, a new folder out that the same client
+      (ORTModelForCausalLM, onnxruntime_genai.Model) loads as it is: config and tokenizer files
+      copied unchanged, external data named as that client expects
   onnx-slice model.onnx -o small.onnx --ratio 0.3 --calib corpus.txt --report small.json
       calibrate on your own text; write a JSON report of widths, sizes and times
   onnx-slice model.onnx -o small.onnx --ratio 0.2 --calib-ids tokens.npy --ep cuda
@@ -44,8 +48,9 @@ Examples:
 Exit codes:
   0  done
   1  the work failed (an unreadable model, ONNX Runtime, calibration data)
-  2  the command line is wrong (a flag's value, a path that is missing, a folder, or the input
-     itself); found before any long work and before anything is written
+  2  the command line is wrong (a flag's value, a path that is missing, a folder that is not an
+     export folder, or the input itself, or inside the input folder); found before any long work
+     and before anything is written
   3  the model is not one onnx-slice can slice: no transformer found in it, it is quantized, or
      it is the output of onnx-slice already ('onnx-slice inspect MODEL' says which)
   4  no slicing meets --target-size / --target-params; nothing was written";
@@ -61,7 +66,8 @@ const CONVERT_EXAMPLES: &str = "\
 Examples:
   onnx-slice convert model.onnx -o big.onnx --external-data     weights to big.onnx.data
   onnx-slice convert big.onnx -o model.onnx --inline            everything in one file
-  onnx-slice convert model.onnx -o out.onnx --external-data --size-threshold 4096";
+  onnx-slice convert model.onnx -o out.onnx --external-data --size-threshold 4096
+  onnx-slice convert export/ -o export-ext/ --external-data     a folder: model.onnx_data (optimum)";
 
 const EVAL_EXAMPLES: &str = "\
 Examples:
@@ -89,10 +95,12 @@ struct Cli {
 
 #[derive(Args)]
 struct SliceArgs {
-    /// The exported model (.onnx; external data files are found beside it).
+    /// The exported model (.onnx; external data files are found beside it), or an optimum or
+    /// onnxruntime-genai export folder.
     #[arg(required = true)]
     model: Option<PathBuf>,
-    /// Where to write the sliced model (a new file; its folder must exist). Not needed with --dry-run.
+    /// Where to write the sliced model: a new file (its folder must exist), or for an export folder a
+    /// new folder that its client loads as it is. Not needed with --dry-run.
     #[arg(short, long, value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
     /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see --target-size).
@@ -208,7 +216,7 @@ enum Command {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// The model (.onnx; external data files are found beside it).
+    /// The model (.onnx; external data files are found beside it), or an export folder.
     model: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -220,9 +228,10 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The model to rewrite (.onnx).
+    /// The model to rewrite (.onnx), or an export folder.
     input: PathBuf,
-    /// Where to write it (a new file; its folder must exist; external data goes to OUT.data).
+    /// Where to write it (a new file; its folder must exist; external data goes to OUT.data), or for
+    /// an export folder a new folder (external data named as the folder's client expects).
     #[arg(short, long, value_name = "OUT")]
     output: PathBuf,
     /// Store tensors in OUTPUT.data beside the model.
@@ -248,7 +257,7 @@ pub fn main() -> ExitCode {
         Some(Command::Convert(args)) => run_convert(args),
         Some(Command::Eval(mut args)) => export::resolve_input(&args.model)
             .map(|input| args.model = input.model)
-            .map_err(anyhow::Error::from)
+            .map_err(|e| anyhow::Error::from(flagged("MODEL", e)))
             .and_then(|()| Ok(checks::eval_command(&args)?))
             .and_then(|()| crate::eval::run_eval_command(&args)),
         None => run_slice(cli.slice),
@@ -266,7 +275,7 @@ pub fn main() -> ExitCode {
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let input = export::resolve_input(&args.model)?.model;
+    let input = export::resolve_input(&args.model).map_err(|e| flagged("MODEL", e))?.model;
     checks::input_file("MODEL", &input)?;
     let model = onnx::load(&input)?;
     let summary = inspect::summarize(&model);
@@ -286,13 +295,13 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let Some(given) = args.model.clone() else {
         return Err(usage("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)").into());
     };
-    let source = export::resolve_input(&given)?;
+    let source = export::resolve_input(&given).map_err(|e| flagged("MODEL", e))?;
     let input = source.model.clone();
     let dims = slice_dimensions(&args)?;
     let output_file = args.output.as_deref().filter(|_| source.folder.is_none());
     checks::slice_command(&args, &input, output_file)?;
-    let destination =
-        args.output.as_deref().map(|o| export::plan_output(&source, o)).transpose()?;
+    let destination = args.output.as_deref().map(|o| export::plan_output(&source, o));
+    let destination = destination.transpose().map_err(|e| flagged("-o", e))?;
     if let (Some(Destination::Folder(plan)), false) = (&destination, args.quiet) {
         plan.skipped_folders.iter().for_each(|f| eprintln!("note: the folder {f} is not copied"));
     }
@@ -387,6 +396,11 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         write_json(path, &report)?;
     }
     Ok(())
+}
+
+/// An export folder that cannot be used, as a command-line mistake that names its flag (exit code 2).
+fn flagged(flag: &str, error: crate::Error) -> checks::UsageError {
+    usage(format!("{flag} {error}"))
 }
 
 fn slice_dimensions(args: &SliceArgs) -> Checked<Dimensions> {
@@ -532,13 +546,13 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> 
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
-    let source = export::resolve_input(&args.input)?;
+    let source = export::resolve_input(&args.input).map_err(|e| flagged("INPUT", e))?;
     let input = &source.model;
     checks::input_file("INPUT", input)?;
     if source.folder.is_none() {
         checks::output_files(&[("-o", &args.output)], &[input])?;
     }
-    let destination = export::plan_output(&source, &args.output)?;
+    let destination = export::plan_output(&source, &args.output).map_err(|e| flagged("-o", e))?;
     let storage = storage_of(args.external_data, args.inline);
     let model = onnx::load(input)?;
     if let Destination::File(output) = &destination {
