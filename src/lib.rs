@@ -16,6 +16,7 @@ pub mod interface;
 pub mod onnx;
 pub mod pattern;
 pub mod pca;
+pub mod protobuf;
 pub mod report;
 pub mod rotate;
 pub mod runtime;

@@ -13,7 +13,7 @@ pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
 pub use topo::{cleanup, node_on_cycle, toposort};
 pub use types::{check_types, value_types, TypeError};
 
-use crate::onnx::{proto, Opaque};
+use crate::protobuf::{onnx as proto, Opaque};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {

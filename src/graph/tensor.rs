@@ -6,7 +6,7 @@ use bytes::Bytes;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
-use crate::onnx::Opaque;
+use crate::protobuf::Opaque;
 
 /// ONNX element types (TensorProto.DataType codes). Unknown codes pass through untouched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -156,7 +156,7 @@ pub struct Tensor {
     pub dtype: DataType,
     pub dims: Vec<i64>,
     pub data: TensorData,
-    pub(crate) rest: Opaque<crate::onnx::proto::TensorProto>,
+    pub(crate) rest: Opaque<crate::protobuf::onnx::TensorProto>,
 }
 
 impl Tensor {

@@ -1,11 +1,8 @@
-//! The ONNX file format: protobuf types (generated, checked in), loading with memory maps and
-//! external data, saving. Protobuf types do not leave this module; the rest of the crate sees
+//! The ONNX file format: loading with memory maps and external data, saving. The only module that
+//! converts between the protobuf types (`crate::protobuf`) and the IR; the rest of the crate sees
 //! `crate::graph`.
 mod codec;
 mod load;
-#[allow(clippy::all, missing_docs, rustdoc::all)]
-#[rustfmt::skip]
-pub(crate) mod proto;
 mod save;
 mod value_info;
 
@@ -15,6 +12,5 @@ pub use save::{
     Storage, DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
 };
 
-/// The part of a protobuf message that the IR does not model, carried along unchanged.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Opaque<T>(pub(in crate::onnx) T);
+use crate::protobuf::onnx as proto;
+use crate::protobuf::Opaque;
