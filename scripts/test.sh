@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-ort.sh >/dev/null
 scripts/setup-check.sh >/dev/null
+scripts/setup-clients.sh >/dev/null
 if [ ! -x "${CARGO_TARGET_DIR:-target}/release/onnx-slice" ]; then
   echo "test.sh: first build, in release mode: compiling every dependency takes several minutes (scripts/onnx-slice" \
        "shares this build, so whichever runs first pays for it)" >&2

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::export::{self, Destination};
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
 use crate::pipeline::{self, CalibrationData, Notice, Orientation};
@@ -27,6 +28,10 @@ Examples:
       the widths, parameters and bytes that would be written, in seconds, without calibrating
   onnx-slice model.onnx -o model.sliced.onnx --ratio 0.25
       a quarter of the stream width removed (a width, not a size)
+  onnx-slice smollm2-onnx/ -o smollm2-sliced/ --ratio 0.25
+      an optimum or onnxruntime-genai export folder in, a new folder out that the same client
+      (ORTModelForCausalLM, onnxruntime_genai.Model) loads as it is: config and tokenizer files
+      copied unchanged, external data named as that client expects
   onnx-slice model.onnx -o small.onnx --ratio 0.3 --calib corpus.txt --report small.json
       calibrate on your own text; write a JSON report of widths, sizes and times
   onnx-slice model.onnx -o small.onnx --ratio 0.2 --calib-ids tokens.npy --ep cuda
@@ -40,8 +45,9 @@ Examples:
 Exit codes:
   0  done
   1  the work failed (an unreadable model, ONNX Runtime, calibration data)
-  2  the command line is wrong (a flag's value, a path that is missing, a folder, or the input
-     itself); found before any long work and before anything is written
+  2  the command line is wrong (a flag's value, a path that is missing, a folder that is not an
+     export folder, or the input itself, or inside the input folder); found before any long work
+     and before anything is written
   3  the model is not one onnx-slice can slice: no transformer found in it, it is quantized, or
      it is the output of onnx-slice already ('onnx-slice inspect MODEL' says which)
   4  no slicing meets --target-size / --target-params; nothing was written";
@@ -57,7 +63,8 @@ const CONVERT_EXAMPLES: &str = "\
 Examples:
   onnx-slice convert model.onnx -o big.onnx --external-data     weights to big.onnx.data
   onnx-slice convert big.onnx -o model.onnx --inline            everything in one file
-  onnx-slice convert model.onnx -o out.onnx --external-data --size-threshold 4096";
+  onnx-slice convert model.onnx -o out.onnx --external-data --size-threshold 4096
+  onnx-slice convert export/ -o export-ext/ --external-data     a folder: model.onnx_data (optimum)";
 
 const EVAL_EXAMPLES: &str = "\
 Examples:
@@ -85,10 +92,12 @@ struct Cli {
 
 #[derive(Args)]
 struct SliceArgs {
-    /// The exported model (.onnx; external data files are found beside it).
+    /// The exported model (.onnx; external data files are found beside it), or an optimum or
+    /// onnxruntime-genai export folder.
     #[arg(required = true)]
     model: Option<PathBuf>,
-    /// Where to write the sliced model (a new file; its folder must exist). Not needed with --dry-run.
+    /// Where to write the sliced model: a new file (its folder must exist), or for an export folder a
+    /// new folder that its client loads as it is. Not needed with --dry-run.
     #[arg(short, long, value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
     /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see
@@ -228,7 +237,7 @@ enum Command {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// The model (.onnx; external data files are found beside it).
+    /// The model (.onnx; external data files are found beside it), or an export folder.
     model: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -240,9 +249,10 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The model to rewrite (.onnx).
+    /// The model to rewrite (.onnx), or an export folder.
     input: PathBuf,
-    /// Where to write it (a new file; its folder must exist; external data goes to OUT.data).
+    /// Where to write it (a new file; its folder must exist; external data goes to OUT.data), or for
+    /// an export folder a new folder (external data named as the folder's client expects).
     #[arg(short, long, value_name = "OUT")]
     output: PathBuf,
     /// Store tensors in OUTPUT.data beside the model.
@@ -266,8 +276,10 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Convert(args)) => run_convert(args),
-        Some(Command::Eval(args)) => checks::eval_command(&args)
-            .map_err(anyhow::Error::from)
+        Some(Command::Eval(mut args)) => export::resolve_input(&args.model)
+            .map(|input| args.model = input.model)
+            .map_err(|e| anyhow::Error::from(flagged("MODEL", e)))
+            .and_then(|()| Ok(checks::eval_command(&args)?))
             .and_then(|()| crate::eval::run_eval_command(&args)),
         None => run_slice(cli.slice),
     };
@@ -284,8 +296,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
-    checks::input_file("MODEL", &args.model)?;
-    let model = onnx::load(&args.model)?;
+    let input = export::resolve_input(&args.model).map_err(|e| flagged("MODEL", e))?.model;
+    checks::input_file("MODEL", &input)?;
+    let model = onnx::load(&input)?;
     let summary = inspect::summarize(&model);
     let layout = inspect::describe_layout(&model, args.explain);
     if args.json {
@@ -302,6 +315,9 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let Some(input) = args.model.clone() else {
         return Err(usage("usage: onnx-slice MODEL -o OUTPUT --ratio R (see --help)").into());
     };
+    // A folder's model file and the output folder are checked here too, so that a mistake names
+    // its flag; the library resolves them the same way.
+    let source = export::resolve_input(&input).map_err(|e| flagged("MODEL", e))?;
     if args.orientation == OrientationArg::Random {
         eprintln!(
             "warning: --orientation random is deprecated: it is now called random-basis (a random orthogonal basis, no \
@@ -311,7 +327,18 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     }
     let options = slice_options(&args);
     options.check().map_err(flag_error)?;
-    checks::slice_command(&args, &input, args.output.as_deref())?;
+    let output_file = args.output.as_deref().filter(|_| source.folder.is_none());
+    checks::slice_command(&args, &source.model, output_file)?;
+    let destination = args.output.as_deref().map(|o| export::plan_output(&source, o));
+    if let Some(Destination::Folder(plan)) =
+        destination.transpose().map_err(|e| flagged("-o", e))?
+    {
+        if !args.quiet {
+            plan.skipped_folders
+                .iter()
+                .for_each(|f| eprintln!("note: the folder {f} is not copied"));
+        }
+    }
     if args.dry_run {
         print!("{}", pipeline::plan(&input, &options).map_err(flag_error)?);
         return Ok(());
@@ -333,6 +360,11 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         write_json(path, &report)?;
     }
     Ok(())
+}
+
+/// An export folder that cannot be used, as a command-line mistake that names its flag (exit code 2).
+fn flagged(flag: &str, error: crate::Error) -> checks::UsageError {
+    usage(format!("{flag} {error}"))
 }
 
 /// The library's options for a slicing command line (checked by [`pipeline::Options::check`]).
@@ -425,14 +457,22 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> 
 }
 
 fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
-    checks::input_file("INPUT", &args.input)?;
-    checks::output_files(&[("-o", &args.output)], &[&args.input])?;
+    let source = export::resolve_input(&args.input).map_err(|e| flagged("INPUT", e))?;
+    let input = &source.model;
+    checks::input_file("INPUT", input)?;
+    if source.folder.is_none() {
+        checks::output_files(&[("-o", &args.output)], &[input])?;
+    }
+    let destination = export::plan_output(&source, &args.output).map_err(|e| flagged("-o", e))?;
     let storage = storage_of(args.external_data, args.inline);
-    let model = onnx::load(&args.input)?;
-    onnx::check_save_target(&model, &args.output).map_err(|e| usage(format!("-o: {e}")))?;
+    let model = onnx::load(input)?;
+    if let Destination::File(output) = &destination {
+        onnx::check_save_target(&model, output).map_err(|e| usage(format!("-o: {e}")))?;
+    }
     let options = SaveOptions { storage, size_threshold: args.size_threshold };
-    let saved = onnx::save(&model, &args.output, &options)
-        .with_context(|| format!("converting {}", args.input.display()))?;
+    let saved = destination
+        .save(&model, &options)
+        .with_context(|| format!("converting {}", input.display()))?;
     eprintln!("wrote {} ({} bytes)", saved.path.display(), saved.model_bytes);
     if let Some((data, len)) = saved.data_file {
         eprintln!("wrote {} ({} bytes)", data.display(), len);

@@ -23,6 +23,11 @@ pub enum Error {
     #[error("refusing to write {output}: {message}")]
     Save { output: PathBuf, message: String },
 
+    /// An export folder that cannot be read as one, or an output folder that cannot be written
+    /// (it exists, it is inside the input folder); found before any long work.
+    #[error("{path}: {message}")]
+    Folder { path: PathBuf, message: String },
+
     /// The graph about to be written does not type-check; nothing was written.
     #[error("refusing to write {output}, an invalid model: {source}")]
     IllTyped { output: PathBuf, source: crate::graph::TypeError },

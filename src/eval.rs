@@ -191,7 +191,7 @@ fn eval_error(message: impl Into<String>) -> Error {
 /// `onnx-slice eval`: the perplexity of a model on text or token ids.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// The model (.onnx).
+    /// The model (.onnx), or an export folder.
     pub model: PathBuf,
     /// Evaluation text (UTF-8; paragraphs separated by blank lines are documents). Repeatable.
     #[arg(

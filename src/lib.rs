@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod files;
 pub mod fuse;
 pub mod graph;

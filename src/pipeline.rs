@@ -14,6 +14,7 @@ use sha2::Digest as _;
 use crate::calibrate::data::{self, CalibrationSet};
 use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
 use crate::error::{Error, Result};
+use crate::export::{self, Destination};
 use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
@@ -236,7 +237,8 @@ impl std::fmt::Display for DryRun {
 /// The widths, parameters and bytes [`slice`] would write for `input`, without calibrating or
 /// writing anything.
 pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
-    let prepared = prepare(input, options, true)?;
+    let source = export::resolve_input(input)?;
+    let prepared = prepare(&source.model, options, true)?;
     let plan = prepared.plan.as_ref().expect("a dry run makes a size plan");
     let predicted = plan.predict(&prepared.dims);
     Ok(DryRun {
@@ -251,8 +253,10 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
     })
 }
 
-/// Slices the model at `input` (a `.onnx` file; its external data is found beside it) and writes
-/// the result to `output` (a new file whose folder exists; never one the model was read from).
+/// Slices the model at `input` (a `.onnx` file, its external data found beside it; or an optimum
+/// or onnxruntime-genai export folder) and writes the result to `output` (a new file whose folder
+/// exists, never one the model was read from; for a folder, a new folder outside it that the same
+/// client loads as it is, see [`crate::export`]).
 /// Nothing is written unless the whole rewrite succeeded and met the target. The report says what
 /// was done; `output` holds the same facts in its `onnx_slice.*` metadata.
 ///
@@ -284,14 +288,19 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
 /// ```
 pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     let started = Instant::now();
+    let source = export::resolve_input(input)?;
+    let destination = export::plan_output(&source, output)?;
+    let input = source.model.as_path();
     let prepared = prepare(input, options, false)?;
-    onnx::check_save_target(&prepared.model, output)
-        .map_err(|e| invalid("output", e.to_string()))?;
+    if let Destination::File(output) = &destination {
+        onnx::check_save_target(&prepared.model, output)
+            .map_err(|e| invalid("output", e.to_string()))?;
+    }
     let files = model_files(&prepared.model, input);
     // The input is hashed beside the work: it is only read, and a large model takes seconds.
     std::thread::scope(|scope| {
         let hashing = scope.spawn(|| hash_inputs(&files));
-        let sliced = rewrite_and_save(input, output, options, prepared, started);
+        let sliced = rewrite_and_save(input, &destination, options, prepared, started);
         let hashed = hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         let (mut report, input_files) = (sliced?, hashed?);
         report.input_sha256 = input_files.first().map(|f| f.sha256.clone()).unwrap_or_default();
@@ -304,7 +313,7 @@ pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
 /// the metadata, the save, and the report.
 fn rewrite_and_save(
     input: &Path,
-    output: &Path,
+    destination: &Destination,
     options: &Options,
     prepared: Prepared,
     started: Instant,
@@ -335,11 +344,8 @@ fn rewrite_and_save(
     }
     transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
     let saving = Instant::now();
-    let saved = onnx::save(
-        &model,
-        output,
-        &SaveOptions { storage: options.storage, ..Default::default() },
-    )?;
+    let saved = destination
+        .save(&model, &SaveOptions { storage: options.storage, ..Default::default() })?;
     let save_seconds = saving.elapsed().as_secs_f64();
     let after = inspect::summarize(&model);
     let mut report = Report::new(

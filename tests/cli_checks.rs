@@ -136,8 +136,9 @@ fn input_mistakes_name_the_flag_and_the_path() {
     let folder = scratch();
     let missing = folder.path().join("missing.txt");
 
+    // A folder is taken as an export folder: one without either family's configuration is not one.
     let run = onnx_slice(args(&[&folder.path(), &"-o", &out, &"--ratio", &"0.25"]));
-    assert_usage_error(&run, "is a folder, not a file", outputs.path());
+    assert_usage_error(&run, "not an export folder", outputs.path());
     assert!(run.stderr.contains(&format!("MODEL {}", folder.path().display())), "{}", run.stderr);
 
     let run = onnx_slice(args(&[&missing, &"-o", &out, &"--ratio", &"0.25"]));
@@ -184,10 +185,10 @@ fn input_mistakes_name_the_flag_and_the_path() {
             list.extend(args(&[&"--text", &text]));
         }
         let run = onnx_slice(list);
-        assert_usage_error(&run, "is a folder, not a file", outputs.path());
+        assert_usage_error(&run, "not an export folder", outputs.path());
     }
     let run = onnx_slice(args(&[&"convert", &folder.path(), &"-o", &out]));
-    assert_usage_error(&run, "is a folder, not a file", outputs.path());
+    assert_usage_error(&run, "not an export folder", outputs.path());
     let run = onnx_slice(args(&[&"convert", &model(), &"-o", &outputs.path()]));
     assert_usage_error(&run, "it is a folder", outputs.path());
 

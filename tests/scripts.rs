@@ -1,5 +1,6 @@
 //! The set-up scripts say what they do: the first build is announced and shows cargo's progress
-//! (later runs are quiet), and fetching ONNX Runtime's library is announced before it starts.
+//! (later runs are quiet); fetching ONNX Runtime's library and making the clients' venv are announced
+//! before they start.
 //! `cargo` and `python3` are stand-ins on PATH that record how they were called, so nothing is
 //! built or downloaded here.
 mod common;
@@ -83,6 +84,25 @@ fn fetching_onnx_runtime_is_announced_before_it_starts() {
     assert!(
         stderr.contains("setup-ort: fetching ONNX Runtime 1.31.1")
             && stderr.contains(&home.display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_clients_venv_is_announced_with_its_size_before_it_is_made() {
+    let dir = scratch();
+    let home = dir.path().join("empty-home");
+    let out = Command::new(script("setup-clients.sh"))
+        .env("PATH", stand_ins(dir.path()))
+        .env("ONNX_SLICE_HOME", &home)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the stand-in python3 makes no venv");
+    assert!(
+        stderr.contains("setup-clients: creating the Python venv")
+            && stderr.contains(&home.join("venv-clients").display().to_string())
+            && stderr.contains("5.7 GB"),
         "{stderr}"
     );
 }

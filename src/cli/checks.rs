@@ -31,7 +31,8 @@ pub fn usage(message: impl Into<String>) -> UsageError {
     UsageError(message.into())
 }
 
-/// The exit code for an error: [`EXIT_USAGE`] for a command-line mistake, [`EXIT_UNSUPPORTED_MODEL`]
+/// The exit code for an error: [`EXIT_USAGE`] for a command-line mistake (an unusable input or
+/// output folder is one), [`EXIT_UNSUPPORTED_MODEL`]
 /// when the model's structure is not one onnx-slice knows, [`EXIT_TARGET_NOT_MET`] for a size target
 /// out of reach, else 1.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
@@ -54,9 +55,9 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     };
     let invalid_option = |cause: &(dyn std::error::Error + 'static)| {
         cause.downcast_ref::<UsageError>().is_some()
-            || cause
-                .downcast_ref::<crate::Error>()
-                .is_some_and(|e| matches!(e.root(), crate::Error::Invalid { .. }))
+            || cause.downcast_ref::<crate::Error>().is_some_and(|e| {
+                matches!(e.root(), crate::Error::Invalid { .. } | crate::Error::Folder { .. })
+            })
     };
     if error.chain().any(invalid_option) {
         EXIT_USAGE

@@ -64,7 +64,28 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
 /// invalid model is never written.
 pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<Saved> {
     let path = path.as_ref();
-    let data_path = check_save_target(model, path)?;
+    save_with_data_file(model, path, &data_file_for(path)?, options)
+}
+
+/// As [`save`], with external data (when written) in `data_path` instead of `OUT.data`: the name
+/// a client's loader expects (optimum's is `model.onnx_data`). `data_path` must be beside `path`.
+pub fn save_with_data_file(
+    model: &Model,
+    path: &Path,
+    data_path: &Path,
+    options: &SaveOptions,
+) -> Result<Saved> {
+    check_destination(path)?;
+    if parent_folder(data_path) != parent_folder(path) {
+        return Err(Error::Save {
+            output: data_path.into(),
+            message: format!(
+                "external data must be beside the model, in {}",
+                parent_folder(path).display()
+            ),
+        });
+    }
+    refuse_overwriting_sources(model, path, data_path)?;
     check_types(&model.graph)
         .map_err(|source| Error::IllTyped { output: path.to_path_buf(), source })?;
     let external = match options.storage {
@@ -73,7 +94,7 @@ pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Res
         Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
     };
     if external {
-        save_external(model, path, &data_path, options.size_threshold)
+        save_external(model, path, data_path, options.size_threshold)
     } else {
         save_inline(model, path)
     }
