@@ -31,5 +31,5 @@ pub use library::{
     choose_library, default_library_path, init_runtime, loaded_library, locate_library,
     LibraryLocation, LibrarySearchEnv, LibrarySource, ORT_VERSION,
 };
-pub use session::{ModelSession, RunOutputs, SessionConfig};
+pub use session::{save_optimized, ModelSession, RunOutputs, SessionConfig};
 pub use tensor::{Dim, ElementType, TensorInfo, TensorValue};
