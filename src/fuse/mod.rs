@@ -147,14 +147,15 @@ fn width_nodes(graph: &Graph, output: &str) -> Option<(usize, usize)> {
     let producer = |value: &str, op: &str| {
         graph.node_index_producing(value).filter(|&i| graph.nodes[i].is(op))
     };
-    let gain = producer(output, "Mul")?;
+    let binary = |i: usize| graph.nodes[i].inputs.len() == 2;
+    let gain = producer(output, "Mul").filter(|&i| binary(i))?;
     let normalized = graph.nodes[gain].inputs.first()?;
     let div = match producer(normalized, "Cast") {
         Some(cast) => producer(graph.nodes[cast].inputs.first()?, "Div")?,
         None => producer(normalized, "Div")?,
     };
     let sqrt = producer(graph.nodes[div].inputs.get(1)?, "Sqrt")?;
-    let add = producer(graph.nodes[sqrt].inputs.first()?, "Add")?;
+    let add = producer(graph.nodes[sqrt].inputs.first()?, "Add").filter(|&i| binary(i))?;
     Some((add, gain))
 }
 
