@@ -148,7 +148,8 @@ impl Plan {
             .collect();
         let stream = algebra::stream_dtype(&graph, &layout);
         let created = algebra::created_dtype(stream);
-        // The norms' constants (1/D, and an epsilon per norm) are in the type they accumulate in.
+        // The norms' scalars (the exponent 2, and an ε per norm) are in the type they accumulate
+        // in; their gain vectors (one per width) depend on the widths (`predict_widths`).
         let norm_constants = algebra::accumulation_dtype(created);
         let mut added = vec![(1, norm_constants)];
         added.extend(layout.branches().map(|_| (1, norm_constants)));
@@ -244,6 +245,11 @@ impl Plan {
             }
         }
         created.push(shortcut_parameters);
+        // The norms share one gain vector per stream width (`fuse::gain_tensor`).
+        let mut norm_widths = widths.clone();
+        norm_widths.sort_unstable();
+        norm_widths.dedup();
+        created.extend(norm_widths.iter().map(|&k| k as u64));
         let element = |dtype: DataType| dtype.byte_size().unwrap_or(4) as u64;
         let mut after = Totals::default();
         for &(n, dtype) in sizes.values().chain(self.added.iter()) {

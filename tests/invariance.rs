@@ -11,7 +11,7 @@
 //!    output shapes, and has exactly the parameter count the layout predicts, term by term; a
 //!    tied head still reads the one table; the library's size prediction (`--dry-run`, size
 //!    targets) equals what the rewrite writes, for every `--basis`;
-//! 3. operator counts: no norm op left, one `onnx_slice/norm*/ReduceSum` per norm, one
+//! 3. operator counts: no norm op left, one `onnx_slice/norm*/ReduceMean` per norm, one
 //!    `onnx_slice/shortcut*` MatMul per segment (of the predicted k_a × k_b);
 //! 4. graphs the library cannot handle give errors naming a node, never panics (library and binary).
 //!
@@ -546,8 +546,10 @@ fn predicted_parameters(
         .map(|r| r.out_features as i64)
         .sum();
     term("+ biases created for bias-less readers of a norm with β", new_biases);
-    // The rewrite's own scalars: 1/D, eps per norm (not the shortcuts, counted below).
+    // The rewrite's own scalars (the exponent 2, an ε per norm) and the norms' gain vectors (not
+    // the shortcuts, counted below).
     let mut rewrite_constants = 0;
+    let mut gains = Vec::new();
     let rewrite_matrix =
         |name: &str| name.starts_with("onnx_slice.shortcut") || name.contains("_adapter");
     for t in sliced
@@ -556,6 +558,10 @@ fn predicted_parameters(
         .iter()
         .filter(|t| t.name.starts_with("onnx_slice.") && !rewrite_matrix(&t.name))
     {
+        if t.name.starts_with("onnx_slice.norm.gain") {
+            gains.push(norm_gain_width(t, layout.width)?);
+            continue;
+        }
         if t.numel() > 1 {
             return Err(format!("initializer {} {:?} is not a scalar constant", t.name, t.dims));
         }
@@ -564,6 +570,17 @@ fn predicted_parameters(
         }
     }
     term("+ rewrite scalar constants (onnx_slice.*, not shortcuts)", rewrite_constants);
+    // One gain vector per stream width, shared by the norms reading points of that width.
+    let mut distinct = widths.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    gains.sort_unstable();
+    if gains != distinct {
+        return Err(format!(
+            "norm gain vectors of widths {gains:?}, expected one per stream width {distinct:?}"
+        ));
+    }
+    term("+ norm gains, one per stream width", distinct.iter().sum::<usize>() as i64);
 
     // Slicing. Embedding tables V×D → V×k_0 (token and learned positions).
     let table_rows = |name: &str| {
@@ -622,6 +639,21 @@ fn predicted_parameters(
     };
     term("- head D×V → k_L×V (not a tied one)", head);
     Ok(terms)
+}
+
+/// The width k of a norm gain vector, which must hold k copies of √(D/k) (fuse::rms_norm).
+fn norm_gain_width(gain: &Tensor, d: usize) -> Result<usize, String> {
+    let values = gain.to_f32().map_err(|e| format!("{}: {e}", gain.name))?;
+    let k = values.len();
+    let expected = (d as f64 / k as f64).sqrt();
+    let wrong = values.iter().find(|&&v| (v as f64 - expected).abs() > 1e-3 * expected);
+    if gain.dims != [k as i64] || wrong.is_some() {
+        return Err(format!(
+            "norm gain {} {:?} is not {k} × √(D/k) = {expected}",
+            gain.name, gain.dims
+        ));
+    }
+    Ok(k)
 }
 
 /// The python that runs the ONNX checker: `ONNX_SLICE_CHECK_PYTHON`, else the venv that
@@ -905,7 +937,7 @@ fn count(model: &Model, pred: impl Fn(&Node) -> bool) -> usize {
 
 /// What check 3 expects of a rewritten model: no norm op, no decomposed norm (in these fixtures
 /// every ReduceMean belongs to a norm: 2 per decomposed LayerNorm, 1 per decomposed RMSNorm), one
-/// `onnx_slice/norm*/ReduceSum` per norm.
+/// `onnx_slice/norm*/ReduceMean` per norm.
 fn check_norms_replaced(model: &Model, fixture: &Fixture, what: &str, failures: &mut Vec<String>) {
     for op in NORM_OPS {
         let left = count(model, |n| n.op_type == op);
@@ -913,16 +945,17 @@ fn check_norms_replaced(model: &Model, fixture: &Fixture, what: &str, failures: 
             failures.push(format!("{what}: {left} {op} node(s) left"));
         }
     }
-    let means = count(model, |n| n.op_type == "ReduceMean");
+    let ours = |n: &Node| n.name.starts_with("onnx_slice/");
+    let means = count(model, |n| n.op_type == "ReduceMean" && !ours(n));
     if means > 0 {
         failures.push(format!(
             "{what}: {means} ReduceMean node(s) left (a decomposed norm was not replaced)"
         ));
     }
-    let sums = count(model, |n| n.op_type == "ReduceSum" && n.name.starts_with("onnx_slice/"));
-    if sums != fixture.norm_count() {
+    let rewritten = count(model, |n| n.op_type == "ReduceMean" && ours(n));
+    if rewritten != fixture.norm_count() {
         failures.push(format!(
-            "{what}: {sums} onnx_slice/* ReduceSum nodes, expected one per norm = {}",
+            "{what}: {rewritten} onnx_slice/* ReduceMean nodes, expected one per norm = {}",
             fixture.norm_count()
         ));
     }

@@ -613,3 +613,69 @@ fn decomposing_raises_an_old_opset_for_layer_normalization() {
         "opset 11 → 17 would change Split/Squeeze/…"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The rewritten norm (`fuse::rms_norm`) on a sliced stream.
+
+/// The norm `fuse_norms` writes, given the constants of width `k` out of `d` by `set_norm_width`
+/// (opset 18: ReduceMean's axes as an input), computes through ONNX Runtime the RMS over the
+/// ORIGINAL width d of a k-wide x: `x / sqrt(Σx²/d + ε)`. ε is made comparable with the mean
+/// square so that a wrong ε·d/k shows as much as a wrong gain √(d/k).
+#[test]
+fn the_sliced_norm_is_the_rms_over_the_original_width() {
+    use onnx_slice::fuse::{gain_tensor, rms_norm, set_norm_width, NormConstants};
+    use onnx_slice::graph::{DataType, Dim};
+    use onnx_slice::runtime::TensorValue;
+
+    let (d, epsilon) = (16usize, 0.02f32);
+    for k in [16usize, 8, 4] {
+        let mut graph = Graph::new("norm");
+        graph.inputs.push(ValueInfo::tensor(
+            "x",
+            DataType::Float,
+            &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(k as i64)],
+        ));
+        graph.outputs.push(ValueInfo::untyped("y"));
+        graph.initializers.extend([
+            Tensor::from_f32("two", vec![], &[2.0]),
+            Tensor::from_f32("eps", vec![], &[epsilon]),
+            Tensor::from_i64("axes", vec![1], &[-1]),
+            gain_tensor("gain_d", d, d, DataType::Float),
+            gain_tensor("gain_k", k, d, DataType::Float),
+        ]);
+        let constants =
+            NormConstants { two: "two", eps: "eps", gain: "gain_d", axes: Some("axes") };
+        graph.nodes = rms_norm("n", "x", "y", &constants, (DataType::Float, DataType::Float));
+        let norm = NormMatch {
+            kind: NormKind::RmsNorm,
+            input: "x".into(),
+            output: "y".into(),
+            gamma: None,
+            beta: None,
+            epsilon,
+            nodes: vec![],
+            anchor: "n".into(),
+        };
+        set_norm_width(&mut graph, &norm, d, k, "gain_k").unwrap();
+        let model = Model::new(&[("", 18)], graph);
+
+        let x: Vec<f32> = (0..6 * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.02).collect();
+        let input = ndarray::ArrayD::from_shape_vec(vec![2, 3, k], x.clone()).unwrap();
+        runtime();
+        let bytes = onnx_slice::onnx::to_bytes(&model).unwrap();
+        let mut session = ModelSession::from_bytes(&bytes, None, &cpu()).unwrap();
+        let value = TensorValue::from(input);
+        let mut outputs = session.run(&[("x", &value)]).unwrap();
+        let got = outputs.remove("y").unwrap().into_f32().unwrap();
+        let mut worst = 0.0f64;
+        for (row, out) in x.chunks(k).zip(got.as_slice().unwrap().chunks(k)) {
+            let mean_square_over_d =
+                row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+            let rms = (mean_square_over_d + epsilon as f64).sqrt();
+            for (&v, &o) in row.iter().zip(out) {
+                worst = worst.max((o as f64 - v as f64 / rms).abs());
+            }
+        }
+        assert!(worst <= 1e-5, "k = {k}: the norm is {worst:.2e} from x / sqrt(Σx²/D + ε)");
+    }
+}

@@ -114,6 +114,13 @@ pub fn scalar_to_tensor(name: impl Into<String>, value: f64, dtype: DataType) ->
     out.into_tensor(name, vec![])
 }
 
+/// A 1-D tensor of `len` copies of `value` in the float type `dtype`.
+pub fn filled_vector(name: impl Into<String>, value: f64, len: usize, dtype: DataType) -> Tensor {
+    let mut out = Out::new(dtype, len);
+    out.write(0, &vec![value; len]);
+    out.into_tensor(name, vec![len as i64])
+}
+
 // ---------------------------------------------------------------------------------------------
 // Folding norms, centring
 

@@ -1,4 +1,4 @@
-//! Rewrites of normalization layers: every norm becomes a weightless RMSNorm over the original
+//! Rewrites of normalization layers: every norm becomes a weightless RMSNorm of the original
 //! width D (γ and β folded into the linear layers that read it; for LayerNorm models the mean
 //! subtraction baked into everything that writes to the stream). The function is unchanged and
 //! the norm now commutes with any rotation of the stream (docs/design.md §1).
@@ -19,21 +19,23 @@ use crate::structure::{Bias, Layout, Linear};
 
 const PASS: &str = "fuse-norms";
 
-/// Folds every norm of `layout` into its readers and replaces it by [`rms_over_width`] nodes.
-/// `opset` is the model's default-domain opset (ReduceSum takes its axes as an input from 13 on).
+/// ReduceMean takes its axes as an input from opset 18 on (an attribute before).
+const REDUCE_MEAN_AXES_INPUT_OPSET: i64 = 18;
+
+/// Folds every norm of `layout` into its readers and replaces it by [`rms_norm`] nodes of width D
+/// (unit gain, the norm's own ε); slicing changes their gain and ε ([`set_norm_width`]).
+/// `opset` is the model's default-domain opset.
 pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> {
     let mut namer = Namer::new(graph);
     let mut remove: HashSet<usize> = HashSet::new();
     let mut new_nodes = Vec::new();
     let stream = algebra::created_dtype(algebra::stream_dtype(graph, layout));
     let dtype = algebra::accumulation_dtype(stream);
-    let inv_width = namer.fresh("onnx_slice.norm.inv_width");
-    graph.initializers.push(algebra::scalar_to_tensor(
-        &inv_width,
-        1.0 / layout.width as f64,
-        dtype,
-    ));
-    let axes = (opset >= 13).then(|| namer.fresh("onnx_slice.norm.axes"));
+    let two = namer.fresh("onnx_slice.norm.two");
+    graph.initializers.push(algebra::scalar_to_tensor(&two, 2.0, dtype));
+    let gain = namer.fresh(&format!("onnx_slice.norm.gain{}", layout.width));
+    graph.initializers.push(gain_tensor(&gain, layout.width, layout.width, stream));
+    let axes = (opset >= REDUCE_MEAN_AXES_INPUT_OPSET).then(|| namer.fresh("onnx_slice.norm.axes"));
     if let Some(axes) = &axes {
         graph.initializers.push(Tensor::from_i64(axes.clone(), vec![1], &[-1]));
     }
@@ -47,15 +49,8 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
         graph.initializers.push(algebra::scalar_to_tensor(&eps, branch.norm.epsilon as f64, dtype));
         let prefix = namer.fresh(&format!("onnx_slice/norm{i}"));
         let (x, y) = (&branch.norm.input, &branch.norm.output);
-        new_nodes.extend(rms_over_width(
-            &prefix,
-            x,
-            y,
-            &inv_width,
-            &eps,
-            axes.as_deref(),
-            (dtype, stream),
-        ));
+        let constants = NormConstants { two: &two, eps: &eps, gain: &gain, axes: axes.as_deref() };
+        new_nodes.extend(rms_norm(&prefix, x, y, &constants, (dtype, stream)));
     }
     if layout.norm_kind == NormKind::LayerNorm {
         center_stream_writers(graph, layout)?;
@@ -70,22 +65,35 @@ pub fn fuse_norms(graph: &mut Graph, layout: &Layout, opset: i64) -> Result<()> 
     toposort(graph)
 }
 
-/// `y = x / sqrt(sum(x²)/D + eps)` over the last axis, D being the ORIGINAL stream width, so that
-/// the same nodes stay exact on a sliced stream (docs/design.md §1, "Norm width").
-/// `(accumulate, output)` are [`algebra::accumulation_dtype`] and the stream's type; when they differ
-/// (a float16 or bfloat16 stream), x is cast up first and y cast back.
+/// The names of the constants one [`rms_norm`] reads.
+pub struct NormConstants<'a> {
+    /// The exponent 2 of the square (a float scalar).
+    pub two: &'a str,
+    pub eps: &'a str,
+    /// A 1-D vector as wide as the stream the norm reads ([`gain_tensor`]).
+    pub gain: &'a str,
+    /// The axes `[-1]` as an input (opset ≥ 18); `None`: as an attribute.
+    pub axes: Option<&'a str>,
+}
+
+/// `y = x / sqrt(mean(x²) + ε) · g` over the last axis, in the op pattern ONNX Runtime's optimizer
+/// fuses into one SimplifiedLayerNormalization (Pow, ReduceMean, Add with ε as its second input,
+/// Sqrt, Div of the same x, Mul by a 1-D constant), so that a rewritten model keeps the fused norms
+/// the dense one had. The rewrite needs an RMS over the ORIGINAL width D on a stream of width k:
+/// `x / sqrt(Σx²/D + ε) = sqrt(D/k) · x / sqrt(Σx²/k + ε·D/k)`, so at width k the gain is
+/// `sqrt(D/k)` and ε becomes `ε·D/k` ([`set_norm_width`]; docs/design.md §1, "Norm width").
+/// `(accumulate, output)` are [`algebra::accumulation_dtype`] and the stream's type; when they
+/// differ (a float16 or bfloat16 stream), x is cast up first and cast back before the gain.
 ///
 /// ```text
-/// x ─(Cast)─ Mul(x,x) ─ ReduceSum(-1) ─ Mul(1/D) ─ Add(eps) ─ Sqrt ─┐
-/// x ─(Cast)──────────────────────────────────────────────────── Div ─(Cast)─► y
+/// x ─(Cast)─ Pow(·,2) ─ ReduceMean(-1) ─ Add(ε) ─ Sqrt ─┐
+/// x ─(Cast)──────────────────────────────────────────── Div ─(Cast)─ Mul(g) ─► y
 /// ```
-pub fn rms_over_width(
+pub fn rms_norm(
     prefix: &str,
     x: &str,
     y: &str,
-    inv_width: &str,
-    eps: &str,
-    axes: Option<&str>,
+    constants: &NormConstants<'_>,
     (accumulate, output): (DataType, DataType),
 ) -> Vec<Node> {
     let v = |s: &str| format!("{prefix}/{s}");
@@ -95,28 +103,92 @@ pub fn rms_over_width(
         node
     };
     let mut nodes = Vec::new();
-    let (x, quotient) = if accumulate == output {
-        (x.to_string(), y.to_string())
+    let x = if accumulate == output {
+        x.to_string()
     } else {
         nodes.push(cast("CastUp", x, &v("x"), accumulate));
-        nodes.push(cast("CastBack", &v("y"), y, output));
-        (v("x"), v("y"))
+        v("x")
     };
-    let mut reduce = Node::new("ReduceSum", v("ReduceSum"), vec![v("sq")], vec![v("sum")]);
-    match axes {
-        Some(axes) => reduce.inputs.push(axes.into()),
-        None => reduce.set_attr("axes", AttrValue::Ints(vec![-1])),
+    let mut mean = Node::new("ReduceMean", v("ReduceMean"), vec![v("sq")], vec![v("mean")]);
+    match constants.axes {
+        Some(axes) => mean.inputs.push(axes.into()),
+        None => mean.set_attr("axes", AttrValue::Ints(vec![-1])),
     }
-    reduce.set_attr("keepdims", AttrValue::Int(1));
+    mean.set_attr("keepdims", AttrValue::Int(1));
     nodes.extend([
-        Node::new("Mul", v("Square"), vec![x.clone(), x.clone()], vec![v("sq")]),
-        reduce,
-        Node::new("Mul", v("Mean"), vec![v("sum"), inv_width.into()], vec![v("mean")]),
-        Node::new("Add", v("AddEps"), vec![v("mean"), eps.into()], vec![v("var")]),
+        Node::new("Pow", v("Pow"), vec![x.clone(), constants.two.into()], vec![v("sq")]),
+        mean,
+        Node::new("Add", v("AddEps"), vec![v("mean"), constants.eps.into()], vec![v("var")]),
         Node::new("Sqrt", v("Sqrt"), vec![v("var")], vec![v("rms")]),
-        Node::new("Div", v("Div"), vec![x, v("rms")], vec![quotient]),
+        Node::new("Div", v("Div"), vec![x, v("rms")], vec![v("normalized")]),
     ]);
+    let normalized = if accumulate == output {
+        v("normalized")
+    } else {
+        nodes.push(cast("CastBack", &v("normalized"), &v("normalized_out"), output));
+        v("normalized_out")
+    };
+    nodes.push(Node::new(
+        "Mul",
+        v("Gain"),
+        vec![normalized, constants.gain.into()],
+        vec![y.into()],
+    ));
     nodes
+}
+
+/// The gain of [`rms_norm`] on a stream of width `k` out of `width`: `k` times `sqrt(width/k)`.
+pub fn gain_tensor(name: &str, k: usize, width: usize, dtype: DataType) -> Tensor {
+    algebra::filled_vector(name, (width as f64 / k as f64).sqrt(), k, dtype)
+}
+
+/// The Add of ε and the Mul by the gain of the [`rms_norm`] that writes `output`.
+fn width_nodes(graph: &Graph, output: &str) -> Option<(usize, usize)> {
+    let producer = |value: &str, op: &str| {
+        graph.node_index_producing(value).filter(|&i| graph.nodes[i].is(op))
+    };
+    let binary = |i: usize| graph.nodes[i].inputs.len() == 2;
+    let gain = producer(output, "Mul").filter(|&i| binary(i))?;
+    let normalized = graph.nodes[gain].inputs.first()?;
+    let div = match producer(normalized, "Cast") {
+        Some(cast) => producer(graph.nodes[cast].inputs.first()?, "Div")?,
+        None => producer(normalized, "Div")?,
+    };
+    let sqrt = producer(graph.nodes[div].inputs.get(1)?, "Sqrt")?;
+    let add = producer(graph.nodes[sqrt].inputs.first()?, "Add").filter(|&i| binary(i))?;
+    Some((add, gain))
+}
+
+/// The gain initializer the rewritten norm writing `output` reads (its name and width).
+pub fn norm_gain(graph: &Graph, output: &str) -> Option<(String, usize)> {
+    let (_, gain) = width_nodes(graph, output)?;
+    let name = graph.nodes[gain].inputs.get(1)?;
+    let tensor = graph.initializer(name)?;
+    Some((name.clone(), tensor.numel() as usize))
+}
+
+/// Gives the rewritten `norm` the constants of a stream of width `k` out of `width`: ε·D/k (ε the
+/// input model's) and `gain`, the name of a [`gain_tensor`] of width k.
+pub fn set_norm_width(
+    graph: &mut Graph,
+    norm: &NormMatch,
+    width: usize,
+    k: usize,
+    gain: &str,
+) -> Result<()> {
+    let fail = |message: &str| Error::Pass {
+        pass: PASS,
+        node: norm.anchor.clone(),
+        message: message.into(),
+    };
+    let (add, mul) = width_nodes(graph, &norm.output)
+        .ok_or_else(|| fail("the rewritten norm is not the one fuse_norms wrote"))?;
+    let eps = graph.nodes[add].inputs[1].clone();
+    let dtype = graph.initializer(&eps).map(|t| t.dtype).ok_or_else(|| fail("its ε is gone"))?;
+    let scaled = norm.epsilon as f64 * width as f64 / k as f64;
+    graph.set_initializer(algebra::scalar_to_tensor(&eps, scaled, dtype));
+    graph.nodes[mul].inputs[1] = gain.into();
+    Ok(())
 }
 
 /// A norm's γ and β, each absent when the norm has none.

@@ -3,13 +3,16 @@
 //! `Q_Lᵀ W`, and each skip path a MatMul by `Q_aᵀ Q_b` before its residual Add. Shape constants
 //! applied to stream tensors get the new widths.
 
+use std::collections::HashMap;
+
 use faer::{Mat, MatRef};
 
 use crate::algebra;
 use crate::error::{Error, Result};
+use crate::fuse;
 use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor};
 use crate::pattern::GraphIndex;
-use crate::structure::{Bias, Layout, StreamReshape};
+use crate::structure::{Bias, Branch, Layout, StreamReshape};
 
 const PASS: &str = "rotate";
 
@@ -67,6 +70,8 @@ pub struct StreamEditor<'a> {
     widths: Vec<usize>,
     /// The element type of the matrices the editor creates ([`algebra::created_dtype`]).
     dtype: DataType,
+    /// The norms' gain vector for each stream width ([`fuse::gain_tensor`]).
+    gains: HashMap<usize, String>,
 }
 
 impl<'a> StreamEditor<'a> {
@@ -74,7 +79,12 @@ impl<'a> StreamEditor<'a> {
         let namer = Namer::new(graph);
         let widths = vec![layout.width; layout.stream_points().len()];
         let dtype = algebra::created_dtype(algebra::stream_dtype(graph, layout));
-        StreamEditor { graph, layout, namer, widths, dtype }
+        let gains = layout
+            .branches()
+            .filter_map(|b| fuse::norm_gain(graph, &b.norm.output))
+            .map(|(name, k)| (k, name))
+            .collect();
+        StreamEditor { graph, layout, namer, widths, dtype, gains }
     }
 
     pub fn graph(&self) -> &Graph {
@@ -92,14 +102,19 @@ impl<'a> StreamEditor<'a> {
         Ok(())
     }
 
-    /// `W ← Q_aᵀ W` for every linear reading the norms of segment `segment` (or the head).
-    pub fn rotate_readers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
+    /// The norms (with their readers) of segment `segment`, which read stream point `segment`; the
+    /// head's for the last point.
+    fn branches_reading(&self, segment: usize) -> &'a [Branch] {
         let layout = self.layout;
-        let branches = match layout.segments.get(segment) {
+        match layout.segments.get(segment) {
             Some(s) => s.branches.as_slice(),
             None => std::slice::from_ref(&layout.head),
-        };
-        for reader in branches.iter().flat_map(|b| b.readers.iter()) {
+        }
+    }
+
+    /// `W ← Q_aᵀ W` for every linear reading the norms of segment `segment` (or the head).
+    pub fn rotate_readers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
+        for reader in self.branches_reading(segment).iter().flat_map(|b| b.readers.iter()) {
             let w = weight(self.graph, &reader.weight, &reader.node_name)?;
             let rotated = named(algebra::rotate_reader(w, reader.layout, q)?, &reader.weight);
             self.graph.set_initializer(rotated);
@@ -177,14 +192,30 @@ impl<'a> StreamEditor<'a> {
     }
 
     /// Gives every stream Reshape at `point` the width `k` (explicitly, also when k = D: a shape
-    /// computed from another point's tensor would carry that point's width).
+    /// computed from another point's tensor would carry that point's width), and the norms reading
+    /// it the gain and ε of that width.
     pub fn set_point_width(&mut self, point: usize, k: usize) -> Result<()> {
         self.widths[point] = k;
         let layout = self.layout;
         for reshape in layout.stream_reshapes.iter().filter(|r| r.point == point) {
             set_stream_width(self.graph, &mut self.namer, reshape, layout.width, k)?;
         }
+        let gain = self.gain(k);
+        for branch in self.branches_reading(point) {
+            fuse::set_norm_width(self.graph, &branch.norm, layout.width, k, &gain)?;
+        }
         Ok(())
+    }
+
+    /// The name of the norms' gain for width `k`, created on first use.
+    fn gain(&mut self, k: usize) -> String {
+        if let Some(name) = self.gains.get(&k) {
+            return name.clone();
+        }
+        let name = self.namer.fresh(&format!("onnx_slice.norm.gain{k}"));
+        self.graph.initializers.push(fuse::gain_tensor(&name, k, self.layout.width, self.dtype));
+        self.gains.insert(k, name.clone());
+        name
     }
 
     /// Drops declared shapes that slicing made wrong, removes dead nodes, sorts.

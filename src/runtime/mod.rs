@@ -32,5 +32,5 @@ pub use library::{
     locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LibrarySource, LogLevel,
     ORT_VERSION,
 };
-pub use session::{ModelSession, RunOutputs, SessionConfig};
+pub use session::{save_optimized, ModelSession, RunOutputs, SessionConfig};
 pub use tensor::{Dim, ElementType, TensorInfo, TensorValue};

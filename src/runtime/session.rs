@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::ffi::CString;
 use std::path::Path;
 
-use ort::session::builder::SessionBuilder;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{
     HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs,
 };
@@ -237,6 +237,27 @@ impl ModelSession {
             .collect();
         Ok(Self { session, label, inputs, outputs, ep })
     }
+}
+
+/// Writes to `out` the graph ONNX Runtime's CPU provider runs for the model at `model`: after its
+/// optimizer's fusions (level 2, "extended": fused norms, attention, GELU and MatMul variants; the
+/// level-3 layout changes are left out, they only concern convolutions). What a rewrite does to
+/// those fusions is seen by comparing the operators of two such files.
+pub fn save_optimized(model: &Path, out: &Path) -> Result<(), RuntimeError> {
+    let label = model.display().to_string();
+    let configure_error = |error: ort::Error<SessionBuilder>| {
+        session_error(&label, SessionStep::Configure, error.to_string())
+    };
+    let mut builder = Session::builder(&environment()?)
+        .map_err(|error| session_error(&label, SessionStep::Configure, error.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::Level2)
+        .map_err(configure_error)?
+        .with_optimized_model_path(out)
+        .map_err(configure_error)?;
+    builder
+        .commit_from_file(model)
+        .map(drop)
+        .map_err(|error| session_error(&label, SessionStep::Load, error.to_string()))
 }
 
 /// Builds on CUDA when that works; otherwise on the CPU, keeping CUDA's error as the reason.
