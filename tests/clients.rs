@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::cli::{onnx_slice, snapshot};
-use common::{fixture, scratch};
+use common::{file_names as names, fixture, scratch};
 
 /// Prompt ids every client generates from (the fixtures' vocabulary is 1000 words).
 const PROMPT: [i64; 6] = [74, 547, 12, 900, 3, 321];
@@ -151,14 +151,6 @@ fn slice_folder(case: &Case, out: &Path, ratio: &str) {
 /// and the external data where (and as) the family's loader expects it.
 fn check_folder_contents(case: &Case, out: &Path) {
     let input = fixture(case.fixture);
-    let names = |dir: &Path| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    };
     let genai = case.client == Client::Genai;
     let external = genai || case.extra.contains(&"--external-data");
     let data_name = if genai { "model.onnx.data" } else { "model.onnx_data" };

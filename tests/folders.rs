@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::cli::{onnx_slice, snapshot};
-use common::{fixture, scratch};
+use common::{file_names as names, fixture, scratch};
 use onnx_slice::export::{plan_output, resolve_input, Destination, Family};
 use onnx_slice::onnx::{self, SaveOptions};
 
@@ -36,15 +36,6 @@ fn slice(input: &Path, out: &Path, extra: &[&str]) -> common::cli::Outcome {
     ];
     args.extend(extra);
     onnx_slice(args)
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]

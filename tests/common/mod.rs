@@ -69,3 +69,13 @@ pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
     bytes.extend_from_slice(data);
     std::fs::write(path, bytes).unwrap();
 }
+
+/// The names of the files in a folder, sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a folder entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
