@@ -101,13 +101,14 @@ impl<'g> GraphIndex<'g> {
     }
 
     /// Follows `value` back through value-preserving ops (Identity, float-to-float Cast) to where it
-    /// is really computed.
+    /// is really computed. A chain that comes back to a value it passed (a cycle: only an invalid
+    /// graph has one, and the matchers also run on graphs detection refuses) ends there.
     pub fn source_of<'a>(&'a self, mut value: &'a str) -> &'a str {
+        let mut passed = HashSet::new();
         while let Some(node) = self.producer(value) {
-            if is_value_preserving(node) {
-                value = &node.inputs[0];
-            } else {
-                break;
+            match node.inputs.first() {
+                Some(from) if is_value_preserving(node) && passed.insert(value) => value = from,
+                _ => break,
             }
         }
         value
@@ -121,8 +122,10 @@ impl<'g> GraphIndex<'g> {
         while i < out.len() {
             let current = out[i].clone();
             for node in self.consumers(&current) {
-                if is_value_preserving(node) {
-                    out.push(node.outputs[0].clone());
+                let alias = node.outputs.first().filter(|_| is_value_preserving(node));
+                // Each value once: a cycle of Identity/Cast (an invalid graph) would never end.
+                if let Some(alias) = alias.filter(|alias| !out.contains(alias)) {
+                    out.push(alias.clone());
                 }
             }
             i += 1;
@@ -188,5 +191,30 @@ fn constant_node_value(node: &Node) -> Option<Tensor> {
         AttrValue::Int(v) => Some(Tensor::from_i64(name, vec![], &[*v])),
         AttrValue::Ints(v) => Some(Tensor::from_i64(name, vec![v.len() as i64], v)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GraphIndex;
+    use crate::graph::{Graph, Node};
+
+    fn names(values: &[&str]) -> Vec<String> {
+        values.iter().map(|v| v.to_string()).collect()
+    }
+
+    /// Two Identity nodes that read each other (a cycle, as a mutated file can hold): the walks
+    /// back and forward through aliases end (a mutation run hung in this walk before).
+    #[test]
+    fn walks_through_identity_end_on_a_cycle() {
+        let mut graph = Graph::new("cycle");
+        graph.nodes.push(Node::new("Identity", "i0", names(&["b"]), names(&["a"])));
+        graph.nodes.push(Node::new("Identity", "i1", names(&["a"]), names(&["b"])));
+        graph.nodes.push(Node::new("Identity", "i2", names(&["a"]), vec![]));
+        let index = GraphIndex::new(&graph);
+        assert!(["a", "b"].contains(&index.source_of("a")));
+        let mut aliases = index.aliases("a");
+        aliases.sort();
+        assert_eq!(aliases, ["a", "b"]);
     }
 }

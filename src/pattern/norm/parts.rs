@@ -105,17 +105,9 @@ pub(super) fn epsilon_constant(index: &GraphIndex, value: &str) -> Matched<f32> 
     check_epsilon(epsilon)
 }
 
-/// The value an Identity/float-Cast chain starts from (a safe `GraphIndex::source_of`: a
-/// malformed Cast without input ends the walk instead of panicking).
+/// The value an Identity/float-Cast chain starts from.
 pub(super) fn source(index: &GraphIndex, value: &str) -> String {
-    let mut value = value.to_string();
-    while let Some(node) = index.producer(&value) {
-        match input(node, 0) {
-            Some(from) if is_value_preserving(node) => value = from.to_string(),
-            _ => break,
-        }
-    }
-    value
+    index.source_of(value).to_string()
 }
 
 /// The shape the graph declares for `value` (graph input, value_info or graph output), if any.
