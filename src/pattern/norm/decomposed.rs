@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 
 use super::parts::{
     channel_vector, check_mean_over_last_axis, epsilon_constant, finish, input, label,
-    other_operand, output, require, scalar, sole_reader, sole_reader_of_type, source, Draft,
-    Matched,
+    other_operand, output, require, scalar, sole_reader, sole_reader_of_type, Draft, Matched,
 };
 use super::{NormKind, NormMatch};
 use crate::graph::Node;
@@ -49,7 +48,7 @@ pub(super) fn from_square(index: &GraphIndex, pow_index: usize) -> Matched<NormM
     })?;
     check_mean_over_last_axis(index, mean)?;
     let scaling = divide_by_root(index, output(mean)?)?;
-    require(source(index, scaling.numerator) == source(index, squared), || {
+    require(index.source_of(scaling.numerator) == index.source_of(squared), || {
         format!("it squares '{squared}' but divides '{}'", scaling.numerator)
     })?;
 
@@ -177,7 +176,7 @@ fn centring<'g>(index: &GraphIndex<'g>, centred: &str) -> Option<Centring<'g>> {
         return None;
     }
     let averaged = input(mean_node, 0)?;
-    (source(index, x) == source(index, averaged)).then_some(Centring { sub, mean, x, averaged })
+    (index.source_of(x) == index.source_of(averaged)).then_some(Centring { sub, mean, x, averaged })
 }
 
 /// The scale and shift after the normalized row.

@@ -105,11 +105,6 @@ pub(super) fn epsilon_constant(index: &GraphIndex, value: &str) -> Matched<f32> 
     check_epsilon(epsilon)
 }
 
-/// The value an Identity/float-Cast chain starts from.
-pub(super) fn source(index: &GraphIndex, value: &str) -> String {
-    index.source_of(value).to_string()
-}
-
 /// The shape the graph declares for `value` (graph input, value_info or graph output), if any.
 fn declared_shape(index: &GraphIndex, value: &str) -> Option<Vec<Dim>> {
     let graph = index.graph;
@@ -255,7 +250,7 @@ fn stream_input(
                 _ => break,
             }
         }
-        sources.insert(source(index, &value));
+        sources.insert(index.source_of(&value).to_string());
     }
     let mut sources = sources.into_iter();
     match (sources.next(), sources.next()) {
