@@ -14,7 +14,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
+use crate::calibrate::{slice_with_pca_streaming, Allocation, Calibrated, CalibrationOptions};
 use crate::graph::Model;
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
@@ -322,7 +322,12 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let Some(output) = args.output.clone() else {
         return Err(usage("-o OUTPUT is required (or --dry-run)").into());
     };
-    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
+    let save_options = SaveOptions { storage, ..Default::default() };
+    // Rewritten weights go to scratch files beside the output, finished ones straight to its data
+    // file: memory holds one segment, not the model (docs/design.md §8).
+    let mut stream = onnx::DataStream::new(&model, &output, &save_options)
+        .map_err(|e| usage(format!("-o: {e}")))?;
+    let _scratch = crate::files::ScratchScope::enter(&crate::files::parent_folder(&output));
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {
         OrientationArg::Pca => {
@@ -330,7 +335,8 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
                 .filter(|_| args.allocate_widths)
                 .zip(plan)
                 .map(|(budget, plan)| Allocation { plan, budget });
-            let calibrated = calibrate_and_slice(&args, &input, &mut model, &dims, allocation)?;
+            let calibrated =
+                calibrate_and_slice(&args, &input, &mut model, &dims, allocation, &mut stream)?;
             let description = format!("pca ({} calibration tokens)", calibrated.tokens);
             (calibrated.rewritten.clone(), description, Some(calibrated))
         }
@@ -339,7 +345,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
                 OrientationArg::Random => Orientation::Random { seed: args.seed },
                 _ => Orientation::Identity,
             };
-            let rewritten = transform::rotate(&mut model, orientation, &dims)
+            let rewritten = transform::rotate_streaming(&mut model, orientation, &dims, &mut stream)
                 .with_context(|| format!("rewriting {}", input.display()))?;
             (rewritten, orientation.to_string(), None)
         }
@@ -349,7 +355,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     }
     transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
     let saving = Instant::now();
-    let saved = onnx::save(&model, &output, &SaveOptions { storage, ..Default::default() })?;
+    let saved = stream.save(&model)?;
     let save_seconds = saving.elapsed().as_secs_f64();
     let after = inspect::summarize(&model);
     if !args.quiet {
@@ -396,6 +402,7 @@ fn calibrate_and_slice(
     model: &mut Model,
     dims: &Dimensions,
     allocation: Option<Allocation>,
+    finished: &mut onnx::DataStream,
 ) -> anyhow::Result<Calibrated> {
     init_runtime(args.ort_lib.as_deref())?;
     let set = calibration_set(args, input, model)?;
@@ -408,7 +415,7 @@ fn calibrate_and_slice(
         model_path: Some(input.to_path_buf()),
         allocation,
     };
-    let calibrated = slice_with_pca(model, &set, &options, &progress)
+    let calibrated = slice_with_pca_streaming(model, &set, &options, &progress, finished)
         .with_context(|| format!("slicing {}", input.display()))?;
     progress.finish_and_clear();
     if let Some(path) = &args.save_rotations {

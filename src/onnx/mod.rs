@@ -11,7 +11,7 @@ mod value_info;
 
 pub use load::{load, load_from_bytes};
 pub use save::{
-    check_destination, check_save_target, save, to_bytes, SaveOptions, Saved, Storage,
+    check_destination, check_save_target, save, to_bytes, DataStream, SaveOptions, Saved, Storage,
     DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
 };
 
