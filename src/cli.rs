@@ -345,8 +345,9 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
                 OrientationArg::Random => Orientation::Random { seed: args.seed },
                 _ => Orientation::Identity,
             };
-            let rewritten = transform::rotate_streaming(&mut model, orientation, &dims, &mut stream)
-                .with_context(|| format!("rewriting {}", input.display()))?;
+            let rewritten =
+                transform::rotate_streaming(&mut model, orientation, &dims, &mut stream)
+                    .with_context(|| format!("rewriting {}", input.display()))?;
             (rewritten, orientation.to_string(), None)
         }
     };

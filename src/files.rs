@@ -182,7 +182,11 @@ mod tests {
             mapping.contains(&dir.path().display().to_string()) && mapping.ends_with("(deleted)"),
             "{mapping}"
         );
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the scratch file has a name");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the scratch file has a name"
+        );
     }
 
     #[test]

@@ -12,9 +12,7 @@ use prost::Message;
 use super::codec::model_to_proto;
 use crate::error::{Error, Result};
 use crate::files::{parent_folder, Staged};
-use crate::graph::{
-    check_types, DataType, ExternalSource, Model, Tensor, TensorData, TensorSink,
-};
+use crate::graph::{check_types, DataType, ExternalSource, Model, Tensor, TensorData, TensorSink};
 
 /// Protobuf cannot encode (and ONNX Runtime refuses to parse) a message of 2 GiB or more.
 pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
@@ -481,7 +479,10 @@ mod tests {
             stream.streams = true; // as for an input over the limit
             let seed = Orientation::Random { seed: 4 };
             transform::rotate_streaming(&mut model, seed, &dims, &mut stream).unwrap();
-            assert!(stream.data.as_ref().is_some_and(|d| d.written > 0), "{arch}: nothing streamed");
+            assert!(
+                stream.data.as_ref().is_some_and(|d| d.written > 0),
+                "{arch}: nothing streamed"
+            );
             let saved = stream.save(&model).unwrap();
             assert!(saved.data_file.is_none());
             assert_eq!(std::fs::read(&expected).unwrap(), std::fs::read(&path).unwrap(), "{arch}");
