@@ -325,8 +325,8 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
     let save_options = SaveOptions { storage, ..Default::default() };
     // Rewritten weights go to scratch files beside the output, finished ones straight to its data
     // file: memory holds one segment, not the model (docs/design.md §8).
-    let mut stream = onnx::DataStream::new(&model, &output, &save_options)
-        .map_err(|e| usage(format!("-o: {e}")))?;
+    onnx::check_save_target(&model, &output).map_err(|e| usage(format!("-o: {e}")))?;
+    let mut stream = onnx::DataStream::new(&model, &output, &save_options)?;
     let _scratch = crate::files::ScratchScope::enter(&crate::files::parent_folder(&output));
     let before = inspect::summarize(&model);
     let (rewritten, orientation, calibration) = match args.orientation {

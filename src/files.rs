@@ -114,6 +114,12 @@ impl ScratchScope {
         let previous = SCRATCH.with(|s| s.replace(Some(folder.to_path_buf())));
         ScratchScope { previous }
     }
+
+    /// No parking until the guard is dropped: for buffers their consumer writes out at once.
+    pub fn suspend() -> Self {
+        let previous = SCRATCH.with(|s| s.replace(None));
+        ScratchScope { previous }
+    }
 }
 
 impl Drop for ScratchScope {
@@ -209,6 +215,13 @@ mod tests {
             assert!(mapping_of(parked.as_ptr()).contains(&inner.path().display().to_string()));
         }
         let parked = park(vec![3u8; PARK_AT_LEAST]).unwrap();
+        assert!(mapping_of(parked.as_ptr()).contains(&outer.path().display().to_string()));
+        {
+            let _suspended = ScratchScope::suspend();
+            let kept = park(vec![4u8; PARK_AT_LEAST]).unwrap();
+            assert!(!mapping_of(kept.as_ptr()).contains('/'), "{}", mapping_of(kept.as_ptr()));
+        }
+        let parked = park(vec![5u8; PARK_AT_LEAST]).unwrap();
         assert!(mapping_of(parked.as_ptr()).contains(&outer.path().display().to_string()));
     }
 }

@@ -18,6 +18,12 @@ pub use types::{check_types, value_types, TypeError};
 /// external data file (`crate::onnx::DataStream`), which then backs the tensor's bytes.
 pub trait TensorSink {
     fn finished(&mut self, tensor: &mut Tensor) -> crate::error::Result<()>;
+
+    /// Whether [`TensorSink::finished`] moves tensors' bytes out of memory itself: then a tensor
+    /// made for it need not be parked in a scratch file first (`crate::files::park`).
+    fn stores_bytes(&self) -> bool {
+        false
+    }
 }
 
 /// Finished tensors stay in the graph as they are until the model is saved.

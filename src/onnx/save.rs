@@ -223,6 +223,10 @@ impl TensorSink for DataStream {
         };
         Ok(())
     }
+
+    fn stores_bytes(&self) -> bool {
+        self.streams
+    }
 }
 
 fn inline_size(model: &Model) -> Result<u64> {

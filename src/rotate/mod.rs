@@ -87,6 +87,14 @@ impl<'a> StreamEditor<'a> {
         self
     }
 
+    /// Makes a final tensor. When the sink stores its bytes, it is not parked first: one write to
+    /// disk instead of two.
+    fn make_final(&self, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let stores = self.finished.as_deref().is_some_and(|sink| sink.stores_bytes());
+        let _unparked = stores.then(crate::files::ScratchScope::suspend);
+        make()
+    }
+
     /// Puts a final tensor in the graph, through the sink.
     fn set_final(&mut self, mut tensor: Tensor) -> Result<()> {
         if let Some(sink) = self.finished.as_deref_mut() {
@@ -105,7 +113,7 @@ impl<'a> StreamEditor<'a> {
         for embedding in &self.layout.embeddings {
             let name = embedding.adapter.as_ref().unwrap_or(&embedding.table);
             let table = weight(self.graph, name, &embedding.output)?;
-            let rotated = named(algebra::rotate_table(table, q)?, name);
+            let rotated = named(self.make_final(|| algebra::rotate_table(table, q))?, name);
             self.set_final(rotated)?;
         }
         Ok(())
@@ -120,7 +128,10 @@ impl<'a> StreamEditor<'a> {
         };
         for reader in branches.iter().flat_map(|b| b.readers.iter()) {
             let w = weight(self.graph, &reader.weight, &reader.node_name)?;
-            let rotated = named(algebra::rotate_reader(w, reader.layout, q)?, &reader.weight);
+            let rotated = named(
+                self.make_final(|| algebra::rotate_reader(w, reader.layout, q))?,
+                &reader.weight,
+            );
             self.set_final(rotated)?;
         }
         Ok(())
@@ -130,11 +141,14 @@ impl<'a> StreamEditor<'a> {
     pub fn rotate_writers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
         for writer in &self.layout.segments[segment].writers {
             let w = weight(self.graph, &writer.weight, &writer.node_name)?;
-            let rotated = named(algebra::rotate_writer(w, writer.layout, q)?, &writer.weight);
+            let rotated = named(
+                self.make_final(|| algebra::rotate_writer(w, writer.layout, q))?,
+                &writer.weight,
+            );
             self.set_final(rotated)?;
             if let Some(Bias::GemmC(b) | Bias::AddNode { initializer: b, .. }) = &writer.bias {
                 let bias = weight(self.graph, b, &writer.node_name)?;
-                let rotated = named(algebra::rotate_bias(bias, q)?, b);
+                let rotated = named(self.make_final(|| algebra::rotate_bias(bias, q))?, b);
                 self.set_final(rotated)?;
             }
         }
