@@ -9,8 +9,8 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::files::parent_folder;
-use crate::graph::Model;
-use crate::onnx::{self, SaveOptions, Saved, Storage};
+use crate::graph::{Model, Tensor, TensorSink};
+use crate::onnx::{DataStream, SaveOptions, Saved, Storage};
 
 /// Which exporter wrote a folder, told by its configuration files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +223,7 @@ pub struct FolderPlan {
 /// Checks the output for `input` before any long work: a folder input writes a new folder `out`,
 /// which must not exist yet (or be an empty folder), whose parent must exist, and which must not be
 /// the input folder or lie inside it (through links and `..` too). A file input writes the file
-/// `out` (checked by [`onnx::check_save_target`] once the model is loaded).
+/// `out` (checked by [`crate::onnx::check_save_target`] once the model is loaded).
 pub fn plan_output(input: &Input, out: &Path) -> Result<Destination> {
     let Some(source) = &input.folder else { return Ok(Destination::File(out.to_path_buf())) };
     let resolved = resolve_output(out)?;
@@ -338,10 +338,55 @@ fn check_parent_takes_folders(out: &Path, resolved: &Path) -> Result<()> {
 impl Destination {
     /// Writes `model`: to the file, or as the complete output folder.
     pub fn save(&self, model: &Model, options: &SaveOptions) -> Result<Saved> {
+        self.open(model, options)?.finish(model)
+    }
+
+    /// Opens the output before the rewrite, so that finished tensors go straight to its data file
+    /// (docs/design.md §8). A folder is staged in a temporary sibling from here on.
+    pub fn open(&self, model: &Model, options: &SaveOptions) -> Result<OpenOutput<'_>> {
         match self {
-            Destination::File(path) => onnx::save(model, path, options),
-            Destination::Folder(plan) => plan.write(model, options),
+            Destination::File(path) => Ok(OpenOutput {
+                stream: DataStream::new(model, path, options)?,
+                scratch: parent_folder(path),
+                folder: None,
+            }),
+            Destination::Folder(plan) => plan.open(model, options),
         }
+    }
+}
+
+/// An output being written ([`Destination::open`]): a [`TensorSink`] for the finished tensors,
+/// and a folder for scratch files on the output's file system. Dropped without
+/// [`OpenOutput::finish`], it leaves nothing.
+pub struct OpenOutput<'a> {
+    stream: DataStream,
+    scratch: PathBuf,
+    folder: Option<(&'a FolderPlan, tempfile::TempDir)>,
+}
+
+impl OpenOutput<'_> {
+    /// Where large intermediate tensors may be parked ([`crate::files::ScratchScope`]).
+    pub fn scratch_folder(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// Writes the model (and, for a folder, the side files), then renames it into place.
+    pub fn finish(self, model: &Model) -> Result<Saved> {
+        let saved = self.stream.save(model)?;
+        match self.folder {
+            None => Ok(saved),
+            Some((plan, staging)) => plan.complete(model, staging, saved),
+        }
+    }
+}
+
+impl TensorSink for OpenOutput<'_> {
+    fn finished(&mut self, tensor: &mut Tensor) -> Result<()> {
+        self.stream.finished(tensor)
+    }
+
+    fn stores_bytes(&self) -> bool {
+        self.stream.stores_bytes()
     }
 }
 
@@ -372,10 +417,9 @@ impl FolderPlan {
         }
     }
 
-    /// Builds the output folder in a temporary sibling (the model, its external data under the
-    /// family's name, every side file copied), then renames it into place. On failure the sibling
-    /// is removed and nothing is left.
-    fn write(&self, model: &Model, options: &SaveOptions) -> Result<Saved> {
+    /// Starts the output folder in a temporary sibling, with the model's stream to its file names
+    /// (the external data under the family's name). On failure the sibling is removed.
+    fn open(&self, model: &Model, options: &SaveOptions) -> Result<OpenOutput<'_>> {
         let parent = parent_folder(&self.out);
         let name =
             self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -388,7 +432,17 @@ impl FolderPlan {
         let data_path =
             staging.path().join(self.source.family.data_file_name(&self.source.model_file));
         let options = SaveOptions { storage: Self::storage(options.storage, model), ..*options };
-        let saved = onnx::save_with_data_file(model, &model_path, &data_path, &options)?;
+        let stream = DataStream::with_data_file(model, &model_path, &data_path, &options)?;
+        Ok(OpenOutput {
+            stream,
+            scratch: staging.path().to_path_buf(),
+            folder: Some((self, staging)),
+        })
+    }
+
+    /// Completes the staged folder once the model is in it (every side file copied), then renames
+    /// it into place.
+    fn complete(&self, model: &Model, staging: tempfile::TempDir, saved: Saved) -> Result<Saved> {
         let sources = model_files(model);
         let side_files = self.side_files.iter().filter(|file| {
             let path = self.source.dir.join(file);

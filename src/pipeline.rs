@@ -12,10 +12,11 @@ use indicatif::ProgressBar;
 use sha2::Digest as _;
 
 use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca, Allocation, Calibrated, CalibrationOptions};
+use crate::calibrate::{slice_with_pca_streaming, Allocation, Calibrated, CalibrationOptions};
 use crate::error::{Error, Result};
 use crate::export::{self, Destination};
-use crate::graph::Model;
+use crate::files::ScratchScope;
+use crate::graph::{Model, TensorSink};
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::{InputFile, Report};
@@ -319,6 +320,11 @@ fn rewrite_and_save(
     started: Instant,
 ) -> Result<Report> {
     let Prepared { mut model, dims, plan } = prepared;
+    let save_options = SaveOptions { storage: options.storage, ..Default::default() };
+    // Rewritten weights are parked in scratch files beside the output, finished ones go straight to
+    // its data file: memory holds one segment, not the model (docs/design.md §8).
+    let mut output = destination.open(&model, &save_options)?;
+    let _scratch = ScratchScope::enter(output.scratch_folder());
     let before = inspect::summarize(&model);
     let mut warnings = Vec::new();
     let (rewritten, orientation, calibration) = match options.orientation.uncalibrated() {
@@ -328,14 +334,22 @@ fn rewrite_and_save(
                 .filter(|_| options.allocate_widths)
                 .zip(plan)
                 .map(|(budget, plan)| Allocation { plan, budget });
-            let calibrated =
-                calibrate_and_slice(input, &mut model, &dims, allocation, options, &mut warnings)?;
+            let calibrated = calibrate_and_slice(
+                input,
+                &mut model,
+                &dims,
+                allocation,
+                options,
+                &mut warnings,
+                &mut output,
+            )?;
             let description = format!("pca ({} calibration tokens)", calibrated.tokens);
             (calibrated.rewritten.clone(), description, Some(calibrated))
         }
         Some(orientation) => {
-            let rewritten = transform::rotate(&mut model, orientation, &dims)
-                .map_err(|e| in_context(e, format!("rewriting {}", input.display())))?;
+            let rewritten =
+                transform::rotate_streaming(&mut model, orientation, &dims, &mut output)
+                    .map_err(|e| in_context(e, format!("rewriting {}", input.display())))?;
             (rewritten, orientation.to_string(), None)
         }
     };
@@ -344,8 +358,7 @@ fn rewrite_and_save(
     }
     transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
     let saving = Instant::now();
-    let saved = destination
-        .save(&model, &SaveOptions { storage: options.storage, ..Default::default() })?;
+    let saved = output.finish(&model)?;
     let save_seconds = saving.elapsed().as_secs_f64();
     let after = inspect::summarize(&model);
     let mut report = Report::new(
@@ -416,6 +429,7 @@ fn calibrate_and_slice(
     allocation: Option<Allocation>,
     options: &Options,
     warnings: &mut Vec<String>,
+    finished: &mut dyn TensorSink,
 ) -> Result<Calibrated> {
     runtime::init_runtime(options.ort_library.as_deref())?;
     if let Some(level) = options.ort_log_level {
@@ -435,8 +449,9 @@ fn calibrate_and_slice(
                 as crate::calibrate::EpHook
         }),
     };
-    let calibrated = slice_with_pca(model, &set, &calibration, &options.progress)
-        .map_err(|e| in_context(e, format!("slicing {}", input.display())))?;
+    let calibrated =
+        slice_with_pca_streaming(model, &set, &calibration, &options.progress, finished)
+            .map_err(|e| in_context(e, format!("slicing {}", input.display())))?;
     options.progress.finish_and_clear();
     if let Some(path) = &options.save_rotations {
         let points: Vec<(String, &crate::pca::Basis, usize)> = calibrated

@@ -8,7 +8,7 @@ use faer::Mat;
 use crate::algebra;
 use crate::error::{Error, Result};
 use crate::fuse::{self, privatize_weights};
-use crate::graph::Model;
+use crate::graph::{KeepInGraph, Model, TensorSink};
 use crate::rotate;
 use crate::structure::{self, Layout};
 
@@ -203,11 +203,22 @@ pub fn center_embeddings(model: &mut Model, rewritten: &mut Rewritten) -> Result
 
 /// Fuses, then rotates every stream point by its basis and keeps the first k columns.
 pub fn rotate(model: &mut Model, orientation: Orientation, dims: &Dimensions) -> Result<Rewritten> {
+    rotate_streaming(model, orientation, dims, &mut KeepInGraph)
+}
+
+/// [`rotate`], handing every rotated tensor to `finished` as soon as it is made (the output's
+/// data file: docs/design.md §8).
+pub fn rotate_streaming(
+    model: &mut Model,
+    orientation: Orientation,
+    dims: &Dimensions,
+    finished: &mut dyn TensorSink,
+) -> Result<Rewritten> {
     let mut rewritten = fuse(model)?;
     let widths = dims.widths(&rewritten.layout);
     let groups = basis_groups(&rewritten.layout, dims.basis, &widths);
     let bases = bases(&rewritten.layout, orientation, &widths, &groups)?;
-    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &bases, &groups)?;
+    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &bases, &groups, finished)?;
     rewritten.widths = widths;
     rewritten.groups = groups;
     Ok(rewritten)

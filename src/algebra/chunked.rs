@@ -201,11 +201,13 @@ impl Out {
         Tensor::from_raw(name, self.dtype, dims, Bytes::from(self.bytes))
     }
 
-    /// The replacement of `input`: same name and other proto fields, new dims and data.
-    pub(super) fn replace(self, input: &Tensor, dims: Vec<i64>) -> Tensor {
-        let mut t = self.into_tensor(input.name.clone(), dims);
+    /// The replacement of `input`: same name and other proto fields, new dims and data. A weight's
+    /// replacement is as large as the weight: it is parked ([`crate::files::park`]).
+    pub(super) fn replace(self, input: &Tensor, dims: Vec<i64>) -> Result<Tensor> {
+        let bytes = crate::files::park(self.bytes)?;
+        let mut t = Tensor::from_raw(input.name.clone(), self.dtype, dims, bytes);
         t.rest = input.rest.clone();
-        t
+        Ok(t)
     }
 }
 

@@ -143,7 +143,7 @@ pub fn fold_norm_scale(weight: &Tensor, layout: WeightLayout, gamma: &[f32]) -> 
         },
         |start, v| out.write(start, v),
     );
-    Ok(out.replace(weight, weight.dims.clone()))
+    out.replace(weight, weight.dims.clone())
 }
 
 /// Folds a norm's shift into a linear layer that reads the norm's output: `b ← b + β W`, with the
@@ -193,7 +193,7 @@ pub fn fold_norm_shift(
             b.iter_mut().zip(&shift).for_each(|(b, s)| *b += s);
             let mut out = Out::new(bias.dtype, n);
             out.write(0, &b);
-            Ok(out.replace(bias, bias.dims.clone()))
+            out.replace(bias, bias.dims.clone())
         }
         None => {
             let mut out = Out::new(weight.dtype, out_width);
@@ -232,7 +232,7 @@ pub fn center_out_axis(weight: &Tensor, layout: WeightLayout) -> Result<Tensor> 
             );
         }
     }
-    Ok(out.replace(weight, weight.dims.clone()))
+    out.replace(weight, weight.dims.clone())
 }
 
 /// A writer's bias, made zero-mean: `b ← b − mean(b)` (= `b M`).
@@ -243,7 +243,7 @@ pub fn center_bias(bias: &Tensor) -> Result<Tensor> {
     subtract_mean(&mut b);
     let mut out = Out::new(bias.dtype, n);
     out.write(0, &b);
-    Ok(out.replace(bias, bias.dims.clone()))
+    out.replace(bias, bias.dims.clone())
 }
 
 /// An embedding table `[V, D]` made zero-mean over the stream: `E ← E M` (each row minus its mean).
@@ -266,13 +266,13 @@ pub fn rotate_reader(weight: &Tensor, layout: WeightLayout, q: MatRef<'_, f64>) 
             check_width(weight, "in-width", rows, "the rotation's rows", q.nrows())?;
             let mut out = Out::new(weight.dtype, k * cols);
             left_multiply(q.transpose(), &src, rows, cols, |s, v| out.write(s, v));
-            Ok(out.replace(weight, vec![k as i64, cols as i64]))
+            out.replace(weight, vec![k as i64, cols as i64])
         }
         WeightLayout::OutIn => {
             check_width(weight, "in-width", cols, "the rotation's rows", q.nrows())?;
             let mut out = Out::new(weight.dtype, rows * k);
             right_multiply(&src, rows, cols, q, |s, v| out.write(s, v));
-            Ok(out.replace(weight, vec![rows as i64, k as i64]))
+            out.replace(weight, vec![rows as i64, k as i64])
         }
     }
 }
@@ -288,13 +288,13 @@ pub fn rotate_writer(weight: &Tensor, layout: WeightLayout, q: MatRef<'_, f64>) 
             check_width(weight, "out-width", cols, "the rotation's rows", q.nrows())?;
             let mut out = Out::new(weight.dtype, rows * k);
             right_multiply(&src, rows, cols, q, |s, v| out.write(s, v));
-            Ok(out.replace(weight, vec![rows as i64, k as i64]))
+            out.replace(weight, vec![rows as i64, k as i64])
         }
         WeightLayout::OutIn => {
             check_width(weight, "out-width", rows, "the rotation's rows", q.nrows())?;
             let mut out = Out::new(weight.dtype, k * cols);
             left_multiply(q.transpose(), &src, rows, cols, |s, v| out.write(s, v));
-            Ok(out.replace(weight, vec![k as i64, cols as i64]))
+            out.replace(weight, vec![k as i64, cols as i64])
         }
     }
 }
@@ -309,7 +309,7 @@ pub fn rotate_bias(bias: &Tensor, q: MatRef<'_, f64>) -> Result<Tensor> {
     right_multiply(&src, 1, n, q, |s, v| out.write(s, v));
     let mut dims = bias.dims.clone();
     *dims.last_mut().expect("vector_len checked the rank") = k as i64;
-    Ok(out.replace(bias, dims))
+    out.replace(bias, dims)
 }
 
 /// An embedding table `[V, D]` in basis `Q`: `E ← E Q` (`[V, k]`); the table is a writer `[in, out]`.

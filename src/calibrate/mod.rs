@@ -15,7 +15,7 @@ use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::algebra;
 use crate::error::{Error, Result};
-use crate::graph::{DataType, Model};
+use crate::graph::{DataType, KeepInGraph, Model, TensorSink};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::StreamEditor;
@@ -84,6 +84,18 @@ pub fn slice_with_pca(
     options: &CalibrationOptions,
     progress: &ProgressBar,
 ) -> Result<Calibrated> {
+    slice_with_pca_streaming(model, set, options, progress, &mut KeepInGraph)
+}
+
+/// [`slice_with_pca`], handing every rotated tensor to `finished` as soon as it is final (the
+/// output's data file: docs/design.md §8).
+pub fn slice_with_pca_streaming(
+    model: &mut Model,
+    set: &CalibrationSet,
+    options: &CalibrationOptions,
+    progress: &ProgressBar,
+    finished: &mut dyn TensorSink,
+) -> Result<Calibrated> {
     let mut timings = Timings::default();
     let mut ep = None;
     let started = Instant::now();
@@ -116,8 +128,8 @@ pub fn slice_with_pca(
     };
     let groups = transform::basis_groups(&layout, options.dims.basis, &widths);
     let bases = match options.dims.basis {
-        transform::BasisMode::Global => global_bases(run, model, &widths, &groups)?,
-        _ => sequential_bases(run, model, &widths, &groups)?,
+        transform::BasisMode::Global => global_bases(run, model, &widths, &groups, finished)?,
+        _ => sequential_bases(run, model, &widths, &groups, finished)?,
     };
     rewritten.widths = widths;
     rewritten.groups = groups;
@@ -135,13 +147,14 @@ fn sequential_bases(
     model: &mut Model,
     widths: &[usize],
     groups: &[usize],
+    finished: &mut dyn TensorSink,
 ) -> Result<Vec<Basis>> {
     let layout = run.layout;
     let d = layout.width;
     let points = widths.len();
     run.progress.set_length((run.batches.len() * (points + lookahead_runs(groups))) as u64);
     let (mut cov, mut full) = run.segment(&model.graph, None, None, widths)?;
-    let mut editor = StreamEditor::new(&mut model.graph, layout);
+    let mut editor = StreamEditor::new(&mut model.graph, layout).streaming_to(finished);
     let mut bases: Vec<Basis> = Vec::with_capacity(points);
     let mut q_in: Option<Mat<f64>> = None;
     for p in 0..points {
@@ -175,7 +188,7 @@ fn sequential_bases(
                 if groups[p] == groups[p - 1] {
                     editor.clear_shortcut(p - 1)?;
                 } else {
-                    editor.set_shortcut(
+                    editor.set_final_shortcut(
                         p - 1,
                         algebra::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref(),
                     )?;
@@ -189,7 +202,7 @@ fn sequential_bases(
         if p + 1 < points {
             // The segment's skip carries the sliced stream back to the original basis, so that it
             // produces the next point in the original basis at full width.
-            editor.set_shortcut(p, q_out.transpose())?;
+            editor.set_shortcut(p, q_out.transpose())?; // replaced at the next point
             editor.set_point_width(p + 1, d)?;
             run.timings.rotate_seconds += step.elapsed().as_secs_f64();
             let mut current = widths.to_vec();
@@ -218,13 +231,14 @@ fn global_bases(
     model: &mut Model,
     widths: &[usize],
     groups: &[usize],
+    finished: &mut dyn TensorSink,
 ) -> Result<Vec<Basis>> {
     let layout = run.layout;
     run.progress.set_length((run.batches.len() * widths.len()) as u64);
     let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
     let step = Instant::now();
     let columns: Vec<Mat<f64>> = bases.iter().zip(widths).map(|(b, &k)| b.columns(k)).collect();
-    crate::rotate::rotate_and_slice(&mut model.graph, layout, &columns, groups)?;
+    crate::rotate::rotate_and_slice(&mut model.graph, layout, &columns, groups, finished)?;
     run.timings.rotate_seconds += step.elapsed().as_secs_f64();
     Ok(bases)
 }

@@ -3,8 +3,6 @@
 //! here; [`super::tie`] then makes them one table again, with the rotations in small adapters.
 use std::collections::HashMap;
 
-use bytes::Bytes;
-
 use crate::error::{Error, Result};
 use crate::graph::{cleanup, Graph, Namer, Tensor};
 use crate::pattern::is_matrix_transpose;
@@ -86,5 +84,6 @@ fn transpose_2d(t: &Tensor, name: String) -> Result<Tensor> {
             out[to..to + size].copy_from_slice(&src[from..from + size]);
         }
     }
-    Ok(Tensor::from_raw(name, t.dtype, vec![cols as i64, rows as i64], Bytes::from(out)))
+    let bytes = crate::files::park(out)?;
+    Ok(Tensor::from_raw(name, t.dtype, vec![cols as i64, rows as i64], bytes))
 }

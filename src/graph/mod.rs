@@ -13,6 +13,28 @@ pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
 pub use topo::{cleanup, node_on_cycle, toposort};
 pub use types::{check_types, value_types, TypeError};
 
+/// Takes each tensor the moment a pass has made it final (no pass changes it afterwards), to store
+/// it where the output keeps it instead of holding it until the model is saved: the output's
+/// external data file (`crate::onnx::DataStream`), which then backs the tensor's bytes.
+pub trait TensorSink {
+    fn finished(&mut self, tensor: &mut Tensor) -> crate::error::Result<()>;
+
+    /// Whether [`TensorSink::finished`] moves tensors' bytes out of memory itself: then a tensor
+    /// made for it need not be parked in a scratch file first (`crate::files::park`).
+    fn stores_bytes(&self) -> bool {
+        false
+    }
+}
+
+/// Finished tensors stay in the graph as they are until the model is saved.
+pub struct KeepInGraph;
+
+impl TensorSink for KeepInGraph {
+    fn finished(&mut self, _tensor: &mut Tensor) -> crate::error::Result<()> {
+        Ok(())
+    }
+}
+
 use crate::protobuf::{onnx as proto, Opaque};
 
 #[derive(Debug, Clone, PartialEq)]

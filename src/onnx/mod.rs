@@ -8,8 +8,8 @@ mod value_info;
 
 pub use load::{load, load_from_bytes};
 pub use save::{
-    check_destination, check_save_target, save, save_with_data_file, to_bytes, SaveOptions, Saved,
-    Storage, DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
+    check_destination, check_save_target, save, save_with_data_file, to_bytes, DataStream,
+    SaveOptions, Saved, Storage, DEFAULT_SIZE_THRESHOLD, PROTOBUF_LIMIT,
 };
 
 use crate::protobuf::onnx as proto;

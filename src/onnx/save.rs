@@ -1,14 +1,18 @@
-//! Writing a model: inline or with external data, always atomically (temporary file, then rename),
-//! never over the files the model was read from.
+//! Writing a model: inline or with external data, always atomically (temporary files, then
+//! renames), never over the files the model was read from. The external data file can be written
+//! while the model is still being rewritten ([`DataStream`]).
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+use memmap2::MmapOptions;
 use prost::Message;
 
 use super::codec::model_to_proto;
 use crate::error::{Error, Result};
 use crate::files::{parent_folder, Staged};
-use crate::graph::{check_types, DataType, Model, Tensor};
+use crate::graph::{check_types, DataType, ExternalSource, Model, Tensor, TensorData, TensorSink};
 
 /// Protobuf cannot encode (and ONNX Runtime refuses to parse) a message of 2 GiB or more.
 pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
@@ -75,28 +79,185 @@ pub fn save_with_data_file(
     data_path: &Path,
     options: &SaveOptions,
 ) -> Result<Saved> {
-    check_destination(path)?;
-    if parent_folder(data_path) != parent_folder(path) {
-        return Err(Error::Save {
-            output: data_path.into(),
-            message: format!(
-                "external data must be beside the model, in {}",
-                parent_folder(path).display()
-            ),
-        });
+    DataStream::with_data_file(model, path, data_path, options)?.save(model)
+}
+
+/// The output of a model being rewritten, opened before the rewrite (docs/design.md §8). As a
+/// [`TensorSink`] it writes each finished tensor to the output's external data file at once (a
+/// temporary file until [`DataStream::save`]) and makes the tensor's bytes a read-only map of
+/// what it wrote, so that the rewritten model is never held in memory. It streams when the
+/// output will have external data: `Storage::External`, or `Storage::Auto` for an input over
+/// protobuf's limit. `save` then appends the tensors that were not streamed and writes the
+/// model; if the model turns out to fit inline (`Auto`), it is written inline, byte for byte as
+/// [`save`] writes it, and the data file is dropped. Dropped without `save`, it leaves nothing.
+pub struct DataStream {
+    path: PathBuf,
+    data_path: PathBuf,
+    options: SaveOptions,
+    streams: bool,
+    data: Option<TempOutput>,
+    /// Tensors in the data file: name → (offset, length, address of the bytes handed out).
+    written: HashMap<String, (u64, u64, usize)>,
+}
+
+impl DataStream {
+    /// Checks the destination as [`save`] does ([`check_save_target`]); creates no file yet.
+    pub fn new(model: &Model, path: &Path, options: &SaveOptions) -> Result<Self> {
+        Self::with_data_file(model, path, &data_file_for(path)?, options)
     }
-    refuse_overwriting_sources(model, path, data_path)?;
-    check_types(&model.graph)
-        .map_err(|source| Error::IllTyped { output: path.to_path_buf(), source })?;
-    let external = match options.storage {
-        Storage::Inline => false,
-        Storage::External => true,
-        Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
-    };
-    if external {
-        save_external(model, path, data_path, options.size_threshold)
-    } else {
-        save_inline(model, path)
+
+    /// As [`DataStream::new`], with the external data in `data_path` (see [`save_with_data_file`]).
+    pub fn with_data_file(
+        model: &Model,
+        path: &Path,
+        data_path: &Path,
+        options: &SaveOptions,
+    ) -> Result<Self> {
+        check_destination(path)?;
+        if parent_folder(data_path) != parent_folder(path) {
+            return Err(Error::Save {
+                output: data_path.into(),
+                message: format!(
+                    "external data must be beside the model, in {}",
+                    parent_folder(path).display()
+                ),
+            });
+        }
+        refuse_overwriting_sources(model, path, data_path)?;
+        let streams = match options.storage {
+            Storage::Inline => false,
+            Storage::External => true,
+            Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
+        };
+        Ok(DataStream {
+            path: path.to_path_buf(),
+            data_path: data_path.to_path_buf(),
+            options: *options,
+            streams,
+            data: None,
+            written: HashMap::new(),
+        })
+    }
+
+    /// Whether finished tensors go to the data file now (else they stay where they are).
+    pub fn streams(&self) -> bool {
+        self.streams
+    }
+
+    /// Writes the model as [`save`] does, reusing what was streamed.
+    pub fn save(mut self, model: &Model) -> Result<Saved> {
+        let path = self.path.clone();
+        check_types(&model.graph)
+            .map_err(|source| Error::IllTyped { output: path.clone(), source })?;
+        let external = match self.options.storage {
+            Storage::Inline => false,
+            Storage::External => true,
+            Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
+        };
+        if external {
+            self.save_external(model)
+        } else {
+            save_inline(model, &path)
+        }
+    }
+
+    fn save_external(&mut self, model: &Model) -> Result<Saved> {
+        let mut place = |t: &Tensor| -> Result<Option<Vec<(String, String)>>> {
+            if !goes_external(t, self.options.size_threshold) {
+                return Ok(None);
+            }
+            if let Some(source) = self.source_of(t) {
+                return Ok(Some(source.entries.clone()));
+            }
+            let bytes = t.to_raw_bytes()?;
+            let (offset, length) = self.append(&bytes)?;
+            Ok(Some(self.entries(offset, length)?))
+        };
+        let proto = model_to_proto(model, &mut place)?;
+        let len = proto.encoded_len() as u64;
+        if len > PROTOBUF_LIMIT {
+            return Err(too_large(&self.path, len));
+        }
+        let mut out = TempOutput::new(&self.path)?;
+        out.write_message(&proto)?;
+        let data_file = match self.data.take() {
+            Some(data) if data.written > 0 => {
+                let data_len = data.written;
+                data.persist()?;
+                Some((self.data_path.clone(), data_len))
+            }
+            _ => None,
+        };
+        out.persist()?;
+        Ok(Saved { path: self.path.clone(), model_bytes: len, data_file })
+    }
+
+    /// The tensor's place in this stream's data file, if its bytes are the ones written there.
+    fn source_of<'t>(&self, t: &'t Tensor) -> Option<&'t ExternalSource> {
+        let TensorData::External { bytes, source } = &t.data else { return None };
+        let &(offset, length, address) = self.written.get(&t.name)?;
+        let same = offset == source.offset
+            && length == bytes.len() as u64
+            && address == bytes.as_ptr() as usize;
+        same.then_some(source)
+    }
+
+    /// Writes `bytes` at the next offset the layout allows; returns (offset, length).
+    fn append(&mut self, bytes: &[u8]) -> Result<(u64, u64)> {
+        let data = match &mut self.data {
+            Some(data) => data,
+            None => self.data.insert(TempOutput::new(&self.data_path)?),
+        };
+        let offset = data.pad_to(alignment(bytes.len() as u64))?;
+        data.write_all(bytes)?;
+        Ok((offset, bytes.len() as u64))
+    }
+
+    fn entries(&self, offset: u64, length: u64) -> Result<Vec<(String, String)>> {
+        Ok(vec![
+            ("location".into(), file_name(&self.data_path)?),
+            ("offset".into(), offset.to_string()),
+            ("length".into(), length.to_string()),
+        ])
+    }
+
+    /// A read-only map of bytes this stream wrote.
+    fn map(&mut self, offset: u64, length: u64) -> Result<Bytes> {
+        let data = self.data.as_mut().expect("append created the data file");
+        let target = data.staged.target().to_path_buf();
+        let file = data.staged.flushed_file().map_err(|e| Error::io(&target, e))?;
+        // SAFETY: the temporary file is this process's own; the region is written and is never
+        // written again (the stream only appends), and the map is read-only.
+        let map = unsafe { MmapOptions::new().offset(offset).len(length as usize).map(file) }
+            .map_err(|e| Error::io(&target, e))?;
+        Ok(Bytes::from_owner(map))
+    }
+}
+
+impl TensorSink for DataStream {
+    fn finished(&mut self, tensor: &mut Tensor) -> Result<()> {
+        if !self.streams
+            || !goes_external(tensor, self.options.size_threshold)
+            || self.source_of(tensor).is_some()
+        {
+            return Ok(());
+        }
+        let bytes = tensor.to_raw_bytes()?;
+        let (offset, length) = self.append(&bytes)?;
+        drop(bytes);
+        let mapped = self.map(offset, length)?;
+        self.written.insert(tensor.name.clone(), (offset, length, mapped.as_ptr() as usize));
+        let entries = self.entries(offset, length)?;
+        let location = file_name(&self.data_path)?;
+        tensor.data = TensorData::External {
+            bytes: mapped,
+            source: ExternalSource { entries, location, offset, length },
+        };
+        Ok(())
+    }
+
+    fn stores_bytes(&self) -> bool {
+        self.streams
     }
 }
 
@@ -115,40 +276,6 @@ fn save_inline(model: &Model, path: &Path) -> Result<Saved> {
     out.write_message(&proto)?;
     out.persist()?;
     Ok(Saved { path: path.into(), model_bytes: len, data_file: None })
-}
-
-fn save_external(model: &Model, path: &Path, data_path: &Path, threshold: u64) -> Result<Saved> {
-    let location = file_name(data_path)?;
-    let mut data = TempOutput::new(data_path)?;
-    let mut place = |t: &Tensor| -> Result<Option<Vec<(String, String)>>> {
-        if !goes_external(t, threshold) {
-            return Ok(None);
-        }
-        let bytes = t.to_raw_bytes()?;
-        let offset = data.pad_to(alignment(bytes.len() as u64))?;
-        data.write_all(&bytes)?;
-        Ok(Some(vec![
-            ("location".into(), location.clone()),
-            ("offset".into(), offset.to_string()),
-            ("length".into(), bytes.len().to_string()),
-        ]))
-    };
-    let proto = model_to_proto(model, &mut place)?;
-    let len = proto.encoded_len() as u64;
-    if len > PROTOBUF_LIMIT {
-        return Err(too_large(path, len));
-    }
-    let data_len = data.written;
-    let mut out = TempOutput::new(path)?;
-    out.write_message(&proto)?;
-    let data_file = if data_len > 0 {
-        data.persist()?;
-        Some((data_path.to_path_buf(), data_len))
-    } else {
-        None
-    };
-    out.persist()?;
-    Ok(Saved { path: path.into(), model_bytes: len, data_file })
 }
 
 fn goes_external(t: &Tensor, threshold: u64) -> bool {
@@ -355,5 +482,48 @@ unsafe impl bytes::BufMut for MessageSink<'_> {
         }
         self.flush();
         self.write_through(src);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transform::{self, BasisMode, Dimensions, Orientation};
+
+    fn fixture(arch: &str) -> Model {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        super::super::load(dir.join(arch).join("optimum/model.onnx")).unwrap()
+    }
+
+    /// `Storage::Auto` streams for inputs over protobuf's limit; when the output fits inline after
+    /// all, it is written inline from the streamed maps, byte for byte as without a stream, and
+    /// the streamed data file is dropped.
+    #[test]
+    fn a_streamed_model_that_fits_inline_is_written_as_save_writes_it() {
+        let dims = Dimensions { ratio: 0.25, basis: BasisMode::Point, ..Default::default() };
+        for arch in ["llama", "gpt2", "phi"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut held = fixture(arch);
+            transform::rotate(&mut held, Orientation::Random { seed: 4 }, &dims).unwrap();
+            let expected = dir.path().join("held.onnx");
+            save(&held, &expected, &SaveOptions::default()).unwrap();
+
+            let mut model = fixture(arch);
+            let path = dir.path().join("streamed.onnx");
+            let mut stream = DataStream::new(&model, &path, &SaveOptions::default()).unwrap();
+            assert!(!stream.streams(), "a small input is not streamed");
+            stream.streams = true; // as for an input over the limit
+            let seed = Orientation::Random { seed: 4 };
+            transform::rotate_streaming(&mut model, seed, &dims, &mut stream).unwrap();
+            assert!(
+                stream.data.as_ref().is_some_and(|d| d.written > 0),
+                "{arch}: nothing streamed"
+            );
+            let saved = stream.save(&model).unwrap();
+            assert!(saved.data_file.is_none());
+            assert_eq!(std::fs::read(&expected).unwrap(), std::fs::read(&path).unwrap(), "{arch}");
+            let files = std::fs::read_dir(dir.path()).unwrap().count();
+            assert_eq!(files, 2, "{arch}: the streamed data file was left behind");
+        }
     }
 }

@@ -10,7 +10,7 @@ use faer::{Mat, MatRef};
 use crate::algebra;
 use crate::error::{Error, Result};
 use crate::fuse;
-use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor};
+use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor, TensorSink};
 use crate::pattern::GraphIndex;
 use crate::structure::{Bias, Branch, Layout, StreamReshape};
 
@@ -18,12 +18,13 @@ const PASS: &str = "rotate";
 
 /// Rotates (and, where a basis has fewer than D columns, slices) a fused model. `groups[p]` names
 /// the basis of point p: consecutive points of one group have the same basis, and the skip between
-/// them stays a plain Add.
+/// them stays a plain Add. Every rotated tensor and shortcut matrix goes to `finished` as it is made.
 pub fn rotate_and_slice(
     graph: &mut Graph,
     layout: &Layout,
     bases: &[Mat<f64>],
     groups: &[usize],
+    finished: &mut dyn TensorSink,
 ) -> Result<()> {
     let points = layout.stream_points().len();
     if groups.len() != points
@@ -41,14 +42,14 @@ pub fn rotate_and_slice(
             ),
         });
     }
-    let mut editor = StreamEditor::new(graph, layout);
+    let mut editor = StreamEditor::new(graph, layout).streaming_to(finished);
     editor.rotate_embeddings(bases[0].as_ref())?;
     for (i, pair) in bases.windows(2).enumerate() {
         editor.rotate_readers(i, pair[0].as_ref())?;
         editor.rotate_writers(i, pair[1].as_ref())?;
         if groups[i] != groups[i + 1] {
-            editor
-                .set_shortcut(i, algebra::shortcut(pair[0].as_ref(), pair[1].as_ref()).as_ref())?;
+            let s = algebra::shortcut(pair[0].as_ref(), pair[1].as_ref());
+            editor.set_final_shortcut(i, s.as_ref())?;
         }
     }
     editor.rotate_readers(points - 1, bases[points - 1].as_ref())?;
@@ -62,7 +63,9 @@ pub fn rotate_and_slice(
 
 /// Rotation and slicing one step at a time (calibration decides each point's basis only after
 /// running the segment before it). Segment `i` goes from point `i` to point `i + 1`; "segment"
-/// `segments.len()` is the head.
+/// `segments.len()` is the head. Rotated weights are final when made: the editor hands them to its
+/// [`TensorSink`] (see [`StreamEditor::streaming_to`]), and shortcut matrices when set with
+/// [`StreamEditor::set_final_shortcut`].
 pub struct StreamEditor<'a> {
     graph: &'a mut Graph,
     layout: &'a Layout,
@@ -72,6 +75,7 @@ pub struct StreamEditor<'a> {
     dtype: DataType,
     /// The norms' gain vector for each stream width ([`fuse::gain_tensor`]).
     gains: HashMap<usize, String>,
+    finished: Option<&'a mut dyn TensorSink>,
 }
 
 impl<'a> StreamEditor<'a> {
@@ -84,7 +88,30 @@ impl<'a> StreamEditor<'a> {
             .filter_map(|b| fuse::norm_gain(graph, &b.norm.output))
             .map(|(name, k)| (k, name))
             .collect();
-        StreamEditor { graph, layout, namer, widths, dtype, gains }
+        StreamEditor { graph, layout, namer, widths, dtype, gains, finished: None }
+    }
+
+    /// Hands every tensor the editor finishes to `sink` (docs/design.md §8).
+    pub fn streaming_to(mut self, sink: &'a mut dyn TensorSink) -> Self {
+        self.finished = Some(sink);
+        self
+    }
+
+    /// Makes a final tensor. When the sink stores its bytes, it is not parked first: one write to
+    /// disk instead of two.
+    fn make_final(&self, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let stores = self.finished.as_deref().is_some_and(|sink| sink.stores_bytes());
+        let _unparked = stores.then(crate::files::ScratchScope::suspend);
+        make()
+    }
+
+    /// Puts a final tensor in the graph, through the sink.
+    fn set_final(&mut self, mut tensor: Tensor) -> Result<()> {
+        if let Some(sink) = self.finished.as_deref_mut() {
+            sink.finished(&mut tensor)?;
+        }
+        self.graph.set_initializer(tensor);
+        Ok(())
     }
 
     pub fn graph(&self) -> &Graph {
@@ -96,8 +123,8 @@ impl<'a> StreamEditor<'a> {
         for embedding in &self.layout.embeddings {
             let name = embedding.adapter.as_ref().unwrap_or(&embedding.table);
             let table = weight(self.graph, name, &embedding.output)?;
-            let rotated = named(algebra::rotate_table(table, q)?, name);
-            self.graph.set_initializer(rotated);
+            let rotated = named(self.make_final(|| algebra::rotate_table(table, q))?, name);
+            self.set_final(rotated)?;
         }
         Ok(())
     }
@@ -116,8 +143,11 @@ impl<'a> StreamEditor<'a> {
     pub fn rotate_readers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
         for reader in self.branches_reading(segment).iter().flat_map(|b| b.readers.iter()) {
             let w = weight(self.graph, &reader.weight, &reader.node_name)?;
-            let rotated = named(algebra::rotate_reader(w, reader.layout, q)?, &reader.weight);
-            self.graph.set_initializer(rotated);
+            let rotated = named(
+                self.make_final(|| algebra::rotate_reader(w, reader.layout, q))?,
+                &reader.weight,
+            );
+            self.set_final(rotated)?;
         }
         Ok(())
     }
@@ -126,20 +156,34 @@ impl<'a> StreamEditor<'a> {
     pub fn rotate_writers(&mut self, segment: usize, q: MatRef<'_, f64>) -> Result<()> {
         for writer in &self.layout.segments[segment].writers {
             let w = weight(self.graph, &writer.weight, &writer.node_name)?;
-            let rotated = named(algebra::rotate_writer(w, writer.layout, q)?, &writer.weight);
-            self.graph.set_initializer(rotated);
+            let rotated = named(
+                self.make_final(|| algebra::rotate_writer(w, writer.layout, q))?,
+                &writer.weight,
+            );
+            self.set_final(rotated)?;
             if let Some(Bias::GemmC(b) | Bias::AddNode { initializer: b, .. }) = &writer.bias {
                 let bias = weight(self.graph, b, &writer.node_name)?;
-                let rotated = named(algebra::rotate_bias(bias, q)?, b);
-                self.graph.set_initializer(rotated);
+                let rotated = named(self.make_final(|| algebra::rotate_bias(bias, q))?, b);
+                self.set_final(rotated)?;
             }
         }
         Ok(())
     }
 
+    /// [`Self::set_shortcut`] with the matrix the output keeps: it goes to the sink.
+    pub fn set_final_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<()> {
+        let matrix = self.set_shortcut(segment, s)?;
+        let (Some(sink), Some(tensor)) =
+            (self.finished.as_deref_mut(), self.graph.initializer_mut(&matrix))
+        else {
+            return Ok(());
+        };
+        sink.finished(tensor)
+    }
+
     /// The skip path of `segment` gets `MatMul(skip, S)` before its residual Add (inserted once,
-    /// then its matrix replaced).
-    pub fn set_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<()> {
+    /// then its matrix replaced). Returns the matrix's initializer.
+    pub fn set_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<String> {
         let add = &self.layout.segments[segment].residual_adds[0];
         let add_index =
             self.graph.node_index_producing(&add.output).ok_or_else(|| Error::Pass {
@@ -155,7 +199,8 @@ impl<'a> StreamEditor<'a> {
         match existing {
             Some(i) => {
                 let matrix = self.graph.nodes[i].inputs[1].clone();
-                self.graph.set_initializer(algebra::mat_to_tensor(matrix, s, self.dtype));
+                self.graph.set_initializer(algebra::mat_to_tensor(matrix.clone(), s, self.dtype));
+                Ok(matrix)
             }
             None => {
                 let matrix = self.namer.fresh(&format!("onnx_slice.shortcut{segment}"));
@@ -165,13 +210,13 @@ impl<'a> StreamEditor<'a> {
                 self.graph.nodes.push(Node::new(
                     "MatMul",
                     name,
-                    vec![skip, matrix],
+                    vec![skip, matrix.clone()],
                     vec![rotated.clone()],
                 ));
                 self.graph.nodes[add_index].inputs[add.skip_input] = rotated;
+                Ok(matrix)
             }
         }
-        Ok(())
     }
 
     /// Takes the MatMul of [`Self::set_shortcut`] off the skip path of `segment` again (both ends
