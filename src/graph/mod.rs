@@ -11,7 +11,8 @@ use std::path::PathBuf;
 pub use edit::Namer;
 pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
 pub use topo::{cleanup, node_on_cycle, toposort};
-pub use types::{check_types, value_types, TypeError};
+pub use crate::error::TypeError;
+pub use types::{check_types, value_types};
 
 /// Takes each tensor the moment a pass has made it final (no pass changes it afterwards), to store
 /// it where the output keeps it instead of holding it until the model is saved: the output's

@@ -8,16 +8,6 @@ use std::collections::HashMap;
 
 use super::{AttrValue, DataType, Graph, Node};
 
-/// A node whose inputs break its operator's type constraint, or a declared type that disagrees
-/// with the computed one.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("node '{node}' ({op}): {message}")]
-pub struct TypeError {
-    pub node: String,
-    pub op: String,
-    pub message: String,
-}
-
 /// How an operator types its outputs: which inputs must share one type `T`, and what its outputs
 /// are.
 enum Rule {

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::error::RuntimeError;
+use crate::error::RuntimeError;
 
 /// The execution provider a user asks for.
 ///

@@ -14,36 +14,17 @@
 //! and returns [`RuntimeError::AlreadyInitialised`] when asked for a different one.
 
 use std::ffi::OsString;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use ort::environment::Environment;
 
-use super::error::RuntimeError;
+use crate::error::{LibrarySource, RuntimeError};
 
 /// The ONNX Runtime version `scripts/setup-ort.sh` installs and the default location names.
 pub const ORT_VERSION: &str = "1.31.1";
 
 const LIBRARY_FILE_NAME: &str = "libonnxruntime.so.1.31.1";
-
-/// Where the chosen library path came from, for messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LibrarySource {
-    Flag,
-    EnvVar,
-    Default,
-}
-
-impl fmt::Display for LibrarySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Flag => "from --ort-lib",
-            Self::EnvVar => "from ORT_DYLIB_PATH",
-            Self::Default => "the default location",
-        })
-    }
-}
 
 /// A library path and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +104,7 @@ pub fn locate_library(
         path,
         origin: chosen.source,
         default: default_library_path(env).filter(|_| chosen.source != LibrarySource::Default),
+        version: ORT_VERSION,
     })
 }
 
@@ -215,6 +197,7 @@ fn load_runtime(library: &Path) -> Result<LoadedRuntime, RuntimeError> {
     let builder = ort::init_from(library).map_err(|error| RuntimeError::LibraryLoad {
         path: library.to_path_buf(),
         reason: error.to_string(),
+        version: ORT_VERSION,
     })?;
     // Telemetry is off: onnx-slice never sends data anywhere.
     let environment = builder

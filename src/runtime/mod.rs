@@ -19,17 +19,16 @@
 //! `ort`'s release-candidate interface.
 
 mod ep;
-mod error;
 mod library;
 pub mod npy;
 mod session;
 mod tensor;
 
 pub use ep::{ActiveEp, Ep, EpChoice};
-pub use error::{RuntimeError, SessionStep};
+pub use crate::error::{LibrarySource, RuntimeError, SessionStep};
 pub use library::{
     choose_library, default_library_path, init_runtime, loaded_library, loaded_version,
-    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LibrarySource, LogLevel,
+    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LogLevel,
     ORT_VERSION,
 };
 pub use session::{save_optimized, ModelSession, RunOutputs, SessionConfig};

@@ -17,7 +17,7 @@ use ort::session::{
 use ort::AsPointer;
 
 use super::ep::{cuda_provider, Ep, EpChoice};
-use super::error::{RuntimeError, SessionStep};
+use crate::error::{RuntimeError, SessionStep};
 use super::library::environment;
 use super::tensor::{
     output_tensor, session_input, tensor_info, OutputError, TensorInfo, TensorValue,

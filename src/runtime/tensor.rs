@@ -14,7 +14,7 @@ use ort::value::{
     TensorRef, ValueType,
 };
 
-use super::error::RuntimeError;
+use crate::error::RuntimeError;
 
 /// An owned tensor of one of the element types onnx-slice feeds or reads.
 #[derive(Debug, Clone, PartialEq)]

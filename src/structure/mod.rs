@@ -15,7 +15,8 @@ mod walk;
 use crate::pattern::norm::{NormKind, NormMatch};
 
 pub use quantized::{refuse_quantized, QuantizedForm, QuantizedModel};
-pub use walk::{detect, DetectError};
+pub use crate::error::DetectError;
+pub use walk::detect;
 
 /// How a linear layer's weight is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

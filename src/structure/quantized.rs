@@ -3,25 +3,10 @@
 //! could not be stored in the same quantized form without a new (lossy) quantization. The remedy
 //! is the other order: slice the float model, then quantize the sliced one.
 use crate::graph::Graph;
-
-/// The quantized forms ONNX Runtime's tools produce, by the operators that mark them, in the
-/// order that decides a model's form (dynamic int8 and int4 models also hold DequantizeLinear
-/// nodes, for their embedding tables).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum QuantizedForm {
-    /// `quantize_dynamic`: MatMulInteger fed by DynamicQuantizeLinear (int8/uint8).
-    DynamicInt8,
-    /// 4-bit (or n-bit) block quantization: MatMulNBits, GatherBlockQuantized (onnxruntime-genai
-    /// int4 models, `MatMulNBitsQuantizer`).
-    BlockNBits,
-    /// Operator-oriented static quantization: QLinear* ops.
-    QOperator,
-    /// `quantize_static` in QDQ format: QuantizeLinear/DequantizeLinear pairs around float ops.
-    Qdq,
-}
+pub use crate::error::{QuantizedForm, QuantizedModel};
 
 impl QuantizedForm {
-    fn of(op: &str) -> Option<Self> {
+    pub(super) fn of(op: &str) -> Option<Self> {
         match op {
             "MatMulInteger"
             | "DynamicQuantizeLinear"
@@ -34,41 +19,6 @@ impl QuantizedForm {
             _ => None,
         }
     }
-
-    fn description(self) -> &'static str {
-        match self {
-            Self::DynamicInt8 => "int8 dynamically quantized (MatMulInteger/DynamicQuantizeLinear)",
-            Self::Qdq => "QDQ quantized (QuantizeLinear/DequantizeLinear)",
-            Self::QOperator => "statically quantized in operator form (QLinear* ops)",
-            Self::BlockNBits => "block quantized to int4 (MatMulNBits/GatherBlockQuantized)",
-        }
-    }
-
-    /// How to quantize the sliced float model the same way again.
-    fn remedy(self) -> &'static str {
-        match self {
-            Self::DynamicInt8 => "onnxruntime.quantization.quantize_dynamic",
-            Self::Qdq => "onnxruntime.quantization.quantize_static with quant_format=QuantFormat.QDQ",
-            Self::QOperator => "onnxruntime.quantization.quantize_static with quant_format=QuantFormat.QOperator",
-            Self::BlockNBits => "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (or onnxruntime-genai's builder with -p int4)",
-        }
-    }
-}
-
-/// The model is quantized: onnx-slice cannot rotate its weights.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error(
-    "the model is {}: node '{node}' is {op} ({count} quantized node(s) in all). onnx-slice rotates float weights and cannot rotate \
-     quantized ones. Slice the float (float32, float16 or bfloat16) model instead, then quantize the sliced model with {} \
-     (see README.md, \"Quantized models\")",
-    form.description(),
-    form.remedy()
-)]
-pub struct QuantizedModel {
-    pub form: QuantizedForm,
-    pub node: String,
-    pub op: String,
-    pub count: usize,
 }
 
 /// Refuses a quantized graph, naming its form, its first node of that form, and the remedy.

@@ -11,15 +11,6 @@ use crate::graph::{DataType, Graph, Node};
 use crate::pattern::norm::{find_norms, NormMatch};
 use crate::pattern::{is_matrix_transpose, is_stream_transparent, GraphIndex};
 
-/// Where detection stopped and what it expected there.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("structure detection stopped at node '{node}' ({op}): expected {expected}")]
-pub struct DetectError {
-    pub node: String,
-    pub op: String,
-    pub expected: String,
-}
-
 type Found<T> = Result<T, DetectError>;
 
 fn stop(node: &Node, expected: impl Into<String>) -> DetectError {

@@ -1,6 +1,16 @@
 //! The library's error type: every variant says where (file, pass, node, tensor) and what.
 use std::path::PathBuf;
 
+mod npy;
+mod runtime;
+mod structure;
+mod types;
+
+pub use npy::NpyError;
+pub use runtime::{LibrarySource, RuntimeError, SessionStep};
+pub use structure::{DetectError, QuantizedForm, QuantizedModel};
+pub use types::TypeError;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +40,7 @@ pub enum Error {
 
     /// The graph about to be written does not type-check; nothing was written.
     #[error("refusing to write {output}, an invalid model: {source}")]
-    IllTyped { output: PathBuf, source: crate::graph::TypeError },
+    IllTyped { output: PathBuf, source: TypeError },
 
     #[error("{pass}: node '{node}': {message}")]
     Pass { pass: &'static str, node: String, message: String },
@@ -45,7 +55,7 @@ pub enum Error {
     Budget { message: String },
 
     #[error(transparent)]
-    Detect(#[from] crate::structure::DetectError),
+    Detect(#[from] DetectError),
 
     /// The model was written by onnx-slice (its metadata says so), which does not slice its own
     /// output again.
@@ -53,10 +63,10 @@ pub enum Error {
     AlreadySliced { model: String, by: String },
 
     #[error(transparent)]
-    Quantized(#[from] crate::structure::QuantizedModel),
+    Quantized(#[from] QuantizedModel),
 
     #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
+    Runtime(#[from] RuntimeError),
 
     /// An option of [`crate::pipeline::slice`] that cannot work as given (a value out of range,
     /// no tokenizer for text calibration, an output that would overwrite the input), found before

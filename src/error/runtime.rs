@@ -1,9 +1,12 @@
-//! The error type of the ONNX Runtime layer: every message names what failed and what to do.
+//! The error type of the ONNX Runtime layer (`runtime`): every message names what failed and what
+//! to do. Here, below every layer, so that the crate's `Error` wraps it without depending on
+//! `runtime`; `runtime` re-exports it.
 
 use std::path::PathBuf;
 
-use super::library::LibrarySource;
-use super::npy::NpyError;
+use std::fmt;
+
+use super::NpyError;
 
 /// Everything that can go wrong while loading ONNX Runtime, building a session or running it.
 #[derive(Debug, thiserror::Error)]
@@ -13,10 +16,16 @@ pub enum RuntimeError {
          ONNX Runtime {} at the default location{}, or pass --ort-lib PATH (or set \
          ORT_DYLIB_PATH) to point at an existing libonnxruntime.so",
         path.display(),
-        super::library::ORT_VERSION,
+        version,
         default_hint(default.as_ref())
     )]
-    LibraryNotFound { path: PathBuf, origin: LibrarySource, default: Option<PathBuf> },
+    LibraryNotFound {
+        path: PathBuf,
+        origin: LibrarySource,
+        default: Option<PathBuf>,
+        /// The ONNX Runtime version onnx-slice is built for.
+        version: &'static str,
+    },
 
     #[error(
         "cannot work out where ONNX Runtime is installed: HOME, XDG_CACHE_HOME and ONNX_SLICE_HOME \
@@ -28,9 +37,9 @@ pub enum RuntimeError {
         "failed to load ONNX Runtime from {}: {reason}. It must be ONNX Runtime {} (or a newer \
          1.x) for this platform; scripts/setup-ort.sh installs the right one",
         path.display(),
-        super::library::ORT_VERSION
+        version
     )]
-    LibraryLoad { path: PathBuf, reason: String },
+    LibraryLoad { path: PathBuf, reason: String, version: &'static str },
 
     #[error(
         "ONNX Runtime is already loaded from {} in this process; it cannot be reloaded from {}",
@@ -73,6 +82,24 @@ pub enum RuntimeError {
     Npy(#[from] NpyError),
 }
 
+/// Where the chosen library path came from, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LibrarySource {
+    Flag,
+    EnvVar,
+    Default,
+}
+
+impl fmt::Display for LibrarySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Flag => "from --ort-lib",
+            Self::EnvVar => "from ORT_DYLIB_PATH",
+            Self::Default => "the default location",
+        })
+    }
+}
+
 /// The stage of a session's life an ONNX Runtime error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionStep {
@@ -83,8 +110,8 @@ pub enum SessionStep {
     ReadOutputs,
 }
 
-impl std::fmt::Display for SessionStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for SessionStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Configure => "configuring the ONNX Runtime session",
             Self::Load => "loading the model into ONNX Runtime",
