@@ -8,10 +8,10 @@ mod types;
 
 use std::path::PathBuf;
 
+pub use crate::error::TypeError;
 pub use edit::Namer;
 pub use tensor::{DataType, ExternalSource, Tensor, TensorData, TypedValues};
 pub use topo::{cleanup, node_on_cycle, toposort};
-pub use crate::error::TypeError;
 pub use types::{check_types, value_types};
 
 /// Takes each tensor the moment a pass has made it final (no pass changes it afterwards), to store

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use super::{AttrValue, DataType, Graph, Node};
+use crate::error::TypeError;
 
 /// How an operator types its outputs: which inputs must share one type `T`, and what its outputs
 /// are.

@@ -24,12 +24,11 @@ pub mod npy;
 mod session;
 mod tensor;
 
-pub use ep::{ActiveEp, Ep, EpChoice};
 pub use crate::error::{LibrarySource, RuntimeError, SessionStep};
+pub use ep::{ActiveEp, Ep, EpChoice};
 pub use library::{
     choose_library, default_library_path, init_runtime, loaded_library, loaded_version,
-    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LogLevel,
-    ORT_VERSION,
+    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LogLevel, ORT_VERSION,
 };
 pub use session::{save_optimized, ModelSession, RunOutputs, SessionConfig};
 pub use tensor::{Dim, ElementType, TensorInfo, TensorValue};

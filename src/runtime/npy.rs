@@ -4,7 +4,7 @@
 //! the reference data of the tests.
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use crate::error::NpyError;
 use ndarray::ArrayD;

@@ -17,11 +17,11 @@ use ort::session::{
 use ort::AsPointer;
 
 use super::ep::{cuda_provider, Ep, EpChoice};
-use crate::error::{RuntimeError, SessionStep};
 use super::library::environment;
 use super::tensor::{
     output_tensor, session_input, tensor_info, OutputError, TensorInfo, TensorValue,
 };
+use crate::error::{RuntimeError, SessionStep};
 
 /// How to build a session.
 #[derive(Debug, Clone, Default)]

@@ -14,8 +14,8 @@ mod walk;
 
 use crate::pattern::norm::{NormKind, NormMatch};
 
-pub use quantized::{refuse_quantized, QuantizedForm, QuantizedModel};
 pub use crate::error::DetectError;
+pub use quantized::{refuse_quantized, QuantizedForm, QuantizedModel};
 pub use walk::detect;
 
 /// How a linear layer's weight is stored.

@@ -2,8 +2,8 @@
 //! scales, and a rotation mixes every input channel into every other, so the rotated weights
 //! could not be stored in the same quantized form without a new (lossy) quantization. The remedy
 //! is the other order: slice the float model, then quantize the sliced one.
-use crate::graph::Graph;
 pub use crate::error::{QuantizedForm, QuantizedModel};
+use crate::graph::Graph;
 
 impl QuantizedForm {
     pub(super) fn of(op: &str) -> Option<Self> {

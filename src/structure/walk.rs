@@ -7,6 +7,7 @@ use super::{
     Bias, Branch, Embedding, EmbeddingRole, Layout, Linear, ResidualAdd, Segment, StreamReshape,
     WeightLayout,
 };
+use crate::error::DetectError;
 use crate::graph::{DataType, Graph, Node};
 use crate::pattern::norm::{find_norms, NormMatch};
 use crate::pattern::{is_matrix_transpose, is_stream_transparent, GraphIndex};
