@@ -1,5 +1,6 @@
 //! The reader on files written by `ndarray-npy`'s writers (the same format as NumPy's).
 use std::fs::File;
+use std::path::PathBuf;
 
 use ndarray::{arr2, ArrayD, ShapeBuilder};
 use ndarray_npy::{NpzWriter, WriteNpyExt};
