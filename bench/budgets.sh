@@ -8,7 +8,8 @@
 # Usage: bench/budgets.sh [MODEL.onnx] [TOOLS_DIR]   (as bench/smollm2.sh)
 # Environment: BASES (default "point block global"), TARGETS (default "80% 90% 70%"), WIDTHS
 # (default "uniform"; "uniform allocated" adds --allocate-widths runs), SLICE_FLAGS (extra flags
-# for every slicing), TABLE (default budgets). Each finished run is appended to
+# for every slicing), TABLE (default budgets), TIMES_ONLY=1 (slice only, no evaluation: the
+# seconds of every phase of each option side by side, for a quiet machine; table $TABLE-times). Each finished run is appended to
 # bench/out/$TABLE.rows, and the table bench/out/$TABLE.md is rebuilt from it, so an interrupted
 # run keeps what it measured (delete the .rows file to start afresh).
 set -euo pipefail
@@ -51,6 +52,19 @@ for line in open(sys.argv[1]):
 PY
 }
 
+times_from_rows() {
+  python3 - "$out/$table-times.rows" > "$out/$table-times.md" <<'PY'
+import json, sys
+phases = ["fuse", "session", "runtime", "pca", "rotate", "save", "total"]
+print("| target | basis | widths | " + " | ".join(f"{p} s" for p in phases) + " |")
+print("|---|---|---|" + "---|" * len(phases))
+for line in open(sys.argv[1]):
+    target, basis, widths, report = line.rstrip("\n").split("\t")
+    seconds = json.load(open(report))["seconds"]
+    print(f"| {target} | {basis} | {widths} | " + " | ".join(f"{seconds[p + '_seconds']:.1f}" for p in phases) + " |")
+PY
+}
+
 for target in "${targets[@]}"; do
   for width in "${widths[@]}"; do
     for basis in "${bases[@]}"; do
@@ -62,6 +76,12 @@ for target in "${targets[@]}"; do
         --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 --report "$out/report-$name.json" --quiet \
         ${slice_flags[@]+"${slice_flags[@]}"}
       seconds=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
+      if [ "${TIMES_ONLY:-0}" = 1 ]; then
+        printf '%s\t%s\t%s\t%s\n' "$target" "$basis" "$width" "$out/report-$name.json" >> "$out/$table-times.rows"
+        rm -f "$sliced" "$sliced.data"
+        times_from_rows
+        continue
+      fi
       ppl=$(evaluate "$sliced" | tr -d '\n')
       printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$basis" "$width" "$seconds" "$ppl" "$out/report-$name.json" >> "$out/$table.rows"
       rm -f "$sliced" "$sliced.data"
@@ -69,4 +89,4 @@ for target in "${targets[@]}"; do
     done
   done
 done
-cat "$out/$table.md"
+if [ "${TIMES_ONLY:-0}" = 1 ]; then cat "$out/$table-times.md"; else cat "$out/$table.md"; fi
