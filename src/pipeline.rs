@@ -444,6 +444,7 @@ fn calibrate_and_slice(
         center_embeddings: options.center_embeddings,
         model_path: Some(input.to_path_buf()),
         allocation,
+        keep_bases: options.save_rotations.is_some(),
         on_execution_provider: notices.map(|hook| {
             Arc::new(move |choice: &EpChoice| hook(Notice::ExecutionProvider(choice)))
                 as crate::calibrate::EpHook
@@ -459,7 +460,7 @@ fn calibrate_and_slice(
             .iter()
             .zip(&calibrated.rewritten.widths)
             .enumerate()
-            .map(|(p, (basis, &k))| (format!("point{p}"), basis, k))
+            .map(|(p, (basis, &k))| (format!("point{p}"), &**basis, k))
             .collect();
         crate::pca::save_rotations(path, &points)?;
     }

@@ -3,7 +3,7 @@
 //! the stream with one basis per stream point.
 use std::collections::BTreeMap;
 
-use faer::Mat;
+use faer::{Mat, MatRef};
 
 use crate::algebra;
 use crate::error::{Error, Result};
@@ -218,7 +218,8 @@ pub fn rotate_streaming(
     let widths = dims.widths(&rewritten.layout);
     let groups = basis_groups(&rewritten.layout, dims.basis, &widths);
     let bases = bases(&rewritten.layout, orientation, &widths, &groups)?;
-    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &bases, &groups, finished)?;
+    let per_point = bases.per_point();
+    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &per_point, &groups, finished)?;
     rewritten.widths = widths;
     rewritten.groups = groups;
     Ok(rewritten)
@@ -229,7 +230,7 @@ fn bases(
     orientation: Orientation,
     widths: &[usize],
     groups: &[usize],
-) -> Result<Vec<Mat<f64>>> {
+) -> Result<GroupBases> {
     let d = layout.width;
     if widths.iter().any(|&k| k == 0 || k > d) {
         return Err(Error::Pass {
@@ -238,19 +239,43 @@ fn bases(
             message: format!("widths {widths:?} do not fit D = {d}"),
         });
     }
-    Ok(widths
-        .iter()
-        .enumerate()
-        .map(|(p, &k)| {
-            let q = match orientation {
-                Orientation::Identity => Mat::<f64>::identity(d, d),
-                Orientation::Random { seed } => {
-                    algebra::random_orthogonal(d, seed.wrapping_add(groups[p] as u64))
-                }
-            };
-            q.subcols(0, k).to_owned()
-        })
-        .collect())
+    GroupBases::new(groups, |group| {
+        let q = match orientation {
+            Orientation::Identity => Mat::<f64>::identity(d, d),
+            Orientation::Random { seed } => {
+                algebra::random_orthogonal(d, seed.wrapping_add(group as u64))
+            }
+        };
+        Ok(q.subcols(0, widths[group]).to_owned())
+    })
+}
+
+/// One matrix per basis group, read by every point of the group. A copy per point would hold
+/// gigabytes: LLaMA-2-7B has 65 stream points and one D × k basis is 100 MB in f64 there.
+pub struct GroupBases {
+    matrices: Vec<Mat<f64>>,
+    /// Point → its group's matrix.
+    of_point: Vec<usize>,
+}
+
+impl GroupBases {
+    /// `make(group)` gives the matrix of a group ([`basis_groups`]: named by its first point,
+    /// whose width every point of the group has); it is called once per group.
+    pub fn new(groups: &[usize], mut make: impl FnMut(usize) -> Result<Mat<f64>>) -> Result<Self> {
+        let (mut matrices, mut of_point) = (Vec::new(), Vec::with_capacity(groups.len()));
+        for (p, &group) in groups.iter().enumerate() {
+            if p == 0 || group != groups[p - 1] {
+                matrices.push(make(group)?);
+            }
+            of_point.push(matrices.len() - 1);
+        }
+        Ok(GroupBases { matrices, of_point })
+    }
+
+    /// Every point's matrix, in point order.
+    pub fn per_point(&self) -> Vec<MatRef<'_, f64>> {
+        self.of_point.iter().map(|&i| self.matrices[i].as_ref()).collect()
+    }
 }
 
 impl std::fmt::Display for Orientation {
@@ -322,5 +347,27 @@ pub fn refuse_sliced(model: &Model) -> Result<()> {
             by: describe_slicing(&entries),
         }),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_bases_make_one_matrix_per_group_that_its_points_share() {
+        let groups = [0, 0, 0, 3, 4, 4];
+        let mut made = Vec::new();
+        let bases = GroupBases::new(&groups, |group| {
+            made.push(group);
+            Ok(Mat::<f64>::identity(4, group + 1))
+        })
+        .unwrap();
+        assert_eq!(made, [0, 3, 4]);
+        let widths: Vec<usize> = bases.per_point().iter().map(|q| q.ncols()).collect();
+        assert_eq!(widths, [1, 1, 1, 4, 5, 5]);
+        let per_point = bases.per_point();
+        assert_eq!(per_point[0].as_ptr(), per_point[2].as_ptr());
+        assert_ne!(per_point[2].as_ptr(), per_point[3].as_ptr());
     }
 }

@@ -51,6 +51,7 @@ fn calibrate_dims(
         model_path: Some(path.to_path_buf()),
         allocation: None,
         on_execution_provider: None,
+        keep_bases: false,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -296,4 +297,39 @@ fn the_command_records_centered_embeddings_and_refuses_them_without_pca() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--center-embeddings applies to PCA slicing"), "{stderr}");
     assert!(!out.exists(), "an output file was written");
+}
+
+/// Bases are held only when asked (a 7B model's are gigabytes), and then once per group: every
+/// point of a group shares its group's one basis.
+#[test]
+fn bases_are_kept_only_when_asked_and_once_per_group() {
+    let path = fixture("llama/optimum/model.onnx");
+    for (basis, keep) in
+        [(BasisMode::Global, true), (BasisMode::Block, true), (BasisMode::Point, false)]
+    {
+        let mut model = onnx::load(&path).unwrap();
+        let options = CalibrationOptions {
+            dims: Dimensions { ratio: 0.25, basis, ..Dimensions::default() },
+            batch: 4,
+            session: cpu(),
+            center_embeddings: false,
+            model_path: Some(path.clone()),
+            allocation: None,
+            on_execution_provider: None,
+            keep_bases: keep,
+        };
+        let calibrated =
+            slice_with_pca(&mut model, &calibration_set("llama"), &options, &ProgressBar::hidden())
+                .unwrap();
+        let groups = &calibrated.rewritten.groups;
+        if !keep {
+            assert!(calibrated.bases.is_empty(), "{basis:?}: bases kept unasked");
+            continue;
+        }
+        assert_eq!(calibrated.bases.len(), groups.len(), "{basis:?}");
+        for p in 1..groups.len() {
+            let shared = std::sync::Arc::ptr_eq(&calibrated.bases[p], &calibrated.bases[p - 1]);
+            assert_eq!(shared, groups[p] == groups[p - 1], "{basis:?}, point {p}");
+        }
+    }
 }

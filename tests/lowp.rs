@@ -188,6 +188,7 @@ fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> 
         model_path: Some(path.to_path_buf()),
         allocation: None,
         on_execution_provider: None,
+        keep_bases: false,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())?;
     Ok(model)

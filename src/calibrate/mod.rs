@@ -7,6 +7,7 @@ pub mod data;
 mod segment;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faer::{Mat, MatRef};
@@ -21,7 +22,7 @@ use crate::pca::{principal_basis, Basis, Covariance};
 use crate::rotate::StreamEditor;
 use crate::runtime::{EpChoice, ModelSession, SessionConfig, TensorValue};
 use crate::structure::Layout;
-use crate::transform::{self, Dimensions, Rewritten};
+use crate::transform::{self, Dimensions, GroupBases, Rewritten};
 use data::CalibrationSet;
 
 const PASS: &str = "calibrate";
@@ -40,6 +41,9 @@ pub struct CalibrationOptions {
     pub allocation: Option<Allocation>,
     /// Told the execution provider of the first session, and of any later one that got another.
     pub on_execution_provider: Option<EpHook>,
+    /// Keep every point's basis in [`Calibrated::bases`] (to save them); otherwise each is dropped
+    /// once its point is rotated.
+    pub keep_bases: bool,
 }
 
 /// Receives the execution provider ONNX Runtime gave a calibration session.
@@ -54,7 +58,10 @@ pub struct Allocation {
 /// The result: the rewritten model's layout and widths, and the basis chosen at every point.
 pub struct Calibrated {
     pub rewritten: Rewritten,
-    pub bases: Vec<Basis>,
+    /// The basis of every point (the points of a group share one), kept only when
+    /// [`CalibrationOptions::keep_bases`] asks: one is `D × D` in f64, 134 MB for LLaMA-2-7B, and
+    /// the paper's layout has one per point.
+    pub bases: Vec<Arc<Basis>>,
     pub tokens: u64,
     /// Where the calibration tokens came from.
     pub source: String,
@@ -148,18 +155,19 @@ fn sequential_bases(
     widths: &[usize],
     groups: &[usize],
     finished: &mut dyn TensorSink,
-) -> Result<Vec<Basis>> {
+) -> Result<Vec<Arc<Basis>>> {
     let layout = run.layout;
     let d = layout.width;
     let points = widths.len();
     run.progress.set_length((run.batches.len() * (points + lookahead_runs(groups))) as u64);
     let (mut cov, mut full) = run.segment(&model.graph, None, None, widths)?;
     let mut editor = StreamEditor::new(&mut model.graph, layout).streaming_to(finished);
-    let mut bases: Vec<Basis> = Vec::with_capacity(points);
+    let mut kept: Vec<Arc<Basis>> = Vec::new();
+    let mut previous: Option<Arc<Basis>> = None;
     let mut q_in: Option<Mat<f64>> = None;
     for p in 0..points {
-        let basis = match bases.last() {
-            Some(shared) if groups[p] == groups[p - 1] => shared.clone(),
+        let basis = match previous.take() {
+            Some(shared) if groups[p] == groups[p - 1] => shared,
             _ => {
                 let mut group = Covariance::new(d);
                 group.merge_normalized(&cov);
@@ -176,7 +184,7 @@ fn sequential_bases(
                     group.merge_normalized(&next_cov);
                     ahead = Some(next);
                 }
-                run.basis(&group)?
+                Arc::new(run.basis(&group)?)
             }
         };
         let step = Instant::now();
@@ -198,7 +206,10 @@ fn sequential_bases(
         editor.set_point_width(p, widths[p])?;
         project(&mut full, q_out.as_ref())?;
         editor.rotate_readers(p, q_out.as_ref())?;
-        bases.push(basis);
+        if run.options.keep_bases {
+            kept.push(basis.clone());
+        }
+        previous = Some(basis);
         if p + 1 < points {
             // The segment's skip carries the sliced stream back to the original basis, so that it
             // produces the next point in the original basis at full width.
@@ -216,7 +227,7 @@ fn sequential_bases(
     let step = Instant::now();
     editor.finish()?;
     run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-    Ok(bases)
+    Ok(kept)
 }
 
 /// Segment runs of the unsliced model that choose shared bases ahead of the sliced runs.
@@ -232,15 +243,21 @@ fn global_bases(
     widths: &[usize],
     groups: &[usize],
     finished: &mut dyn TensorSink,
-) -> Result<Vec<Basis>> {
+) -> Result<Vec<Arc<Basis>>> {
     let layout = run.layout;
     run.progress.set_length((run.batches.len() * widths.len()) as u64);
     let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
     let step = Instant::now();
-    let columns: Vec<Mat<f64>> = bases.iter().zip(widths).map(|(b, &k)| b.columns(k)).collect();
-    crate::rotate::rotate_and_slice(&mut model.graph, layout, &columns, groups, finished)?;
+    let columns = GroupBases::new(groups, |group| Ok(bases[group].columns(widths[group])))?;
+    crate::rotate::rotate_and_slice(
+        &mut model.graph,
+        layout,
+        &columns.per_point(),
+        groups,
+        finished,
+    )?;
     run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-    Ok(bases)
+    Ok(if run.options.keep_bases { bases } else { Vec::new() })
 }
 
 /// The basis of every point's group from one pass over the unsliced `graph`: the PCA of the sum of
@@ -249,7 +266,7 @@ fn unsliced_group_bases(
     run: &mut Runner<'_>,
     graph: &crate::graph::Graph,
     groups: &[usize],
-) -> Result<Vec<Basis>> {
+) -> Result<Vec<Arc<Basis>>> {
     let (d, points) = (run.layout.width, groups.len());
     let full_widths = vec![d; points];
     let mut sums: Vec<Option<Covariance>> = vec![None; points];
@@ -260,10 +277,10 @@ fn unsliced_group_bases(
             (cov, full) = run.segment(graph, Some(p), Some(&full), &full_widths)?;
         }
     }
-    let mut group_bases: Vec<Option<Basis>> = vec![None; points];
+    let mut group_bases: Vec<Option<Arc<Basis>>> = vec![None; points];
     for (g, sum) in sums.iter().enumerate() {
         if let Some(sum) = sum {
-            group_bases[g] = Some(run.basis(sum)?);
+            group_bases[g] = Some(Arc::new(run.basis(sum)?));
         }
     }
     Ok(groups.iter().filter_map(|&g| group_bases[g].clone()).collect())
@@ -285,7 +302,7 @@ fn allocated_widths(
     run.progress.set_length((run.batches.len() * points) as u64);
     let bases = unsliced_group_bases(run, graph, &groups)?;
     run.progress.reset();
-    let spectra: Vec<Vec<f64>> = bases.into_iter().map(|b| b.eigenvalues).collect();
+    let spectra: Vec<Vec<f64>> = bases.iter().map(|b| b.eigenvalues.clone()).collect();
     allocation.plan.allocate(&run.options.dims, &allocation.budget, &spectra)
 }
 

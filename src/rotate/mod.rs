@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use faer::{Mat, MatRef};
+use faer::MatRef;
 
 use crate::algebra;
 use crate::error::{Error, Result};
@@ -22,7 +22,7 @@ const PASS: &str = "rotate";
 pub fn rotate_and_slice(
     graph: &mut Graph,
     layout: &Layout,
-    bases: &[Mat<f64>],
+    bases: &[MatRef<'_, f64>],
     groups: &[usize],
     finished: &mut dyn TensorSink,
 ) -> Result<()> {
@@ -43,16 +43,16 @@ pub fn rotate_and_slice(
         });
     }
     let mut editor = StreamEditor::new(graph, layout).streaming_to(finished);
-    editor.rotate_embeddings(bases[0].as_ref())?;
+    editor.rotate_embeddings(bases[0])?;
     for (i, pair) in bases.windows(2).enumerate() {
-        editor.rotate_readers(i, pair[0].as_ref())?;
-        editor.rotate_writers(i, pair[1].as_ref())?;
+        editor.rotate_readers(i, pair[0])?;
+        editor.rotate_writers(i, pair[1])?;
         if groups[i] != groups[i + 1] {
-            let s = algebra::shortcut(pair[0].as_ref(), pair[1].as_ref());
+            let s = algebra::shortcut(pair[0], pair[1]);
             editor.set_final_shortcut(i, s.as_ref())?;
         }
     }
-    editor.rotate_readers(points - 1, bases[points - 1].as_ref())?;
+    editor.rotate_readers(points - 1, bases[points - 1])?;
     if bases.iter().any(|q| q.ncols() != layout.width) {
         for (point, q) in bases.iter().enumerate() {
             editor.set_point_width(point, q.ncols())?;
