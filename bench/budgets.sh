@@ -8,8 +8,9 @@
 # Usage: bench/budgets.sh [MODEL.onnx] [TOOLS_DIR]   (as bench/smollm2.sh)
 # Environment: BASES (default "point block global"), TARGETS (default "80% 90% 70%"), WIDTHS
 # (default "uniform"; "uniform allocated" adds --allocate-widths runs), SLICE_FLAGS (extra flags
-# for every slicing), TABLE (default budgets), TIMES_ONLY=1 (slice only, no evaluation: the
-# seconds of every phase of each option side by side, for a quiet machine; table $TABLE-times). Each finished run is appended to
+# for every slicing), TABLE (default budgets), TIMES_ONLY=1 (slice only, no evaluation: each
+# option's seconds per phase and the process's CPU seconds side by side; table $TABLE-times. CPU
+# seconds compare the options on a shared machine too, where wall seconds measure the neighbours). Each finished run is appended to
 # bench/out/$TABLE.rows, and the table bench/out/$TABLE.md is rebuilt from it, so an interrupted
 # run keeps what it measured (delete the .rows file to start afresh).
 set -euo pipefail
@@ -56,12 +57,15 @@ times_from_rows() {
   python3 - "$out/$table-times.rows" > "$out/$table-times.md" <<'PY'
 import json, sys
 phases = ["fuse", "session", "runtime", "pca", "rotate", "save", "total"]
-print("| target | basis | widths | " + " | ".join(f"{p} s" for p in phases) + " |")
-print("|---|---|---|" + "---|" * len(phases))
+print("| target | basis | widths | " + " | ".join(f"{p} s" for p in phases) + " | CPU s | peak RSS GiB |")
+print("|---|---|---|" + "---|" * (len(phases) + 2))
 for line in open(sys.argv[1]):
-    target, basis, widths, report = line.rstrip("\n").split("\t")
+    target, basis, widths, report, memory = line.rstrip("\n").split("\t")
     seconds = json.load(open(report))["seconds"]
-    print(f"| {target} | {basis} | {widths} | " + " | ".join(f"{seconds[p + '_seconds']:.1f}" for p in phases) + " |")
+    memory = json.load(open(memory))
+    cells = [f"{seconds[p + '_seconds']:.1f}" for p in phases]
+    cells += [f"{memory['cpu_seconds']:.1f}", f"{memory['peak_rss_bytes'] / 2**30:.2f}"]
+    print(f"| {target} | {basis} | {widths} | " + " | ".join(cells) + " |")
 PY
 }
 
@@ -72,12 +76,13 @@ for target in "${targets[@]}"; do
       sliced="$out/budget-$name.onnx"
       allocate=(); [ "$width" = allocated ] && allocate=(--allocate-widths)
       start=$(date +%s.%N)
-      "$bin" "$model" -o "$sliced" --target-size "$target" --basis "$basis" ${allocate[@]+"${allocate[@]}"} \
+      python3 bench/peak_memory.py --json "$out/memory-$name.json" -- \
+        "$bin" "$model" -o "$sliced" --target-size "$target" --basis "$basis" ${allocate[@]+"${allocate[@]}"} \
         --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 --report "$out/report-$name.json" --quiet \
         ${slice_flags[@]+"${slice_flags[@]}"}
       seconds=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
       if [ "${TIMES_ONLY:-0}" = 1 ]; then
-        printf '%s\t%s\t%s\t%s\n' "$target" "$basis" "$width" "$out/report-$name.json" >> "$out/$table-times.rows"
+        printf '%s\t%s\t%s\t%s\t%s\n' "$target" "$basis" "$width" "$out/report-$name.json" "$out/memory-$name.json" >> "$out/$table-times.rows"
         rm -f "$sliced" "$sliced.data"
         times_from_rows
         continue
