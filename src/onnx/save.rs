@@ -124,11 +124,7 @@ impl DataStream {
             });
         }
         refuse_overwriting_sources(model, path, data_path)?;
-        let streams = match options.storage {
-            Storage::Inline => false,
-            Storage::External => true,
-            Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
-        };
+        let streams = goes_to_external_data(model, options.storage)?;
         Ok(DataStream {
             path: path.to_path_buf(),
             data_path: data_path.to_path_buf(),
@@ -149,11 +145,7 @@ impl DataStream {
         let path = self.path.clone();
         check_types(&model.graph)
             .map_err(|source| Error::IllTyped { output: path.clone(), source })?;
-        let external = match self.options.storage {
-            Storage::Inline => false,
-            Storage::External => true,
-            Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
-        };
+        let external = goes_to_external_data(model, self.options.storage)?;
         if external {
             self.save_external(model)
         } else {
@@ -259,6 +251,16 @@ impl TensorSink for DataStream {
     fn stores_bytes(&self) -> bool {
         self.streams
     }
+}
+
+/// Whether `model` is written with external data: as asked, or for `Auto` when it would not fit
+/// protobuf's limit inline.
+fn goes_to_external_data(model: &Model, storage: Storage) -> Result<bool> {
+    Ok(match storage {
+        Storage::Inline => false,
+        Storage::External => true,
+        Storage::Auto => inline_size(model)? > PROTOBUF_LIMIT,
+    })
 }
 
 fn inline_size(model: &Model) -> Result<u64> {
