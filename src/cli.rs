@@ -50,7 +50,8 @@ Exit codes:
      and before anything is written
   3  the model is not one onnx-slice can slice: no transformer found in it, it is quantized, or
      it is the output of onnx-slice already ('onnx-slice inspect MODEL' says which)
-  4  no slicing meets --target-size / --target-params; nothing was written";
+  4  no slicing meets --target-size / --target-params; nothing was written
+130  interrupted (Ctrl-C, SIGTERM, SIGHUP); nothing was written";
 
 const INSPECT_EXAMPLES: &str = "\
 Examples:
@@ -273,6 +274,7 @@ pub fn command_line() -> clap::Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    remove_staged_outputs_on_signal();
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Convert(args)) => run_convert(args),
@@ -292,6 +294,21 @@ pub fn main() -> ExitCode {
             }
             ExitCode::from(checks::exit_code(&e))
         }
+    }
+}
+
+/// Ctrl-C, `kill` or a closed terminal end the process without running destructors; the handler
+/// removes the staged outputs (files::interrupt) so that nothing half-written stays behind.
+fn remove_staged_outputs_on_signal() {
+    let handler = || {
+        let removed = crate::files::remove_staged();
+        eprintln!("\ninterrupted: {removed} unfinished output(s) removed");
+        // SAFETY: _exit only ends the process. Not `exit`: its atexit handlers and C++ static
+        // destructors would run while ONNX Runtime's threads are still computing.
+        unsafe { libc::_exit(i32::from(checks::EXIT_INTERRUPTED)) }
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!("warning: no signal handler ({e}): an interrupted run may leave .part files");
     }
 }
 

@@ -8,7 +8,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::files::parent_folder;
+use crate::files::{parent_folder, RemoveOnInterrupt};
 use crate::graph::{Model, Tensor, TensorSink};
 use crate::onnx::{DataStream, SaveOptions, Saved, Storage};
 
@@ -349,6 +349,7 @@ impl Destination {
                 stream: DataStream::new(model, path, options)?,
                 scratch: parent_folder(path),
                 folder: None,
+                _on_interrupt: None,
             }),
             Destination::Folder(plan) => plan.open(model, options),
         }
@@ -362,6 +363,8 @@ pub struct OpenOutput<'a> {
     stream: DataStream,
     scratch: PathBuf,
     folder: Option<(&'a FolderPlan, tempfile::TempDir)>,
+    /// The staged folder's registration (a file's is its [`crate::files::Staged`]'s).
+    _on_interrupt: Option<RemoveOnInterrupt>,
 }
 
 impl OpenOutput<'_> {
@@ -432,11 +435,13 @@ impl FolderPlan {
         let data_path =
             staging.path().join(self.source.family.data_file_name(&self.source.model_file));
         let options = SaveOptions { storage: Self::storage(options.storage, model), ..*options };
+        let on_interrupt = RemoveOnInterrupt::register(staging.path());
         let stream = DataStream::with_data_file(model, &model_path, &data_path, &options)?;
         Ok(OpenOutput {
             stream,
             scratch: staging.path().to_path_buf(),
             folder: Some((self, staging)),
+            _on_interrupt: Some(on_interrupt),
         })
     }
 

@@ -437,3 +437,57 @@ fn every_command_has_help_and_examples() {
         help.stdout
     );
 }
+
+/// A signal in the middle of a run (Ctrl-C's SIGINT, `kill`'s SIGTERM, a closed terminal's
+/// SIGHUP) leaves nothing in the output's folder: the staged output is removed before the process
+/// exits with 130. The output is an export folder, which is staged (as a hidden `.part` sibling)
+/// from before calibration on, so the signal reliably finds it there.
+#[test]
+fn an_interrupted_run_leaves_nothing_behind() {
+    let dir = scratch();
+    let calibration = long_calibration(dir.path());
+    for signal in ["INT", "TERM", "HUP"] {
+        let outputs = scratch();
+        let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
+            .args(args(&[
+                &fixture("llama/optimum"),
+                &"-o",
+                &outputs.path().join("sliced"),
+                &"--ratio",
+                &"0.25",
+                &"--calib-ids",
+                &calibration,
+                &"--calib-samples",
+                &"20000",
+            ]))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run onnx-slice");
+        let staged = wait_for_an_entry(outputs.path(), &mut run);
+        assert!(staged.starts_with(".sliced.") && staged.ends_with(".part"), "{staged}");
+        let kill = std::process::Command::new("kill")
+            .args(["-s", signal, &run.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(kill.success());
+        let finished = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&finished.stderr);
+        assert_eq!(finished.status.code(), Some(130), "SIG{signal}: {stderr}");
+        assert!(stderr.contains("interrupted: 1 unfinished output(s) removed"), "{stderr}");
+        assert_eq!(file_names(outputs.path()), Vec::<String>::new(), "SIG{signal} left files");
+    }
+}
+
+/// The first name to appear in `folder` while `run` works (fails if it ends first).
+fn wait_for_an_entry(folder: &Path, run: &mut std::process::Child) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(name) = file_names(folder).into_iter().next() {
+            return name;
+        }
+        let status = run.try_wait().unwrap();
+        assert!(status.is_none(), "the run ended ({status:?}) before its output was staged");
+        assert!(started.elapsed().as_secs() < 120, "no staged output after two minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

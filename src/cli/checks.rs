@@ -12,6 +12,9 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNSUPPORTED_MODEL: u8 = 3;
 /// A size target (--target-size, --target-params) that no slicing meets; nothing was written.
 pub const EXIT_TARGET_NOT_MET: u8 = 4;
+/// A signal ended the run (the shells' 128 + SIGINT, for SIGTERM and SIGHUP too); the staged
+/// outputs were removed.
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// A mistake on the command line, found before any work: exit code [`EXIT_USAGE`].
 #[derive(Debug)]

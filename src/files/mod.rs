@@ -2,7 +2,8 @@
 //! destination's folder, which is renamed into place once complete. A failure leaves nothing.
 //!
 //! Also the scratch files that keep large intermediate tensors out of anonymous memory
-//! ([`scratch`], docs/design.md §8).
+//! ([`scratch`], docs/design.md §8), and the removal of staged outputs when a signal ends the
+//! process ([`interrupt`]).
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use crate::error::{Error, Result};
 pub struct Staged {
     target: PathBuf,
     writer: BufWriter<NamedTempFile>,
+    _on_interrupt: RemoveOnInterrupt,
 }
 
 impl Staged {
@@ -30,7 +32,12 @@ impl Staged {
             .suffix(".part")
             .tempfile_in(&dir)
             .map_err(|e| Error::io(&dir, e))?;
-        Ok(Staged { target: target.into(), writer: BufWriter::with_capacity(1 << 20, file) })
+        let on_interrupt = RemoveOnInterrupt::register(file.path());
+        Ok(Staged {
+            target: target.into(),
+            writer: BufWriter::with_capacity(1 << 20, file),
+            _on_interrupt: on_interrupt,
+        })
     }
 
     pub fn target(&self) -> &Path {
@@ -94,6 +101,8 @@ fn set_default_permissions(file: &File) {
     let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
 }
 
+mod interrupt;
 mod scratch;
 
+pub use interrupt::{remove_staged, RemoveOnInterrupt};
 pub use scratch::{park, ScratchScope, PARK_AT_LEAST};
