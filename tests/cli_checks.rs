@@ -36,6 +36,11 @@ fn long_calibration(dir: &Path) -> PathBuf {
     path
 }
 
+/// `--ratio 0.25` with the [`long_calibration`] at `ids`, every sample of it.
+fn long_slicing(ids: &Path) -> Vec<OsString> {
+    args(&[&"--ratio", &"0.25", &"--calib-ids", &ids, &"--calib-samples", &"20000"])
+}
+
 /// The promises for a command line that cannot work: exit code 2, `error: ` and `expected` on
 /// stderr (no OS error number, no temporary file), no panic, nothing written in `outputs`, and fast.
 fn assert_usage_error(run: &Outcome, expected: &str, outputs: &Path) {
@@ -62,15 +67,8 @@ fn output_mistakes_fail_before_a_long_calibration() {
     let out = outputs.path().join("out.onnx");
     let missing = outputs.path().join("no-such-folder").join("out.onnx");
     let slice = |extra: &[&dyn AsRef<std::ffi::OsStr>]| {
-        let mut all = args(&[
-            &model(),
-            &"--ratio",
-            &"0.25",
-            &"--calib-ids",
-            &calibration,
-            &"--calib-samples",
-            &"20000",
-        ]);
+        let mut all = args(&[&model()]);
+        all.extend(long_slicing(&calibration));
         all.extend(args(extra));
         onnx_slice(all)
     };
@@ -103,17 +101,7 @@ fn output_mistakes_fail_before_a_long_calibration() {
     std::fs::copy(fixture("llama/optimum/tokenizer.json"), inputs.path().join("tokenizer.json"))
         .unwrap();
     let before = snapshot(inputs.path());
-    let run = onnx_slice(args(&[
-        &input,
-        &"-o",
-        &input,
-        &"--ratio",
-        &"0.25",
-        &"--calib-ids",
-        &calibration,
-        &"--calib-samples",
-        &"20000",
-    ]));
+    let run = onnx_slice([args(&[&input, &"-o", &input]), long_slicing(&calibration)].concat());
     assert_usage_error(&run, "is the input file", outputs.path());
     let run = onnx_slice(args(&[
         &input,
@@ -284,17 +272,7 @@ fn the_tool_knows_its_own_output() {
     let calibration = long_calibration(dir.path());
     let outputs = scratch();
     let again = outputs.path().join("again.onnx");
-    let run = onnx_slice(args(&[
-        &sliced,
-        &"-o",
-        &again,
-        &"--ratio",
-        &"0.25",
-        &"--calib-ids",
-        &calibration,
-        &"--calib-samples",
-        &"20000",
-    ]));
+    let run = onnx_slice([args(&[&sliced, &"-o", &again]), long_slicing(&calibration)].concat());
     assert_eq!(run.code, Some(3), "{}", run.stderr);
     assert!(
         run.stderr.contains("already sliced by onnx-slice")
@@ -449,17 +427,8 @@ fn an_interrupted_run_leaves_nothing_behind() {
     for signal in ["INT", "TERM", "HUP"] {
         let outputs = scratch();
         let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
-            .args(args(&[
-                &fixture("llama/optimum"),
-                &"-o",
-                &outputs.path().join("sliced"),
-                &"--ratio",
-                &"0.25",
-                &"--calib-ids",
-                &calibration,
-                &"--calib-samples",
-                &"20000",
-            ]))
+            .args(args(&[&fixture("llama/optimum"), &"-o", &outputs.path().join("sliced")]))
+            .args(long_slicing(&calibration))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run onnx-slice");
