@@ -432,8 +432,7 @@ fn an_interrupted_run_leaves_nothing_behind() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run onnx-slice");
-        let staged = wait_for_an_entry(outputs.path(), &mut run);
-        assert!(staged.starts_with(".sliced.") && staged.ends_with(".part"), "{staged}");
+        wait_for_the_staged_folder(outputs.path(), ".sliced.", &mut run);
         let kill = std::process::Command::new("kill")
             .args(["-s", signal, &run.id().to_string()])
             .status()
@@ -447,12 +446,15 @@ fn an_interrupted_run_leaves_nothing_behind() {
     }
 }
 
-/// The first name to appear in `folder` while `run` works (fails if it ends first).
-fn wait_for_an_entry(folder: &Path, run: &mut std::process::Child) -> String {
+/// Waits until `folder` holds the staged output `PREFIX…part` while `run` works (fails if the run
+/// ends first). Other names may come and go before it: the writability probe of the output's
+/// folder (`.onnx-slice-check.…`) is one.
+fn wait_for_the_staged_folder(folder: &Path, prefix: &str, run: &mut std::process::Child) {
     let started = std::time::Instant::now();
     loop {
-        if let Some(name) = file_names(folder).into_iter().next() {
-            return name;
+        let staged = |name: &String| name.starts_with(prefix) && name.ends_with(".part");
+        if file_names(folder).iter().any(staged) {
+            return;
         }
         let status = run.try_wait().unwrap();
         assert!(status.is_none(), "the run ended ({status:?}) before its output was staged");
