@@ -51,7 +51,7 @@ Exit codes:
   3  the model is not one onnx-slice can slice: no transformer found in it, it is quantized, or
      it is the output of onnx-slice already ('onnx-slice inspect MODEL' says which)
   4  no slicing meets --target-size / --target-params; nothing was written
-130  interrupted (Ctrl-C, SIGTERM, SIGHUP); nothing was written";
+130  interrupted (Ctrl-C, SIGTERM, SIGHUP); the unfinished output was removed";
 
 const INSPECT_EXAMPLES: &str = "\
 Examples:

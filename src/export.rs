@@ -349,7 +349,6 @@ impl Destination {
                 stream: DataStream::new(model, path, options)?,
                 scratch: parent_folder(path),
                 folder: None,
-                _on_interrupt: None,
             }),
             Destination::Folder(plan) => plan.open(model, options),
         }
@@ -362,9 +361,9 @@ impl Destination {
 pub struct OpenOutput<'a> {
     stream: DataStream,
     scratch: PathBuf,
-    folder: Option<(&'a FolderPlan, tempfile::TempDir)>,
-    /// The staged folder's registration (a file's is its [`crate::files::Staged`]'s).
-    _on_interrupt: Option<RemoveOnInterrupt>,
+    /// For an export folder: its plan, and the temporary sibling it is staged in, registered for
+    /// removal on a signal (a file output's registration is its [`crate::files::Staged`]'s).
+    folder: Option<(&'a FolderPlan, tempfile::TempDir, RemoveOnInterrupt)>,
 }
 
 impl OpenOutput<'_> {
@@ -378,7 +377,7 @@ impl OpenOutput<'_> {
         let saved = self.stream.save(model)?;
         match self.folder {
             None => Ok(saved),
-            Some((plan, staging)) => plan.complete(model, staging, saved),
+            Some((plan, staging, _on_interrupt)) => plan.complete(model, staging, saved),
         }
     }
 }
@@ -440,8 +439,7 @@ impl FolderPlan {
         Ok(OpenOutput {
             stream,
             scratch: staging.path().to_path_buf(),
-            folder: Some((self, staging)),
-            _on_interrupt: Some(on_interrupt),
+            folder: Some((self, staging, on_interrupt)),
         })
     }
 
