@@ -1,7 +1,7 @@
-//! Chunked f64 access to tensors of any float type: reading a (possibly memory-mapped) tensor's
-//! values in slices of rows or columns, multiplying them by a matrix with faer, and writing results
-//! back in the input's float type, so that besides the output at most ~128 MiB of f64 scratch are
-//! alive whatever the tensor's size.
+//! Chunked access to tensors of any float type: reading a (possibly memory-mapped) tensor's
+//! values in slices of rows or columns as f64 or f32 ([`Element`]), multiplying them by a matrix
+//! with faer, and writing results back in the input's float type, so that besides the output at
+//! most ~128 MiB of scratch are alive whatever the tensor's size.
 use std::borrow::Cow;
 
 use bytes::Bytes;
@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Tensor, TensorData, TypedValues};
 
-/// Elements of f64 scratch per slice of a large tensor (64 MiB; wide slices keep faer's products
+/// Elements of scratch per slice of a large tensor (64 MiB; wide slices keep faer's products
 /// efficient: 512-column slices of a `[4096, 14336]` reader ran at half the speed of 2048-column
 /// ones). Tests use small slices so that slicing is exercised on small tensors.
 pub(super) const CHUNK: usize = if cfg!(test) { 1 << 12 } else { 1 << 23 };
@@ -53,6 +53,38 @@ pub(super) fn check_width(
     }
 }
 
+/// The element type the chunked arithmetic runs in: f64, or f32 for the products of float16 and
+/// bfloat16 weights (see [`super::Precision`]).
+pub(super) trait Element: faer::traits::RealField + Copy {
+    fn of_f64(v: f64) -> Self;
+    fn of_f32(v: f32) -> Self;
+    fn widen(self) -> f64;
+}
+
+impl Element for f64 {
+    fn of_f64(v: f64) -> Self {
+        v
+    }
+    fn of_f32(v: f32) -> Self {
+        v as f64
+    }
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+impl Element for f32 {
+    fn of_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn of_f32(v: f32) -> Self {
+        v
+    }
+    fn widen(self) -> f64 {
+        self as f64
+    }
+}
+
 pub(super) fn subtract_mean(v: &mut [f64]) {
     if v.is_empty() {
         return;
@@ -61,8 +93,8 @@ pub(super) fn subtract_mean(v: &mut [f64]) {
     v.iter_mut().for_each(|x| *x -= mean);
 }
 
-/// A float tensor's values, decoded to f64 a range at a time (straight from the model's bytes
-/// when they are raw, so that a memory-mapped table is never copied whole).
+/// A float tensor's values, decoded to an [`Element`] type a range at a time (straight from the
+/// model's bytes when they are raw, so that a memory-mapped table is never copied whole).
 pub(super) struct Values<'a> {
     source: Source<'a>,
 }
@@ -119,31 +151,40 @@ impl<'a> Values<'a> {
         Ok(Values { source })
     }
 
-    /// `out.len()` values starting at element `start`.
-    pub(super) fn read(&self, start: usize, out: &mut [f64]) {
+    /// `out.len()` values starting at element `start` (float16 and bfloat16 widen exactly to
+    /// either type).
+    pub(super) fn read<T: Element>(&self, start: usize, out: &mut [T]) {
         let n = out.len();
         match &self.source {
             Source::F32(v) => {
-                out.iter_mut().zip(&v[start..start + n]).for_each(|(o, &x)| *o = x as f64)
+                out.iter_mut().zip(&v[start..start + n]).for_each(|(o, &x)| *o = T::of_f32(x))
             }
-            Source::F64(v) => out.copy_from_slice(&v[start..start + n]),
+            Source::F64(v) => {
+                out.iter_mut().zip(&v[start..start + n]).for_each(|(o, &x)| *o = T::of_f64(x))
+            }
             Source::Le { raw, dtype } => match dtype {
-                DataType::Float => decode::<4>(raw, start, out, |b| f32::from_le_bytes(b) as f64),
-                DataType::Double => decode::<8>(raw, start, out, f64::from_le_bytes),
-                DataType::Float16 => {
-                    decode::<2>(raw, start, out, |b| f16::from_le_bytes(b).to_f64())
+                DataType::Float => {
+                    decode::<4, T>(raw, start, out, |b| T::of_f32(f32::from_le_bytes(b)))
                 }
-                _ => decode::<2>(raw, start, out, |b| bf16::from_le_bytes(b).to_f64()),
+                DataType::Double => {
+                    decode::<8, T>(raw, start, out, |b| T::of_f64(f64::from_le_bytes(b)))
+                }
+                DataType::Float16 => {
+                    decode::<2, T>(raw, start, out, |b| T::of_f32(f16::from_le_bytes(b).to_f32()))
+                }
+                _ => {
+                    decode::<2, T>(raw, start, out, |b| T::of_f32(bf16::from_le_bytes(b).to_f32()))
+                }
             },
         }
     }
 }
 
-pub(super) fn decode<const N: usize>(
+pub(super) fn decode<const N: usize, T>(
     raw: &[u8],
     start: usize,
-    out: &mut [f64],
-    f: impl Fn([u8; N]) -> f64,
+    out: &mut [T],
+    f: impl Fn([u8; N]) -> T,
 ) {
     let bytes = &raw[start * N..(start + out.len()) * N];
     for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
@@ -151,7 +192,8 @@ pub(super) fn decode<const N: usize>(
     }
 }
 
-/// An output tensor's bytes, filled a range at a time from f64.
+/// An output tensor's bytes, filled a range at a time from f64 or f32 values (each rounded once
+/// to the output's type).
 pub(super) struct Out {
     dtype: DataType,
     bytes: Vec<u8>,
@@ -173,27 +215,27 @@ impl Out {
         }
     }
 
-    pub(super) fn write(&mut self, start: usize, values: &[f64]) {
-        fn encode<const N: usize>(
+    pub(super) fn write<T: Element>(&mut self, start: usize, values: &[T]) {
+        fn encode<const N: usize, T: Element>(
             bytes: &mut [u8],
             start: usize,
-            values: &[f64],
+            values: &[T],
             f: impl Fn(f64) -> [u8; N],
         ) {
             let bytes = &mut bytes[start * N..(start + values.len()) * N];
             for (c, &v) in bytes.chunks_exact_mut(N).zip(values) {
-                c.copy_from_slice(&f(v));
+                c.copy_from_slice(&f(v.widen()));
             }
         }
         match self.dtype {
-            DataType::Double => encode::<8>(&mut self.bytes, start, values, f64::to_le_bytes),
+            DataType::Double => encode::<8, T>(&mut self.bytes, start, values, f64::to_le_bytes),
             DataType::Float16 => {
-                encode::<2>(&mut self.bytes, start, values, |v| f16::from_f64(v).to_le_bytes())
+                encode::<2, T>(&mut self.bytes, start, values, |v| f16::from_f64(v).to_le_bytes())
             }
             DataType::Bfloat16 => {
-                encode::<2>(&mut self.bytes, start, values, |v| bf16::from_f64(v).to_le_bytes())
+                encode::<2, T>(&mut self.bytes, start, values, |v| bf16::from_f64(v).to_le_bytes())
             }
-            _ => encode::<4>(&mut self.bytes, start, values, |v| (v as f32).to_le_bytes()),
+            _ => encode::<4, T>(&mut self.bytes, start, values, |v| (v as f32).to_le_bytes()),
         }
     }
 
@@ -223,7 +265,7 @@ pub(super) fn map_rows(
         return;
     }
     let step = (CHUNK / cols).clamp(1, rows.max(1));
-    let mut buf = vec![0.0; step * cols];
+    let mut buf = vec![0.0f64; step * cols];
     for r0 in (0..rows).step_by(step) {
         let n = step.min(rows - r0);
         let buf = &mut buf[..n * cols];
@@ -237,43 +279,50 @@ pub(super) fn map_rows(
 
 /// `S · M` for a stored row-major `S` (`rows × cols`) and `M` (`cols × p`), written row-major
 /// (`rows × p`) to `sink(start, values)`, a slice of rows at a time.
-pub(super) fn right_multiply(
+pub(super) fn right_multiply<T: Element>(
     src: &Values,
     rows: usize,
     cols: usize,
-    m: MatRef<'_, f64>,
-    mut sink: impl FnMut(usize, &[f64]),
+    m: MatRef<'_, T>,
+    mut sink: impl FnMut(usize, &[T]),
 ) {
     let p = m.ncols();
     debug_assert_eq!(m.nrows(), cols);
     let step = (CHUNK / cols.max(p).max(1)).clamp(1, rows.max(1));
-    let mut a = vec![0.0; step * cols];
-    let mut c = vec![0.0; step * p];
+    let mut a = vec![T::of_f64(0.0); step * cols];
+    let mut c = vec![T::of_f64(0.0); step * p];
     let par = faer::get_global_parallelism();
     for r0 in (0..rows).step_by(step) {
         let n = step.min(rows - r0);
         let (a, c) = (&mut a[..n * cols], &mut c[..n * p]);
         src.read(r0 * cols, a);
         let lhs = MatRef::from_row_major_slice(a, n, cols);
-        matmul(MatMut::from_row_major_slice_mut(c, n, p), Accum::Replace, lhs, m, 1.0, par);
+        matmul(
+            MatMut::from_row_major_slice_mut(c, n, p),
+            Accum::Replace,
+            lhs,
+            m,
+            T::of_f64(1.0),
+            par,
+        );
         sink(r0 * p, c);
     }
 }
 
 /// `M · S` for `M` (`p × rows`) and a stored row-major `S` (`rows × cols`), written row-major
 /// (`p × cols`) to `sink(start, values)`, a slice of columns at a time.
-pub(super) fn left_multiply(
-    m: MatRef<'_, f64>,
+pub(super) fn left_multiply<T: Element>(
+    m: MatRef<'_, T>,
     src: &Values,
     rows: usize,
     cols: usize,
-    mut sink: impl FnMut(usize, &[f64]),
+    mut sink: impl FnMut(usize, &[T]),
 ) {
     let p = m.nrows();
     debug_assert_eq!(m.ncols(), rows);
     let step = (CHUNK / rows.max(p).max(1)).clamp(1, cols.max(1));
-    let mut b = vec![0.0; rows * step];
-    let mut c = vec![0.0; p * step];
+    let mut b = vec![T::of_f64(0.0); rows * step];
+    let mut c = vec![T::of_f64(0.0); p * step];
     let par = faer::get_global_parallelism();
     for c0 in (0..cols).step_by(step) {
         let w = step.min(cols - c0);
@@ -282,7 +331,14 @@ pub(super) fn left_multiply(
             src.read(r * cols + c0, dst);
         }
         let rhs = MatRef::from_row_major_slice(b, rows, w);
-        matmul(MatMut::from_row_major_slice_mut(c, p, w), Accum::Replace, m, rhs, 1.0, par);
+        matmul(
+            MatMut::from_row_major_slice_mut(c, p, w),
+            Accum::Replace,
+            m,
+            rhs,
+            T::of_f64(1.0),
+            par,
+        );
         for (i, row) in c.chunks_exact(w).enumerate() {
             sink(i * cols + c0, row);
         }

@@ -470,3 +470,58 @@ fn float_types_are_kept() {
     let cube = f32_tensor("c", &[1, din, d], &w);
     assert!(rotate_writer(&cube, WeightLayout::InOut, q.as_ref()).is_err());
 }
+
+/// A float16/bfloat16 element's bits as an integer that counts units in the last place.
+fn ulp_index(bits: u16) -> i32 {
+    let magnitude = (bits & 0x7fff) as i32;
+    if bits & 0x8000 != 0 {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
+#[test]
+fn half_weights_rotate_in_f32_within_one_ulp_of_f64() {
+    assert_eq!(Precision::for_weights(DataType::Float16), Precision::F32);
+    assert_eq!(Precision::for_weights(DataType::Bfloat16), Precision::F32);
+    assert_eq!(Precision::for_weights(DataType::Float), Precision::F64);
+    assert_eq!(Precision::for_weights(DataType::Double), Precision::F64);
+    // A realistic sum length: D = 512 terms per element, of unit scale.
+    let (rows, d, k) = (96, 512, 384);
+    let w = randn(&mut rng(13), rows * d);
+    let q = random_orthogonal(d, 3);
+    let q = q.subcols(0, k);
+    let encodings: [(DataType, fn(f64) -> [u8; 2]); 2] = [
+        (DataType::Float16, |x| f16::from_f64(x).to_le_bytes()),
+        (DataType::Bfloat16, |x| bf16::from_f64(x).to_le_bytes()),
+    ];
+    for (dtype, encode) in encodings {
+        let bytes: Vec<u8> = w.iter().flat_map(|&x| encode(x)).collect();
+        let t = Tensor::from_raw("w", dtype, vec![rows as i64, d as i64], Bytes::from(bytes));
+        let (mut differing, mut total) = (0, 0);
+        for layout in LAYOUTS {
+            // [rows, D] is a writer [in, out] or a reader [out, in]: D is summed over either way.
+            let rotate = |precision| match layout {
+                WeightLayout::InOut => rotate_writer_in(precision, &t, layout, q),
+                WeightLayout::OutIn => rotate_reader_in(precision, &t, layout, q),
+            };
+            let (fast, exact) = (rotate(Precision::F32).unwrap(), rotate(Precision::F64).unwrap());
+            assert_eq!((fast.dtype, &fast.dims), (dtype, &exact.dims));
+            let (a, b) = (fast.raw_bytes().unwrap(), exact.raw_bytes().unwrap());
+            let (va, vb) = (values(&fast), values(&exact));
+            for (i, (x, y)) in a.chunks_exact(2).zip(b.chunks_exact(2)).enumerate() {
+                let (x, y) = (u16::from_le_bytes([x[0], x[1]]), u16::from_le_bytes([y[0], y[1]]));
+                let apart = (ulp_index(x) - ulp_index(y)).abs();
+                // More than one ulp only for results near zero, where a ulp is smaller than
+                // f32's error on unit-scale terms.
+                let close = (va[i] - vb[i]).abs() <= 1e-6;
+                assert!(apart <= 1 || close, "{}: {} vs {}", dtype.name(), va[i], vb[i]);
+                differing += (apart > 0) as usize;
+                total += 1;
+            }
+        }
+        // Apart only where the exact product lies within f32's error of a rounding boundary.
+        assert!(differing * 100 < total, "{}: {differing} of {total} differ", dtype.name());
+    }
+}
