@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use half::f16;
-use onnx_slice::algebra::{random_orthogonal, rotate_reader_in, rotate_writer_in, Precision};
+use onnx_slice::algebra::{random_orthogonal, rotate_in, Precision, Side};
 use onnx_slice::graph::{DataType, Tensor};
 use onnx_slice::structure::WeightLayout;
 use rand::{Rng, SeedableRng};
@@ -48,10 +48,10 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         let mut out = Vec::new();
         for w in &readers {
-            out.push(rotate_reader_in(precision, w, WeightLayout::InOut, q)?);
+            out.push(rotate_in(precision, Side::Reader, w, WeightLayout::InOut, q)?);
         }
         for w in &writers {
-            out.push(rotate_writer_in(precision, w, WeightLayout::InOut, q)?);
+            out.push(rotate_in(precision, Side::Writer, w, WeightLayout::InOut, q)?);
         }
         Ok((start.elapsed().as_secs_f64(), out))
     };

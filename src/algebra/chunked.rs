@@ -277,6 +277,12 @@ pub(super) fn map_rows(
     }
 }
 
+/// `dst = lhs · rhs` on faer's global parallelism.
+fn product<T: Element>(dst: MatMut<'_, T>, lhs: MatRef<'_, T>, rhs: MatRef<'_, T>) {
+    let par = faer::get_global_parallelism();
+    matmul(dst, Accum::Replace, lhs, rhs, T::of_f64(1.0), par);
+}
+
 /// `S · M` for a stored row-major `S` (`rows × cols`) and `M` (`cols × p`), written row-major
 /// (`rows × p`) to `sink(start, values)`, a slice of rows at a time.
 pub(super) fn right_multiply<T: Element>(
@@ -291,20 +297,12 @@ pub(super) fn right_multiply<T: Element>(
     let step = (CHUNK / cols.max(p).max(1)).clamp(1, rows.max(1));
     let mut a = vec![T::of_f64(0.0); step * cols];
     let mut c = vec![T::of_f64(0.0); step * p];
-    let par = faer::get_global_parallelism();
     for r0 in (0..rows).step_by(step) {
         let n = step.min(rows - r0);
         let (a, c) = (&mut a[..n * cols], &mut c[..n * p]);
         src.read(r0 * cols, a);
         let lhs = MatRef::from_row_major_slice(a, n, cols);
-        matmul(
-            MatMut::from_row_major_slice_mut(c, n, p),
-            Accum::Replace,
-            lhs,
-            m,
-            T::of_f64(1.0),
-            par,
-        );
+        product(MatMut::from_row_major_slice_mut(c, n, p), lhs, m);
         sink(r0 * p, c);
     }
 }
@@ -323,7 +321,6 @@ pub(super) fn left_multiply<T: Element>(
     let step = (CHUNK / rows.max(p).max(1)).clamp(1, cols.max(1));
     let mut b = vec![T::of_f64(0.0); rows * step];
     let mut c = vec![T::of_f64(0.0); p * step];
-    let par = faer::get_global_parallelism();
     for c0 in (0..cols).step_by(step) {
         let w = step.min(cols - c0);
         let (b, c) = (&mut b[..rows * w], &mut c[..p * w]);
@@ -331,14 +328,7 @@ pub(super) fn left_multiply<T: Element>(
             src.read(r * cols + c0, dst);
         }
         let rhs = MatRef::from_row_major_slice(b, rows, w);
-        matmul(
-            MatMut::from_row_major_slice_mut(c, p, w),
-            Accum::Replace,
-            m,
-            rhs,
-            T::of_f64(1.0),
-            par,
-        );
+        product(MatMut::from_row_major_slice_mut(c, p, w), m, rhs);
         for (i, row) in c.chunks_exact(w).enumerate() {
             sink(i * cols + c0, row);
         }

@@ -291,86 +291,79 @@ fn narrowed(q: MatRef<'_, f64>) -> Mat<f32> {
 /// k = D; with k < D this is the reader's share of slicing. Computed in
 /// [`Precision::for_weights`].
 pub fn rotate_reader(weight: &Tensor, layout: WeightLayout, q: MatRef<'_, f64>) -> Result<Tensor> {
-    rotate_reader_in(Precision::for_weights(weight.dtype), weight, layout, q)
-}
-
-/// [`rotate_reader`] in a given precision.
-pub fn rotate_reader_in(
-    precision: Precision,
-    weight: &Tensor,
-    layout: WeightLayout,
-    q: MatRef<'_, f64>,
-) -> Result<Tensor> {
-    match precision {
-        Precision::F64 => reader_product(weight, layout, q),
-        Precision::F32 => reader_product(weight, layout, narrowed(q).as_ref()),
-    }
-}
-
-fn reader_product<T: Element>(
-    weight: &Tensor,
-    layout: WeightLayout,
-    q: MatRef<'_, T>,
-) -> Result<Tensor> {
-    let (rows, cols) = matrix_dims(weight)?;
-    let src = Values::of(weight)?;
-    let k = q.ncols();
-    match layout {
-        WeightLayout::InOut => {
-            check_width(weight, "in-width", rows, "the rotation's rows", q.nrows())?;
-            let mut out = Out::new(weight.dtype, k * cols);
-            left_multiply(q.transpose(), &src, rows, cols, |s, v| out.write(s, v));
-            out.replace(weight, vec![k as i64, cols as i64])
-        }
-        WeightLayout::OutIn => {
-            check_width(weight, "in-width", cols, "the rotation's rows", q.nrows())?;
-            let mut out = Out::new(weight.dtype, rows * k);
-            right_multiply(&src, rows, cols, q, |s, v| out.write(s, v));
-            out.replace(weight, vec![rows as i64, k as i64])
-        }
-    }
+    rotate_in(Precision::for_weights(weight.dtype), Side::Reader, weight, layout, q)
 }
 
 /// A writer of the stream in basis `Q` (`D × k`): `W ← W Q` over the out axis. `[in, out]` gives
 /// `[in, k]`, `[out, in]` gives `[k, in]`. Pair with [`rotate_bias`] for its bias. Computed in
 /// [`Precision::for_weights`].
 pub fn rotate_writer(weight: &Tensor, layout: WeightLayout, q: MatRef<'_, f64>) -> Result<Tensor> {
-    rotate_writer_in(Precision::for_weights(weight.dtype), weight, layout, q)
+    rotate_in(Precision::for_weights(weight.dtype), Side::Writer, weight, layout, q)
 }
 
-/// [`rotate_writer`] in a given precision.
-pub fn rotate_writer_in(
+/// Which side of the stream a weight is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Reader,
+    Writer,
+}
+
+/// [`rotate_reader`] or [`rotate_writer`] in a given precision.
+pub fn rotate_in(
     precision: Precision,
+    side: Side,
     weight: &Tensor,
     layout: WeightLayout,
     q: MatRef<'_, f64>,
 ) -> Result<Tensor> {
+    let axis = match (side, layout) {
+        (Side::Reader, WeightLayout::InOut) | (Side::Writer, WeightLayout::OutIn) => {
+            StoredAxis::Rows
+        }
+        (Side::Reader, WeightLayout::OutIn) | (Side::Writer, WeightLayout::InOut) => {
+            StoredAxis::Cols
+        }
+    };
+    let width = match side {
+        Side::Reader => "in-width",
+        Side::Writer => "out-width",
+    };
     match precision {
-        Precision::F64 => writer_product(weight, layout, q),
-        Precision::F32 => writer_product(weight, layout, narrowed(q).as_ref()),
+        Precision::F64 => stored_axis_product(weight, axis, width, q),
+        Precision::F32 => stored_axis_product(weight, axis, width, narrowed(q).as_ref()),
     }
 }
 
-fn writer_product<T: Element>(
+/// The axis of a stored `[rows, cols]` matrix that runs along the stream.
+#[derive(Clone, Copy)]
+enum StoredAxis {
+    Rows,
+    Cols,
+}
+
+/// The stored matrix with its stream axis in basis `Q`: `Qᵀ S` (rows) or `S Q` (columns), that
+/// axis becoming k wide. A reader's in axis and a writer's out axis are both this.
+fn stored_axis_product<T: Element>(
     weight: &Tensor,
-    layout: WeightLayout,
+    axis: StoredAxis,
+    width: &str,
     q: MatRef<'_, T>,
 ) -> Result<Tensor> {
     let (rows, cols) = matrix_dims(weight)?;
     let src = Values::of(weight)?;
     let k = q.ncols();
-    match layout {
-        WeightLayout::InOut => {
-            check_width(weight, "out-width", cols, "the rotation's rows", q.nrows())?;
-            let mut out = Out::new(weight.dtype, rows * k);
-            right_multiply(&src, rows, cols, q, |s, v| out.write(s, v));
-            out.replace(weight, vec![rows as i64, k as i64])
-        }
-        WeightLayout::OutIn => {
-            check_width(weight, "out-width", rows, "the rotation's rows", q.nrows())?;
+    match axis {
+        StoredAxis::Rows => {
+            check_width(weight, width, rows, "the rotation's rows", q.nrows())?;
             let mut out = Out::new(weight.dtype, k * cols);
             left_multiply(q.transpose(), &src, rows, cols, |s, v| out.write(s, v));
             out.replace(weight, vec![k as i64, cols as i64])
+        }
+        StoredAxis::Cols => {
+            check_width(weight, width, cols, "the rotation's rows", q.nrows())?;
+            let mut out = Out::new(weight.dtype, rows * k);
+            right_multiply(&src, rows, cols, q, |s, v| out.write(s, v));
+            out.replace(weight, vec![rows as i64, k as i64])
         }
     }
 }

@@ -492,20 +492,21 @@ fn half_weights_rotate_in_f32_within_one_ulp_of_f64() {
     let w = randn(&mut rng(13), rows * d);
     let q = random_orthogonal(d, 3);
     let q = q.subcols(0, k);
-    let encodings: [(DataType, fn(f64) -> [u8; 2]); 2] = [
-        (DataType::Float16, |x| f16::from_f64(x).to_le_bytes()),
-        (DataType::Bfloat16, |x| bf16::from_f64(x).to_le_bytes()),
-    ];
-    for (dtype, encode) in encodings {
+    for dtype in [DataType::Float16, DataType::Bfloat16] {
+        let encode = |x| match dtype {
+            DataType::Float16 => f16::from_f64(x).to_le_bytes(),
+            _ => bf16::from_f64(x).to_le_bytes(),
+        };
         let bytes: Vec<u8> = w.iter().flat_map(|&x| encode(x)).collect();
         let t = Tensor::from_raw("w", dtype, vec![rows as i64, d as i64], Bytes::from(bytes));
         let (mut differing, mut total) = (0, 0);
         for layout in LAYOUTS {
             // [rows, D] is a writer [in, out] or a reader [out, in]: D is summed over either way.
-            let rotate = |precision| match layout {
-                WeightLayout::InOut => rotate_writer_in(precision, &t, layout, q),
-                WeightLayout::OutIn => rotate_reader_in(precision, &t, layout, q),
+            let side = match layout {
+                WeightLayout::InOut => Side::Writer,
+                WeightLayout::OutIn => Side::Reader,
             };
+            let rotate = |precision| rotate_in(precision, side, &t, layout, q);
             let (fast, exact) = (rotate(Precision::F32).unwrap(), rotate(Precision::F64).unwrap());
             assert_eq!((fast.dtype, &fast.dims), (dtype, &exact.dims));
             let (a, b) = (fast.raw_bytes().unwrap(), exact.raw_bytes().unwrap());
