@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release --example rotate_bench -- [D MLP K]`
 //!
-//! Prints seconds per precision, their ratio, and how many float16 results differ (by one unit
-//! in the last place at most: `algebra::Precision`).
+//! Prints seconds per precision, their ratio, and how many float16 results differ (by how much:
+//! `algebra::Precision`).
 use std::time::Instant;
 
 use bytes::Bytes;

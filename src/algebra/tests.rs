@@ -499,25 +499,41 @@ fn half_weights_rotate_in_f32_within_one_ulp_of_f64() {
         };
         let bytes: Vec<u8> = w.iter().flat_map(|&x| encode(x)).collect();
         let t = Tensor::from_raw("w", dtype, vec![rows as i64, d as i64], Bytes::from(bytes));
+        // The independent reference: the stored weight times Q in naive f64, rounded once.
+        let exact = naive_matmul(&values(&t), rows, d, &rows_of(q), k);
+        let exact_bits: Vec<u16> = exact.iter().map(|&x| u16::from_le_bytes(encode(x))).collect();
+        let rounded = |bits: u16| match dtype {
+            DataType::Float16 => f16::from_bits(bits).to_f64(),
+            _ => bf16::from_bits(bits).to_f64(),
+        };
         let (mut differing, mut total) = (0, 0);
         for layout in LAYOUTS {
-            // [rows, D] is a writer [in, out] or a reader [out, in]: D is summed over either way.
+            // [rows, D] is a writer [in, out] or a reader [out, in]: either way the result is
+            // the stored matrix times Q.
             let side = match layout {
                 WeightLayout::InOut => Side::Writer,
                 WeightLayout::OutIn => Side::Reader,
             };
-            let rotate = |precision| rotate_in(precision, side, &t, layout, q);
-            let (fast, exact) = (rotate(Precision::F32).unwrap(), rotate(Precision::F64).unwrap());
-            assert_eq!((fast.dtype, &fast.dims), (dtype, &exact.dims));
-            let (a, b) = (fast.raw_bytes().unwrap(), exact.raw_bytes().unwrap());
-            let (va, vb) = (values(&fast), values(&exact));
-            for (i, (x, y)) in a.chunks_exact(2).zip(b.chunks_exact(2)).enumerate() {
-                let (x, y) = (u16::from_le_bytes([x[0], x[1]]), u16::from_le_bytes([y[0], y[1]]));
+            let rotate = |precision| rotate_in(precision, side, &t, layout, q).unwrap();
+            let (fast, slow) = (rotate(Precision::F32), rotate(Precision::F64));
+            assert_eq!((fast.dtype, &fast.dims), (dtype, &vec![rows as i64, k as i64]));
+            let bits = |t: &Tensor| -> Vec<u16> {
+                let raw = t.raw_bytes().unwrap();
+                raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+            };
+            assert_eq!(
+                bits(&slow),
+                exact_bits,
+                "{}: the f64 path rounds the exact product",
+                dtype.name()
+            );
+            for (&x, &y) in bits(&fast).iter().zip(&exact_bits) {
                 let apart = (ulp_index(x) - ulp_index(y)).abs();
+                let (got, want) = (rounded(x), rounded(y));
                 // More than one ulp only for results near zero, where a ulp is smaller than
                 // f32's error on unit-scale terms.
-                let close = (va[i] - vb[i]).abs() <= 1e-6;
-                assert!(apart <= 1 || close, "{}: {} vs {}", dtype.name(), va[i], vb[i]);
+                let close = (got - want).abs() <= 1e-6;
+                assert!(apart <= 1 || close, "{}: {got} vs {want}", dtype.name());
                 differing += (apart > 0) as usize;
                 total += 1;
             }
