@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The LLaMA-2-7B-shaped float16 export sliced on the CUDA EP (bench/README.md, "The 7B float16
+# model on the CUDA EP"). For the GPU machine: it has PyTorch and onnxruntime's Python package but
+# no network, so the model (random weights) is exported there.
+#
+# usage: bench/cuda-7b.sh generate WORK
+#          exports bench/configs/llama2-7b.json as float16 to WORK/model.onnx (13.5 GB of external
+#          data); start it in the background early, it needs no GPU
+#        bench/cuda-7b.sh slice WORK BINARY IDS.npy OUT [more onnx-slice flags]
+#          waits for WORK/model.onnx, slices it at 0.25 on the CUDA EP (ORT_DYLIB_PATH: an
+#          onnxruntime-gpu build) under bench/peak_memory.py, sampling the GPU's memory in use
+#          every 0.5 s; writes OUT/report.json, OUT/memory.json, OUT/gpu-memory.csv
+# CONFIG=config.json exports another shape; EP=cpu slices on the CPU (to try the script without a GPU).
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+verb=${1:?usage: bench/cuda-7b.sh generate WORK | slice WORK BINARY IDS.npy OUT [flags]}
+work=${2:?missing WORK}
+case "$verb" in
+generate)
+  mkdir -p "$work"
+  start=$(date +%s)
+  python3 "$here/bench/random_llama_export.py" "${CONFIG:-$here/bench/configs/llama2-7b.json}" "$work/model.onnx" \
+    --dtype float16 > "$work/generate.log" 2>&1
+  status=$?
+  echo "generate exit $status after $(( $(date +%s) - start )) s" >> "$work/generate.log"
+  touch "$work/generated"
+  ;;
+slice)
+  bin=${3:?missing BINARY} ids=${4:?missing IDS.npy} out=${5:?missing OUT}
+  shift 5
+  mkdir -p "$out" "$work/sliced"
+  while [ ! -f "$work/generated" ]; do sleep 2; done
+  tail -2 "$work/generate.log"
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 500 \
+    > "$out/gpu-memory.csv" 2>&1 &
+  sampler=$!
+  python3 "$here/bench/peak_memory.py" --timeline 5 --json "$out/memory.json" -- \
+    "$bin" "$work/model.onnx" -o "$work/sliced/model.onnx" --ratio 0.25 --ep "${EP:-cuda}" \
+    --calib-ids "$ids" --quiet --report "$out/report.json" "$@"
+  status=$?
+  kill "$sampler" 2>/dev/null
+  echo "slice exit $status"
+  [ "$status" -eq 0 ] || exit "$status"
+  du -sb "$work/sliced" 2>/dev/null
+  python3 - "$out" <<'PY'
+import csv, json, sys
+out = sys.argv[1]
+seconds = json.load(open(f"{out}/report.json"))["seconds"]
+print("  ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in seconds.items()))
+memory = json.load(open(f"{out}/memory.json"))
+print(f"wall {memory['wall_seconds']} s, CPU {memory['cpu_seconds']} s, peak RSS {memory['peak_rss_bytes'] / 2**30:.2f} GiB "
+      f"(anonymous {memory['peak_rss_anon_bytes'] / 2**30:.2f}, file-backed {memory['peak_rss_file_bytes'] / 2**30:.2f})")
+used = [int(row[1]) for row in csv.reader(open(f"{out}/gpu-memory.csv")) if len(row) == 2 and row[1].strip().isdigit()]
+print(f"GPU memory in use: peak {max(used) / 1024:.1f} GiB over {len(used)} samples" if used else "no GPU memory samples")
+PY
+  ;;
+*)
+  echo "unknown verb $verb" >&2
+  exit 2
+  ;;
+esac
