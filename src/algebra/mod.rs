@@ -16,9 +16,10 @@
 //! | skip path from a to b | [`shortcut`] | `S = Q_aᵀ Q_b` | `k_a × k_b` |
 //!
 //! Arithmetic is done in f64, except the products that rotate float16 and bfloat16 weights, which
-//! run in f32 ([`Precision`]: as exact once rounded to the weight's type, and twice as fast).
-//! Results are written back in the input's float type: float32, float16, bfloat16 and float64
-//! tensors keep their type (each result is rounded once); any other type is an error. Tensors the rewrite creates ([`mat_to_tensor`],
+//! run in f32 ([`Precision`]: once rounded to the weight's type, within one unit in the last place
+//! of the f64 result, and twice as fast). Results are written back in the input's float type:
+//! float32, float16, bfloat16 and float64 tensors keep their type (each result is rounded once);
+//! any other type is an error. Tensors the rewrite creates ([`mat_to_tensor`],
 //! [`scalar_to_tensor`]) get the element type [`created_dtype`] decides: the stream's.
 //! A transformed tensor keeps its input's name (it replaces it); inputs are never modified.
 //!
