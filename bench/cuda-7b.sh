@@ -44,12 +44,10 @@ slice)
   du -sb "$work/sliced" 2>/dev/null
   python3 - "$out" <<'PY'
 import csv, json, sys
+# peak_memory.py has printed wall, CPU and memory already.
 out = sys.argv[1]
 seconds = json.load(open(f"{out}/report.json"))["seconds"]
 print("  ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in seconds.items()))
-memory = json.load(open(f"{out}/memory.json"))
-print(f"wall {memory['wall_seconds']} s, CPU {memory['cpu_seconds']} s, peak RSS {memory['peak_rss_bytes'] / 2**30:.2f} GiB "
-      f"(anonymous {memory['peak_rss_anon_bytes'] / 2**30:.2f}, file-backed {memory['peak_rss_file_bytes'] / 2**30:.2f})")
 used = [int(row[1]) for row in csv.reader(open(f"{out}/gpu-memory.csv")) if len(row) == 2 and row[1].strip().isdigit()]
 print(f"GPU memory in use: peak {max(used) / 1024:.1f} GiB over {len(used)} samples" if used else "no GPU memory samples")
 PY
