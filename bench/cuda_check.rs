@@ -34,7 +34,7 @@ use onnx_slice::calibrate::data;
 use onnx_slice::interface::{self, InputPlan};
 use onnx_slice::runtime::npy::Npz;
 use onnx_slice::runtime::{init_runtime, Ep, ModelSession, RuntimeError, SessionConfig};
-use onnx_slice::transform::BasisMode;
+use onnx_slice::slicegpt::BasisMode;
 use onnx_slice::Options;
 use serde::Serialize;
 
@@ -256,8 +256,11 @@ fn slice(
 ) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
     let options = Options {
-        ratio,
-        basis: BasisMode::Point,
+        method: onnx_slice::pipeline::MethodOptions::SliceGpt(onnx_slice::slicegpt::SliceGpt {
+            ratio,
+            basis: BasisMode::Point,
+            ..Default::default()
+        }),
         calib_samples: calibration.samples,
         calib_seqlen: calibration.seqlen,
         calib_batch: if exporter(path) == "dynamo23" { 1 } else { CALIB_BATCH },

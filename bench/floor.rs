@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use faer::{Accum, Mat};
 use onnx_slice::pca::{principal_basis, Covariance, DEFAULT_DAMPING};
-use onnx_slice::transform::Dimensions;
+use onnx_slice::slicegpt::Dimensions;
 
 /// SmolLM2-135M (LLaMA): width, layers, attention width, key/value width, MLP width, vocabulary.
 const D: usize = 576;

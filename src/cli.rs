@@ -13,10 +13,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::export::{self, Destination};
 use crate::inspect;
 use crate::onnx::{self, SaveOptions, Storage};
-use crate::pipeline::{self, CalibrationData, Notice, Orientation};
+use crate::pipeline::{self, CalibrationData, MethodOptions, Notice};
 use crate::runtime::{Ep, LogLevel};
 use crate::size::Budget;
-use crate::transform::BasisMode;
+use crate::slicegpt::{BasisMode, Orientation, SliceGpt};
 use checks::usage;
 
 const SLICE_EXAMPLES: &str = "\
@@ -393,10 +393,8 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
     };
     let verbose = args.verbose;
     let progress = progress_bar(args.quiet, "calibrating", "segment runs");
-    pipeline::Options {
+    let slicegpt = SliceGpt {
         ratio: args.ratio.unwrap_or(0.0),
-        target: args.target_size.or(args.target_params.map(Budget::Parameters)),
-        round_to: args.round_to,
         slice_head: args.slice_head,
         basis: args.basis,
         orientation: match args.orientation {
@@ -407,18 +405,23 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
             OrientationArg::Identity => Orientation::Identity,
         },
         allocate_widths: args.allocate_widths,
+        center_embeddings: args.center_embeddings,
+        save_rotations: args.save_rotations.clone(),
+    };
+    pipeline::Options {
+        method: MethodOptions::SliceGpt(slicegpt),
+        target: args.target_size.or(args.target_params.map(Budget::Parameters)),
+        round_to: args.round_to,
         calibration,
         tokenizer: args.tokenizer.clone(),
         calib_samples: args.calib_samples,
         calib_seqlen: args.calib_seqlen,
         calib_batch: args.calib_batch,
         calib_seed: args.calib_seed,
-        center_embeddings: args.center_embeddings,
         ep: args.ep,
         ort_library: args.ort_lib.clone(),
         ort_log_level: LogLevel::for_verbosity(verbose),
         storage: storage_of(args.external_data, args.inline),
-        save_rotations: args.save_rotations.clone(),
         progress: progress.clone(),
         // Printed above the progress bar, not through it.
         notices: Some(Arc::new(move |notice| match notice {

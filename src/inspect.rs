@@ -97,7 +97,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
             .iter()
             .flat_map(|s| s.external_files.iter().map(|p| p.display().to_string()))
             .collect(),
-        sliced_by: crate::transform::sliced_by(model),
+        sliced_by: crate::provenance::sliced_by(model),
     }
 }
 
@@ -112,7 +112,7 @@ impl std::fmt::Display for ModelSummary {
             if self.producer.is_empty() { "(none)" } else { &self.producer }
         )?;
         if let Some(entries) = &self.sliced_by {
-            writeln!(f, "sliced by:    {}", crate::transform::describe_slicing(entries))?;
+            writeln!(f, "sliced by:    {}", crate::provenance::describe_slicing(entries))?;
         }
         let opsets: Vec<String> = self.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
         writeln!(f, "ir version:   {}    opsets: {}", self.ir_version, opsets.join(", "))?;
@@ -185,6 +185,24 @@ pub struct LayoutView {
     pub skip_norms_decomposed: usize,
     /// Reshapes of stream tensors whose shape carries D (rewritten when slicing).
     pub stream_shape_constants: Vec<String>,
+    /// Every block's attention and MLP, by their linear layers' outputs.
+    pub roles: Vec<BlockView>,
+}
+
+/// A block's roles: what the `neurons` method shrinks (the MLP) and what it keeps.
+#[derive(Debug, Serialize)]
+pub struct BlockView {
+    pub segments: Vec<usize>,
+    pub attention_readers: Vec<String>,
+    pub attention_writer: Option<String>,
+    pub mlp_readers: Vec<String>,
+    /// The down projection's input: the MLP activation.
+    pub mlp_activation: Option<String>,
+    pub mlp_writer: Option<String>,
+    /// The MLP's intermediate width F.
+    pub mlp_width: Option<usize>,
+    /// Why no MLP was recognized in the block.
+    pub mlp_not_found: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -226,7 +244,7 @@ pub fn describe_layout(model: &Model, explain: bool) -> LayoutSummary {
 
 /// Detection's stop, and for a model onnx-slice wrote, why that is expected.
 fn why_not_found(model: &Model, error: &crate::Error) -> String {
-    match crate::transform::sliced_by(model) {
+    match crate::provenance::sliced_by(model) {
         Some(_) => format!(
             "this model is the output of onnx-slice (see 'sliced by'): its norms are folded into plain RMSNorm over the \
              original width and its skip paths carry shortcut matrices, so it is not detected, or sliced, again; slice the \
@@ -295,6 +313,26 @@ fn layout_view(model: &Model, layout: &Layout, skip_norms_decomposed: usize) -> 
             .iter()
             .map(|r| format!("{} (point {})", r.output, r.point))
             .collect(),
+        roles: layout.blocks.iter().map(|b| block_view(layout, b)).collect(),
+    }
+}
+
+fn block_view(layout: &Layout, block: &crate::structure::Block) -> BlockView {
+    let output = |r: &crate::structure::LinearRef| layout.linear(*r).output.clone();
+    let mlp = block.mlp.as_ref().ok();
+    BlockView {
+        segments: block.segments.clone().collect(),
+        attention_readers: block
+            .attention
+            .as_ref()
+            .map(|a| a.readers.iter().map(output).collect())
+            .unwrap_or_default(),
+        attention_writer: block.attention.as_ref().map(|a| output(&a.writer)),
+        mlp_readers: mlp.map(|m| m.readers.iter().map(output).collect()).unwrap_or_default(),
+        mlp_activation: mlp.map(|m| m.activation.clone()),
+        mlp_writer: mlp.map(|m| output(&m.writer)),
+        mlp_width: mlp.map(|m| m.width),
+        mlp_not_found: block.mlp.as_ref().err().cloned(),
     }
 }
 
@@ -343,6 +381,24 @@ impl std::fmt::Display for LayoutView {
             }
             for w in &s.writers {
                 writeln!(f, "    writer  {w}")?;
+            }
+        }
+        for (b, block) in self.roles.iter().enumerate() {
+            match (&block.mlp_width, &block.mlp_not_found) {
+                (Some(width), _) => writeln!(
+                    f,
+                    "  block {b}: attention {} → {}; MLP {} → {} (width {width}) → {}",
+                    block.attention_readers.join(", "),
+                    block.attention_writer.as_deref().unwrap_or("?"),
+                    block.mlp_readers.join(", "),
+                    block.mlp_activation.as_deref().unwrap_or("?"),
+                    block.mlp_writer.as_deref().unwrap_or("?"),
+                )?,
+                (None, why) => writeln!(
+                    f,
+                    "  block {b}: no MLP recognized: {}",
+                    why.as_deref().unwrap_or("?")
+                )?,
             }
         }
         writeln!(f, "  final norm {}", self.final_norm)?;

@@ -3,6 +3,7 @@
 //! Data flow: `onnx` (load) → `graph` (own IR) → … → `onnx` (save); `runtime` runs models in
 //! ONNX Runtime.
 pub mod algebra;
+pub mod analysis;
 pub mod calibrate;
 pub mod cli;
 pub mod error;
@@ -13,17 +14,19 @@ pub mod fuse;
 pub mod graph;
 pub mod inspect;
 pub mod interface;
+pub mod method;
 pub mod onnx;
 pub mod pattern;
 pub mod pca;
 pub mod pipeline;
 pub mod protobuf;
+pub mod provenance;
 pub mod report;
 pub mod rotate;
 pub mod runtime;
 pub mod size;
+pub mod slicegpt;
 pub mod structure;
-pub mod transform;
 
 pub use error::{Error, Result};
 pub use pipeline::{plan, slice, Options};

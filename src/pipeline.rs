@@ -11,41 +11,31 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use sha2::Digest as _;
 
+use crate::analysis::{self, Analysis};
 use crate::calibrate::data::{self, CalibrationSet};
-use crate::calibrate::{slice_with_pca_streaming, Allocation, Calibrated, CalibrationOptions};
+use crate::calibrate::Settings;
 use crate::error::{Error, Result};
 use crate::export::{self, Destination};
 use crate::files::ScratchScope;
-use crate::graph::{Model, TensorSink};
+use crate::graph::Model;
 use crate::inspect;
+use crate::method::{Method, Work};
 use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::{InputFile, Report};
 use crate::runtime::{self, Ep, EpChoice, LogLevel, SessionConfig};
 use crate::size::{Budget, Plan, Totals};
-use crate::transform::{self, BasisMode, Dimensions};
+use crate::slicegpt::{BasisMode, SliceGpt};
 
-/// How the basis at each stream point is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Orientation {
-    /// SliceGPT: the principal components of calibration activations (through ONNX Runtime).
-    #[default]
-    Pca,
-    /// A random orthogonal basis at every point, from `seed`, without calibration: a model of the
-    /// sliced shape and size for checking a deployment, whose outputs mean nothing. Not the
-    /// reference's or Olive's "random" (PCA, then a random rotation inside the kept subspace).
-    RandomBasis { seed: u64 },
-    /// The stream as it is (only the norms are rewritten), cut to its first k coordinates.
-    Identity,
+/// Which method compresses the model, with its own options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MethodOptions {
+    /// SliceGPT: the residual stream rotated and sliced.
+    SliceGpt(SliceGpt),
 }
 
-impl Orientation {
-    /// The fixed basis of an orientation that needs no calibration; `None` for PCA.
-    fn uncalibrated(self) -> Option<transform::Orientation> {
-        match self {
-            Orientation::Pca => None,
-            Orientation::RandomBasis { seed } => Some(transform::Orientation::Random { seed }),
-            Orientation::Identity => Some(transform::Orientation::Identity),
-        }
+impl Default for MethodOptions {
+    fn default() -> Self {
+        MethodOptions::SliceGpt(SliceGpt::default())
     }
 }
 
@@ -79,20 +69,13 @@ pub type NoticeHook = Arc<dyn Fn(Notice<'_>) + Send + Sync>;
 /// default (`onnx-slice MODEL -o OUT --ratio 0`).
 #[derive(Clone)]
 pub struct Options {
-    /// Fraction of the residual stream width to remove (0 ≤ ratio < 1). Ignored with a `target`.
-    pub ratio: f64,
-    /// The largest output instead of a ratio: the widest slicing that fits is chosen; none fitting
-    /// is [`Error::Budget`] and nothing is written.
+    /// The method and its options.
+    pub method: MethodOptions,
+    /// The largest output: the method's best fitting result is chosen (for SliceGPT, the widest
+    /// slicing instead of its ratio); none fitting is [`Error::Budget`] and nothing is written.
     pub target: Option<Budget>,
-    /// Sliced widths are rounded down to a multiple of this (at least 1).
+    /// Widths the method chooses are rounded down to a multiple of this (at least 1).
     pub round_to: usize,
-    /// Slice the last stream point too (changes the head's input width).
-    pub slice_head: bool,
-    /// Which stream points share a basis.
-    pub basis: BasisMode,
-    pub orientation: Orientation,
-    /// With a target and PCA: each stream point's width from the spectra of the unsliced model.
-    pub allocate_widths: bool,
     pub calibration: CalibrationData,
     /// tokenizer.json for calibration text (default: beside the model).
     pub tokenizer: Option<PathBuf>,
@@ -104,9 +87,6 @@ pub struct Options {
     pub calib_batch: usize,
     /// Seed for choosing calibration windows from text.
     pub calib_seed: u64,
-    /// Subtract every embedding row's mean before calibrating, as the reference does
-    /// ([`transform::center_embeddings`]). PCA only.
-    pub center_embeddings: bool,
     /// Execution provider for calibration.
     pub ep: Ep,
     /// libonnxruntime to load (default: ORT_DYLIB_PATH, else the setup-ort.sh location).
@@ -114,8 +94,6 @@ pub struct Options {
     /// ONNX Runtime's own log level while calibrating (default: ONNX Runtime's, errors only).
     pub ort_log_level: Option<LogLevel>,
     pub storage: Storage,
-    /// Write every basis and its eigenvalues to this .safetensors file (PCA only).
-    pub save_rotations: Option<PathBuf>,
     /// Advanced once per calibration segment run; hidden by default.
     pub progress: ProgressBar,
     /// Receives warnings and the execution provider as they happen; none by default (warnings
@@ -123,28 +101,26 @@ pub struct Options {
     pub notices: Option<NoticeHook>,
 }
 
+/// The command line's defaults, in one place: the flags take theirs from here.
+pub const DEFAULT_ROUND_TO: usize = 8;
+pub const DEFAULT_CALIB_BATCH: usize = 4;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
-            ratio: 0.0,
+            method: MethodOptions::default(),
             target: None,
-            round_to: 8,
-            slice_head: false,
-            basis: BasisMode::Global,
-            orientation: Orientation::Pca,
-            allocate_widths: false,
+            round_to: DEFAULT_ROUND_TO,
             calibration: CalibrationData::BuiltIn,
             tokenizer: None,
             calib_samples: data::DEFAULT_SAMPLES,
             calib_seqlen: data::DEFAULT_SEQLEN,
-            calib_batch: 4,
+            calib_batch: DEFAULT_CALIB_BATCH,
             calib_seed: data::DEFAULT_SEED,
-            center_embeddings: false,
             ep: Ep::Cpu,
             ort_library: None,
             ort_log_level: None,
             storage: Storage::Auto,
-            save_rotations: None,
             progress: ProgressBar::hidden(),
             notices: None,
         }
@@ -152,36 +128,21 @@ impl Default for Options {
 }
 
 impl Options {
+    /// SliceGPT with these options, and every other option at its default.
+    pub fn slicegpt(method: SliceGpt) -> Self {
+        Options { method: MethodOptions::SliceGpt(method), ..Options::default() }
+    }
+
     /// The values that cannot work whatever the model: each is [`Error::Invalid`] naming the
     /// field. [`slice`] and [`plan`] check them first; a caller may check them earlier.
     pub fn check(&self) -> Result<()> {
-        if !(0.0..1.0).contains(&self.ratio) {
-            return Err(invalid(
-                "ratio",
-                format!("must be at least 0 and less than 1, got {}", self.ratio),
-            ));
-        }
         at_least_one("round_to", self.round_to)?;
-        let pca = self.orientation == Orientation::Pca;
-        if self.center_embeddings && !pca {
-            return Err(invalid("center_embeddings", "applies to PCA slicing only"));
-        }
-        if self.allocate_widths && (self.target.is_none() || !pca) {
-            return Err(invalid("allocate_widths", "needs a size target and PCA calibration"));
+        match &self.method {
+            MethodOptions::SliceGpt(m) => m.check(self.target.as_ref())?,
         }
         at_least_one("calib_samples", self.calib_samples)?;
         at_least_one("calib_seqlen", self.calib_seqlen)?;
         at_least_one("calib_batch", self.calib_batch)
-    }
-
-    fn dimensions(&self) -> Dimensions {
-        Dimensions {
-            ratio: self.ratio,
-            round_to: self.round_to,
-            slice_head: self.slice_head,
-            basis: self.basis,
-            width: None,
-        }
     }
 
     fn notify(&self, notice: Notice<'_>) {
@@ -205,6 +166,8 @@ fn at_least_one(option: &'static str, value: usize) -> Result<()> {
 /// What [`plan`] predicts [`slice`] would write.
 #[derive(Debug, Clone)]
 pub struct DryRun {
+    /// The method's name.
+    pub method: &'static str,
     /// D, the original residual stream width.
     pub stream_width: usize,
     /// k at every stream point.
@@ -212,7 +175,8 @@ pub struct DryRun {
     pub blocks: usize,
     pub before: Totals,
     pub after: Totals,
-    pub basis: BasisMode,
+    /// SliceGPT's basis option (`None` for a method that keeps the stream).
+    pub basis: Option<BasisMode>,
     /// Skips that get a shortcut MatMul, and their parameters.
     pub shortcuts: usize,
     pub shortcut_parameters: u64,
@@ -227,11 +191,14 @@ impl std::fmt::Display for DryRun {
             self.before,
             self.after,
         ))?;
-        writeln!(
-            f,
-            "basis {}: {} shortcut matrices, {} parameters",
-            self.basis, self.shortcuts, self.shortcut_parameters
-        )
+        if let Some(basis) = self.basis {
+            writeln!(
+                f,
+                "basis {basis}: {} shortcut matrices, {} parameters",
+                self.shortcuts, self.shortcut_parameters
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -239,16 +206,24 @@ impl std::fmt::Display for DryRun {
 /// writing anything.
 pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
     let source = export::resolve_input(input)?;
-    let prepared = prepare(&source.model, options, true)?;
-    let plan = prepared.plan.as_ref().expect("a dry run makes a size plan");
-    let predicted = plan.predict(&prepared.dims);
+    match &options.method {
+        MethodOptions::SliceGpt(method) => dry_run(method, &source.model, options),
+    }
+}
+
+fn dry_run<M: Method>(method: &M, input: &Path, options: &Options) -> Result<DryRun> {
+    let prepared = prepare(method, input, options)?;
+    let predicted = prepared.prediction;
     Ok(DryRun {
-        stream_width: plan.layout.width,
+        method: method.name(),
+        stream_width: prepared.analysis.layout.width,
         widths: predicted.widths,
-        blocks: plan.layout.block_count(),
+        blocks: prepared.analysis.layout.block_count(),
         before: predicted.before,
         after: predicted.after,
-        basis: prepared.dims.basis,
+        basis: match &options.method {
+            MethodOptions::SliceGpt(m) => Some(m.basis),
+        },
         shortcuts: predicted.shortcuts,
         shortcut_parameters: predicted.shortcut_parameters,
     })
@@ -267,7 +242,8 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
 /// calibration, ONNX Runtime and saving, each naming its file.
 ///
 /// ```
-/// use onnx_slice::pipeline::{Options, Orientation};
+/// use onnx_slice::slicegpt::{Orientation, SliceGpt};
+/// use onnx_slice::Options;
 ///
 /// # fn main() -> onnx_slice::Result<()> {
 /// let model = std::path::Path::new("fixtures/llama/optimum/model.onnx");
@@ -275,11 +251,11 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
 /// let output = out.path().join("model.sliced.onnx");
 /// // A quarter of the stream width, with a random orthogonal basis (no calibration: a model of
 /// // the sliced shape); `Orientation::Pca` (the default) calibrates on the built-in text.
-/// let options = Options {
+/// let options = Options::slicegpt(SliceGpt {
 ///     ratio: 0.25,
 ///     orientation: Orientation::RandomBasis { seed: 1 },
-///     ..Options::default()
-/// };
+///     ..SliceGpt::default()
+/// });
 /// let report = onnx_slice::slice(model, &output, &options)?;
 /// assert_eq!(report.stream_width, 64);
 /// assert_eq!(report.widths, [48, 48, 48, 48, 64]); // the head's input keeps its width
@@ -288,11 +264,22 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
 /// # Ok(()) }
 /// ```
 pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
+    match &options.method {
+        MethodOptions::SliceGpt(method) => slice_with(method, input, output, options),
+    }
+}
+
+fn slice_with<M: Method>(
+    method: &M,
+    input: &Path,
+    output: &Path,
+    options: &Options,
+) -> Result<Report> {
     let started = Instant::now();
     let source = export::resolve_input(input)?;
     let destination = export::plan_output(&source, output)?;
     let input = source.model.as_path();
-    let prepared = prepare(input, options, false)?;
+    let prepared = prepare(method, input, options)?;
     if let Destination::File(output) = &destination {
         onnx::check_save_target(&prepared.model, output)
             .map_err(|e| invalid("output", e.to_string()))?;
@@ -301,7 +288,7 @@ pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     // The input is hashed beside the work: it is only read, and a large model takes seconds.
     std::thread::scope(|scope| {
         let hashing = scope.spawn(|| hash_inputs(&files));
-        let sliced = rewrite_and_save(input, &destination, options, prepared, started);
+        let sliced = rewrite_and_save(method, input, &destination, options, prepared, started);
         let hashed = hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         let (mut report, input_files) = (sliced?, hashed?);
         report.input_sha256 = input_files.first().map(|f| f.sha256.clone()).unwrap_or_default();
@@ -312,51 +299,44 @@ pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
 
 /// [`slice`] once the options and the model are known to work: the rewrite, the target's check,
 /// the metadata, the save, and the report.
-fn rewrite_and_save(
+fn rewrite_and_save<M: Method>(
+    method: &M,
     input: &Path,
     destination: &Destination,
     options: &Options,
-    prepared: Prepared,
+    prepared: Prepared<M::Plan>,
     started: Instant,
 ) -> Result<Report> {
-    let Prepared { mut model, dims, plan } = prepared;
+    let Prepared { mut model, analysis, plan, before, .. } = prepared;
     let save_options = SaveOptions { storage: options.storage, ..Default::default() };
     // Rewritten weights are parked in scratch files beside the output, finished ones go straight to
     // its data file: memory holds one segment, not the model (docs/design.md §8).
     let mut output = destination.open(&model, &save_options)?;
     let _scratch = ScratchScope::enter(output.scratch_folder());
-    let before = inspect::summarize(&model);
     let mut warnings = Vec::new();
-    let (rewritten, orientation, calibration) = match options.orientation.uncalibrated() {
-        None => {
-            let allocation = options
-                .target
-                .filter(|_| options.allocate_widths)
-                .zip(plan)
-                .map(|(budget, plan)| Allocation { plan, budget });
-            let calibrated = calibrate_and_slice(
-                input,
-                &mut model,
-                &dims,
-                allocation,
-                options,
-                &mut warnings,
-                &mut output,
-            )?;
-            let description = format!("pca ({} calibration tokens)", calibrated.tokens);
-            (calibrated.rewritten.clone(), description, Some(calibrated))
+    let calibration = if method.calibrates() {
+        runtime::init_runtime(options.ort_library.as_deref())?;
+        if let Some(level) = options.ort_log_level {
+            runtime::set_log_level(level)?;
         }
-        Some(orientation) => {
-            let rewritten =
-                transform::rotate_streaming(&mut model, orientation, &dims, &mut output)
-                    .map_err(|e| in_context(e, format!("rewriting {}", input.display())))?;
-            (rewritten, orientation.to_string(), None)
-        }
+        Some(calibration_set(input, &model, options, &mut warnings)?)
+    } else {
+        None
     };
+    let work = Work {
+        input,
+        model: &mut model,
+        analysis: &analysis,
+        calibration,
+        settings: calibration_settings(input, options),
+        progress: &options.progress,
+        finished: &mut output,
+    };
+    let applied = method.apply(plan, work)?;
     if let Some(budget) = &options.target {
         budget.check(before.weights, crate::size::weight_totals(&model.graph))?;
     }
-    transform::record_in_metadata(&mut model, &rewritten, &dims, &orientation);
+    crate::provenance::record(&mut model, &applied.metadata);
     let saving = Instant::now();
     let saved = output.finish(&model)?;
     let save_seconds = saving.elapsed().as_secs_f64();
@@ -364,108 +344,70 @@ fn rewrite_and_save(
     let mut report = Report::new(
         input,
         &saved,
-        &rewritten,
-        &dims,
-        &orientation,
+        &applied,
+        options.round_to,
         &before,
         &after,
-        calibration.as_ref(),
         save_seconds,
         started,
     );
+    let calibration = applied.calibration.as_ref();
     report.target = options.target;
     report.target_limit = options.target.map(|b| b.limit(before.weights));
     report.execution_provider_requested = calibration.is_some().then(|| options.ep.to_string());
-    report.set_execution_provider(calibration.as_ref().and_then(|c| c.ep.as_ref()));
-    report.onnx_runtime =
-        calibration.as_ref().and_then(|_| runtime::loaded_version()).map(str::to_string);
+    report.set_execution_provider(calibration.and_then(|c| c.ep.as_ref()));
+    report.onnx_runtime = calibration.and_then(|_| runtime::loaded_version()).map(str::to_string);
     report.warnings = warnings;
     Ok(report)
 }
 
-/// The model, its layout checked and a target solved: everything before the long work.
-struct Prepared {
+/// The model analysed and its method's plan made: everything before the long work.
+struct Prepared<P> {
     model: Model,
-    dims: Dimensions,
-    /// The size plan, made only when a target or a dry run needs it: it copies the graph, detects
-    /// the layout and may compare the head with the embedding table byte for byte.
-    plan: Option<Plan>,
+    analysis: Analysis,
+    plan: P,
+    prediction: crate::size::Prediction,
+    /// The input model as loaded, before analysis changed anything.
+    before: inspect::ModelSummary,
 }
 
-fn prepare(input: &Path, options: &Options, dry_run: bool) -> Result<Prepared> {
+fn prepare<M: Method>(method: &M, input: &Path, options: &Options) -> Result<Prepared<M::Plan>> {
     options.check()?;
-    let model = onnx::load(input)?;
-    transform::refuse_sliced(&model)?;
-    crate::structure::refuse_quantized(&model.graph)?;
-    if options.orientation == Orientation::Pca
-        && !matches!(options.calibration, CalibrationData::Ids(_))
-    {
+    let mut model = onnx::load(input)?;
+    let before = inspect::summarize(&model);
+    let analysis = analysis::analyze(&mut model).map_err(|e| match e {
+        Error::Detect(_) => {
+            in_context(e, format!("finding the transformer in {}", input.display()))
+        }
+        other => other,
+    })?;
+    if method.calibrates() && !matches!(options.calibration, CalibrationData::Ids(_)) {
         crate::interface::find_tokenizer(input, options.tokenizer.as_deref(), IDS_HINT)
             .map_err(|e| invalid("tokenizer", e.to_string()))?;
     }
-    let dims = options.dimensions();
-    let plan = if options.target.is_some() || dry_run {
-        Some(
-            Plan::new(&model)
-                .map_err(|e| in_context(e, format!("planning {}", input.display())))?,
-        )
-    } else {
-        None
-    };
-    let dims = match (&plan, &options.target) {
-        (Some(plan), Some(budget)) => plan.solve(&dims, budget)?,
-        _ => dims,
-    };
-    Ok(Prepared { model, dims, plan })
+    let sizes = Plan::new(&model, &analysis)
+        .map_err(|e| in_context(e, format!("planning {}", input.display())))?;
+    let (plan, prediction) =
+        method.plan(&sizes, &analysis, options.target.as_ref(), options.round_to)?;
+    Ok(Prepared { model, analysis, plan, prediction, before })
 }
 
-/// How a tokenizer-less model is told to give token ids instead (the command line's flag).
-const IDS_HINT: &str = "--calib-ids FILE.npy";
-
-fn calibrate_and_slice(
-    input: &Path,
-    model: &mut Model,
-    dims: &Dimensions,
-    allocation: Option<Allocation>,
-    options: &Options,
-    warnings: &mut Vec<String>,
-    finished: &mut dyn TensorSink,
-) -> Result<Calibrated> {
-    runtime::init_runtime(options.ort_library.as_deref())?;
-    if let Some(level) = options.ort_log_level {
-        runtime::set_log_level(level)?;
-    }
-    let set = calibration_set(input, model, options, warnings)?;
+/// How calibration runs for `input`.
+fn calibration_settings(input: &Path, options: &Options) -> Settings {
     let notices = options.notices.clone();
-    let calibration = CalibrationOptions {
-        dims: *dims,
+    Settings {
         batch: options.calib_batch,
         session: SessionConfig { ep: options.ep, intra_threads: None },
-        center_embeddings: options.center_embeddings,
         model_path: Some(input.to_path_buf()),
-        allocation,
-        keep_bases: options.save_rotations.is_some(),
         on_execution_provider: notices.map(|hook| {
             Arc::new(move |choice: &EpChoice| hook(Notice::ExecutionProvider(choice)))
                 as crate::calibrate::EpHook
         }),
-    };
-    let calibrated =
-        slice_with_pca_streaming(model, &set, &calibration, &options.progress, finished)
-            .map_err(|e| in_context(e, format!("slicing {}", input.display())))?;
-    options.progress.finish_and_clear();
-    if let Some(path) = &options.save_rotations {
-        let points: Vec<(String, &crate::pca::Basis, usize)> = calibrated
-            .bases
-            .iter()
-            .zip(&calibrated.rewritten.widths)
-            .enumerate()
-            .map(|(p, (basis, &k))| (format!("point{p}"), &**basis, k))
-            .collect();
-        crate::pca::save_rotations(path, &points)?;
     }
-    Ok(calibrated)
 }
+
+/// How a tokenizer-less model is told to give token ids instead (the command line's flag).
+const IDS_HINT: &str = "--calib-ids FILE.npy";
 
 fn calibration_set(
     input: &Path,

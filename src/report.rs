@@ -4,10 +4,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::calibrate::{Calibrated, Timings};
+use crate::calibrate::Timings;
 use crate::inspect::ModelSummary;
+use crate::method::Applied;
 use crate::onnx::Saved;
-use crate::transform::{Dimensions, Rewritten};
 
 /// The version of [`Report`]'s layout: raised when a field changes meaning or goes away (not
 /// when one is added). Reports before this field existed are version 0.
@@ -33,7 +33,7 @@ pub struct Report {
     pub slice_head: bool,
     pub orientation: String,
     /// Which stream points share a basis: point, block or global.
-    pub basis: crate::transform::BasisMode,
+    pub basis: Option<String>,
     /// `--target-size` / `--target-params`, and the limit it set (bytes or parameters).
     pub target: Option<crate::size::Budget>,
     pub target_limit: Option<u64>,
@@ -90,16 +90,15 @@ impl Report {
     pub fn new(
         input: &Path,
         saved: &Saved,
-        rewritten: &Rewritten,
-        dims: &Dimensions,
-        orientation: &str,
+        applied: &Applied,
+        round_to: usize,
         before: &ModelSummary,
         after: &ModelSummary,
-        calibration: Option<&Calibrated>,
         save_seconds: f64,
         started: Instant,
     ) -> Self {
-        let shortcut_parameters = shortcut_parameters(&rewritten.widths, &rewritten.groups);
+        let shortcut_parameters = shortcut_parameters(&applied.widths, &applied.groups);
+        let calibration = applied.calibration.as_ref();
         Report {
             schema_version: SCHEMA_VERSION,
             tool: format!("onnx-slice {}", env!("CARGO_PKG_VERSION")),
@@ -109,17 +108,17 @@ impl Report {
             output: saved.path.display().to_string(),
             external_data: saved.data_file.as_ref().map(|(p, _)| p.display().to_string()),
             external_data_bytes: saved.data_file.as_ref().map(|(_, n)| *n),
-            ratio: dims.ratio,
-            round_to: dims.round_to,
-            slice_head: dims.slice_head,
-            orientation: orientation.to_string(),
-            basis: dims.basis,
+            ratio: applied.ratio,
+            round_to,
+            slice_head: applied.slice_head,
+            orientation: applied.orientation.clone(),
+            basis: applied.basis.clone(),
             target: None,
             target_limit: None,
-            centered_embeddings: rewritten.centered_embeddings,
-            stream_width: rewritten.layout.width,
-            widths: rewritten.widths.clone(),
-            blocks: rewritten.layout.block_count(),
+            centered_embeddings: applied.centered_embeddings,
+            stream_width: applied.stream_width,
+            widths: applied.widths.clone(),
+            blocks: applied.blocks,
             parameters_before: before.weights.parameters,
             parameters_after: after.weights.parameters,
             shortcut_parameters,

@@ -1,7 +1,7 @@
-//! What a slicing run will write, known before it runs: the parameters and weight bytes of the
-//! output from the layout, the widths, the basis groups and the dtypes ([`Plan::predict`]), and
-//! the widths that fit a size budget ([`Plan::solve`]). The same prediction serves `--dry-run` and
-//! the budget solver; the tests check it against what the real rewrite writes.
+//! What a run will write, known before it runs: the parameters and weight bytes of the output from
+//! the layout, the widths, the basis groups and the dtypes ([`Plan::predict_widths`]). Methods
+//! solve their budgets with it (`slicegpt::widths`), `--dry-run` prints it, and the tests check it
+//! against what the real rewrite writes.
 //!
 //! "Parameters" and "weight bytes" count the floating-point initializers (weights, biases,
 //! shortcuts, adapters, the rewrite's scalars); integer initializers are shape constants and
@@ -11,10 +11,10 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use crate::algebra;
+use crate::analysis::Analysis;
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Graph, Model};
 use crate::structure::{self, Layout};
-use crate::transform::{basis_groups, Dimensions};
 
 /// Floating-point parameters and their bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -68,14 +68,16 @@ impl Budget {
         }
     }
 
-    fn measure(&self, totals: Totals) -> u64 {
+    /// The budget's unit of `totals`: bytes or parameters.
+    pub fn measure(&self, totals: Totals) -> u64 {
         match self {
             Budget::Parameters(_) => totals.parameters,
             _ => totals.bytes,
         }
     }
 
-    fn unit(&self) -> &'static str {
+    /// "parameters" or "weight bytes".
+    pub fn unit(&self) -> &'static str {
         match self {
             Budget::Parameters(_) => "parameters",
             _ => "weight bytes",
@@ -98,6 +100,7 @@ impl Budget {
 }
 
 /// What the prediction needs from the input model, found without rewriting any weight.
+#[derive(Clone)]
 pub struct Plan {
     /// The layout of the model as found (before fusion; the tied head not yet adapted).
     pub layout: Layout,
@@ -124,14 +127,12 @@ pub struct Prediction {
 }
 
 impl Plan {
-    /// Decomposes fused norms on a copy, detects the transformer, and notes what fusion removes and
-    /// adds. Reads no weight except the norms' β and, for an untied-looking head, the head and
-    /// the embedding table (to find an exact copy).
-    pub fn new(model: &Model) -> Result<Plan> {
-        let mut graph = model.graph.clone();
-        crate::fuse::skip::decompose_skip_norms(&mut graph)?;
-        let layout = structure::detect(&graph)?;
-        let tied = layout.tied_head || crate::fuse::tie::head_reads_embedding(&graph, &layout);
+    /// Notes what fusion removes and adds in an analysed model. Reads no weight except the norms'
+    /// β.
+    pub fn new(model: &Model, analysis: &Analysis) -> Result<Plan> {
+        let graph = &model.graph;
+        let layout = analysis.layout.clone();
+        let tied = analysis.tied_head;
         let before = weight_totals(&model.graph);
         let norm_nodes: HashSet<usize> =
             layout.branches().flat_map(|b| b.norm.nodes.iter().copied()).collect();
@@ -146,7 +147,7 @@ impl Plan {
             .filter(|t| is_float(t.dtype) && read.contains(t.name.as_str()))
             .map(|t| (t.name.clone(), (t.numel(), t.dtype)))
             .collect();
-        let stream = algebra::stream_dtype(&graph, &layout);
+        let stream = algebra::stream_dtype(graph, &layout);
         let created = algebra::created_dtype(stream);
         // The norms' scalars (the exponent 2, and an ε per norm) are in the type they accumulate
         // in; their gain vectors (one per width) depend on the widths (`predict_widths`).
@@ -160,7 +161,7 @@ impl Plan {
                 }
             }
         }
-        let index = crate::pattern::GraphIndex::new(&graph);
+        let index = crate::pattern::GraphIndex::new(graph);
         for (i, branch) in layout.branches().enumerate() {
             let shifts = branch
                 .norm
@@ -182,13 +183,6 @@ impl Plan {
             }
         }
         Ok(Plan { layout, tied, before, kept, added, created })
-    }
-
-    /// Parameters and bytes of the output for these dimensions.
-    pub fn predict(&self, dims: &Dimensions) -> Prediction {
-        let widths = dims.widths(&self.layout);
-        let groups = basis_groups(&self.layout, dims.basis, &widths);
-        self.predict_widths(widths, &groups)
     }
 
     /// Parameters and bytes of the output for a width and a basis group at every stream point.
@@ -260,101 +254,6 @@ impl Plan {
         after.parameters += created;
         after.bytes += created * element(self.created);
         Prediction { widths, shortcuts, shortcut_parameters, before: self.before, after }
-    }
-
-    /// Widths allocated to the stream points from their spectra under `budget`: each point keeps
-    /// the smallest width (a multiple of `round_to`) whose leading eigenvalues hold the share τ of
-    /// its energy, with the largest τ that fits. `spectra[p]` holds the eigenvalues of point p's
-    /// basis, decreasing; points that share a basis share a spectrum, hence a width. The head's
-    /// input keeps D unless `dims.slice_head`.
-    pub fn allocate(
-        &self,
-        dims: &Dimensions,
-        budget: &Budget,
-        spectra: &[Vec<f64>],
-    ) -> Result<Vec<usize>> {
-        let (d, round, last) =
-            (self.layout.width, dims.round_to.max(1), spectra.len().saturating_sub(1));
-        let widths_for = |tau: f64| -> Vec<usize> {
-            spectra
-                .iter()
-                .enumerate()
-                .map(|(p, spectrum)| {
-                    if p == last && !dims.slice_head {
-                        return d;
-                    }
-                    let total: f64 = spectrum.iter().sum();
-                    let mut held = 0.0;
-                    let k = spectrum.iter().position(|v| {
-                        held += v;
-                        held >= tau * total
-                    });
-                    (k.map_or(d, |i| i + 1).div_ceil(round) * round).clamp(round.min(d), d)
-                })
-                .collect()
-        };
-        let limit = budget.limit(self.before);
-        let size = |widths: &[usize]| {
-            budget.measure(
-                self.predict_widths(
-                    widths.to_vec(),
-                    &basis_groups(&self.layout, dims.basis, widths),
-                )
-                .after,
-            )
-        };
-        let narrowest = widths_for(0.0);
-        if size(&narrowest) > limit {
-            return Err(Error::Budget {
-                message: format!(
-                    "no stream width fits the target of {limit} {}: the narrowest widths give {}",
-                    budget.unit(),
-                    size(&narrowest)
-                ),
-            });
-        }
-        let (mut fitting, mut over) = (0.0, 1.0);
-        for _ in 0..40 {
-            let tau = (fitting + over) / 2.0;
-            if size(&widths_for(tau)) <= limit {
-                fitting = tau;
-            } else {
-                over = tau;
-            }
-        }
-        Ok(widths_for(fitting))
-    }
-
-    /// The widest uniform slicing (a multiple of `dims.round_to`) whose output fits `budget`, or
-    /// [`Error::Budget`] when even the narrowest does not.
-    pub fn solve(&self, dims: &Dimensions, budget: &Budget) -> Result<Dimensions> {
-        let round = dims.round_to.max(1);
-        let limit = budget.limit(self.before);
-        let candidate = |k: usize| Dimensions { width: Some(k), ..*dims };
-        let fits = |k: usize| budget.measure(self.predict(&candidate(k)).after) <= limit;
-        let full = self.layout.width;
-        let mut widths: Vec<usize> = (1..=full / round).map(|m| m * round).collect();
-        if widths.last() != Some(&full) {
-            widths.push(full);
-        }
-        // Size grows with k: the first that does not fit bounds the search.
-        let fitting = widths.partition_point(|&k| fits(k));
-        match fitting {
-            0 => {
-                let smallest = self.predict(&candidate(widths[0])).after;
-                Err(Error::Budget {
-                    message: format!(
-                        "no stream width fits the target of {limit} {}: the narrowest ({}) gives {} (at --round-to {round}, basis {}{})",
-                        budget.unit(),
-                        widths[0],
-                        budget.measure(smallest),
-                        dims.basis,
-                        if dims.slice_head { ", head sliced" } else { "; --slice-head would shrink it further" }
-                    ),
-                })
-            }
-            n => Ok(candidate(widths[n - 1])),
-        }
     }
 }
 

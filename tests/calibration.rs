@@ -7,11 +7,12 @@ use common::reference::*;
 use common::*;
 use indicatif::ProgressBar;
 use onnx_slice::calibrate::data::CalibrationSet;
-use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
+use onnx_slice::calibrate::Settings;
 use onnx_slice::graph::Model;
 use onnx_slice::interface::load_tokenizer;
 use onnx_slice::onnx;
-use onnx_slice::transform::{self, BasisMode, Dimensions};
+use onnx_slice::slicegpt::{self as transform, BasisMode, Dimensions};
+use onnx_slice::slicegpt::{slice_with_pca, PcaOptions};
 
 fn calibration_set(arch: &str) -> CalibrationSet {
     let tokenizer = load_tokenizer(&fixture(&format!("_hf/{arch}/tokenizer.json"))).unwrap();
@@ -43,14 +44,16 @@ fn calibrate_dims(
     // Opset-23 dynamo exports run in ONNX Runtime at batch 1 only (an exporter bug, see
     // fixtures/README.md).
     let batch = if path.to_string_lossy().contains("dynamo23") { 1 } else { 4 };
-    let options = CalibrationOptions {
+    let options = PcaOptions {
         dims,
-        batch,
-        session: cpu(),
+        settings: Settings {
+            batch,
+            session: cpu(),
+            model_path: Some(path.to_path_buf()),
+            on_execution_provider: None,
+        },
         center_embeddings,
-        model_path: Some(path.to_path_buf()),
         allocation: None,
-        on_execution_provider: None,
         keep_bases: false,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())
@@ -308,14 +311,16 @@ fn bases_are_kept_only_when_asked_and_once_per_group() {
         [(BasisMode::Global, true), (BasisMode::Block, true), (BasisMode::Point, false)]
     {
         let mut model = onnx::load(&path).unwrap();
-        let options = CalibrationOptions {
+        let options = PcaOptions {
             dims: Dimensions { ratio: 0.25, basis, ..Dimensions::default() },
-            batch: 4,
-            session: cpu(),
+            settings: Settings {
+                batch: 4,
+                session: cpu(),
+                model_path: Some(path.clone()),
+                on_execution_provider: None,
+            },
             center_embeddings: false,
-            model_path: Some(path.clone()),
             allocation: None,
-            on_execution_provider: None,
             keep_bases: keep,
         };
         let calibrated =

@@ -289,7 +289,7 @@ fn the_tool_knows_its_own_output() {
     assert_eq!(run.code, Some(3), "{}", run.stderr);
     assert!(run.stderr.contains("already sliced by onnx-slice"), "{}", run.stderr);
 
-    let library = onnx_slice::transform::fuse(&mut onnx_slice::onnx::load(&sliced).unwrap())
+    let library = onnx_slice::slicegpt::fuse(&mut onnx_slice::onnx::load(&sliced).unwrap())
         .unwrap_err()
         .to_string();
     assert!(library.contains("already sliced"), "{library}");

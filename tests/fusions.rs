@@ -23,7 +23,7 @@ use common::{all_models, scratch};
 use onnx_slice::graph::Model;
 use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::pattern::norm::NormKind;
-use onnx_slice::transform::{self, BasisMode, Dimensions, Orientation};
+use onnx_slice::slicegpt::{self as transform, BasisMode, Dimensions, FixedBasis as Orientation};
 
 const MS_DOMAIN: &str = "com.microsoft";
 

@@ -31,8 +31,10 @@ use onnx_slice::graph::{DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
 use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::runtime::{ModelSession, TensorValue};
 use onnx_slice::size;
+use onnx_slice::slicegpt::{
+    self as transform, BasisMode, Dimensions, FixedBasis as Orientation, Rewritten,
+};
 use onnx_slice::structure::Layout;
-use onnx_slice::transform::{self, BasisMode, Dimensions, Orientation, Rewritten};
 
 const TOLERANCE: f32 = 1e-4;
 /// The id fed at padded positions: `</s>` of the fixtures' tokenizer (any valid id would do).
@@ -765,7 +767,10 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
         }
         // (f) what `--dry-run` and the size targets predict is what the rewrite writes, for every
         // basis grouping.
-        match size::Plan::new(&fixture.model) {
+        let mut analysed = fixture.model.clone();
+        match onnx_slice::analysis::analyze(&mut analysed)
+            .and_then(|analysis| size::Plan::new(&analysed, &analysis))
+        {
             Ok(plan) => {
                 for basis in [BasisMode::Point, BasisMode::Block, BasisMode::Global] {
                     let dims = Dimensions { basis, ..dims };
@@ -776,7 +781,7 @@ fn sliced_models_are_valid_onnx_with_the_same_interface_and_the_predicted_parame
                             Ok(r) => r,
                             Err(e) => return failures.push(format!("rotate (basis {basis}): {e}")),
                         };
-                    let predicted = plan.predict(&dims);
+                    let predicted = transform::widths::predict(&plan, &dims);
                     let written = size::weight_totals(&model.graph);
                     if predicted.widths != rewritten.widths
                         || predicted.after != written

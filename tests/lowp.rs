@@ -12,14 +12,15 @@ use indicatif::ProgressBar;
 use ndarray::ArrayD;
 use onnx_slice::algebra;
 use onnx_slice::calibrate::data::CalibrationSet;
-use onnx_slice::calibrate::{slice_with_pca, CalibrationOptions};
+use onnx_slice::calibrate::Settings;
 use onnx_slice::error::Error;
 use onnx_slice::graph::{DataType, Model};
 use onnx_slice::interface::load_tokenizer;
 use onnx_slice::onnx::{self, SaveOptions};
 use onnx_slice::rotate::SHORTCUT_NODE;
 use onnx_slice::runtime::ModelSession;
-use onnx_slice::transform::{self, Dimensions, Orientation};
+use onnx_slice::slicegpt::{self as transform, Dimensions, FixedBasis as Orientation};
+use onnx_slice::slicegpt::{slice_with_pca, PcaOptions};
 
 /// A float16 fixture with its logits on the reference input and its own float16 error.
 struct Fp16Case {
@@ -180,14 +181,16 @@ fn calibration_set(arch: &str) -> CalibrationSet {
 
 fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> {
     let mut model = onnx::load(path).unwrap();
-    let options = CalibrationOptions {
+    let options = PcaOptions {
         dims: Dimensions { ratio, ..Dimensions::default() },
-        batch: 4,
-        session: cpu(),
+        settings: Settings {
+            batch: 4,
+            session: cpu(),
+            model_path: Some(path.to_path_buf()),
+            on_execution_provider: None,
+        },
         center_embeddings: false,
-        model_path: Some(path.to_path_buf()),
         allocation: None,
-        on_execution_provider: None,
         keep_bases: false,
     };
     slice_with_pca(&mut model, &calibration_set(arch), &options, &ProgressBar::hidden())?;

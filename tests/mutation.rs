@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use onnx_slice::graph::{AttrValue, DataType, Model};
-use onnx_slice::transform::{self, Dimensions, Orientation};
+use onnx_slice::slicegpt::{self as transform, Dimensions, FixedBasis as Orientation};
 use onnx_slice::{inspect, onnx};
 
 fn setting(name: &str, default: u64) -> u64 {

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use common::cli::onnx_slice;
 use common::{fixture, read, scratch};
-use onnx_slice::pipeline::{CalibrationData, Notice, Orientation};
+use onnx_slice::pipeline::{CalibrationData, MethodOptions, Notice};
 use onnx_slice::runtime::ActiveEp;
+use onnx_slice::slicegpt::{Orientation, SliceGpt};
 use onnx_slice::{Error, Options};
 use sha2::Digest as _;
 
@@ -51,8 +52,11 @@ fn the_command_line_and_the_library_write_the_same_model() {
     ]));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let options = Options {
-        ratio: 0.25,
-        basis: onnx_slice::transform::BasisMode::Block,
+        method: MethodOptions::SliceGpt(SliceGpt {
+            ratio: 0.25,
+            basis: onnx_slice::slicegpt::BasisMode::Block,
+            ..SliceGpt::default()
+        }),
         calibration: CalibrationData::Texts(vec![calibration]),
         calib_samples: 8,
         calib_seqlen: 64,
@@ -81,11 +85,11 @@ fn the_command_line_and_the_library_write_the_same_model() {
         &"9",
     ]));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    let options = Options {
+    let options = Options::slicegpt(SliceGpt {
         ratio: 0.3,
         orientation: Orientation::RandomBasis { seed: 9 },
-        ..Options::default()
-    };
+        ..SliceGpt::default()
+    });
     let report = onnx_slice::slice(&model(), &from_library, &options).unwrap();
     assert_eq!(read(&from_cli), read(&from_library));
     assert_eq!(report.execution_provider, None, "no session runs without calibration");
@@ -100,12 +104,12 @@ fn the_report_carries_provenance_and_the_plan_predicts_it() {
     let input = fixture("llama/genai/model.onnx");
     let data = input.with_file_name("model.onnx.data");
     assert!(data.is_file(), "this fixture keeps its weights in {}", data.display());
-    let options = Options {
+    let options = Options::slicegpt(SliceGpt {
         ratio: 0.25,
         orientation: Orientation::Identity,
-        basis: onnx_slice::transform::BasisMode::Point,
-        ..Options::default()
-    };
+        basis: onnx_slice::slicegpt::BasisMode::Point,
+        ..SliceGpt::default()
+    });
     let planned = onnx_slice::plan(&input, &options).unwrap();
     let report = onnx_slice::slice(&input, &dir.path().join("out.onnx"), &options).unwrap();
     assert_eq!(report.schema_version, onnx_slice::report::SCHEMA_VERSION);
@@ -136,18 +140,21 @@ fn invalid_options_are_refused_before_reading() {
     let missing = dir.path().join("missing.onnx");
     let out = dir.path().join("out.onnx");
     for (options, option) in [
-        (Options { ratio: 1.0, ..Options::default() }, "ratio"),
+        (Options::slicegpt(SliceGpt { ratio: 1.0, ..SliceGpt::default() }), "ratio"),
         (Options { round_to: 0, ..Options::default() }, "round_to"),
         (Options { calib_batch: 0, ..Options::default() }, "calib_batch"),
         (
-            Options {
+            Options::slicegpt(SliceGpt {
                 center_embeddings: true,
                 orientation: Orientation::Identity,
-                ..Options::default()
-            },
+                ..SliceGpt::default()
+            }),
             "center_embeddings",
         ),
-        (Options { allocate_widths: true, ..Options::default() }, "allocate_widths"),
+        (
+            Options::slicegpt(SliceGpt { allocate_widths: true, ..SliceGpt::default() }),
+            "allocate_widths",
+        ),
     ] {
         match onnx_slice::slice(&missing, &out, &options) {
             Err(Error::Invalid { option: got, .. }) => assert_eq!(got, option),
@@ -157,7 +164,8 @@ fn invalid_options_are_refused_before_reading() {
     // The output may not overwrite the input.
     let copy = dir.path().join("model.onnx");
     std::fs::copy(model(), &copy).unwrap();
-    let options = Options { orientation: Orientation::Identity, ..Options::default() };
+    let options =
+        Options::slicegpt(SliceGpt { orientation: Orientation::Identity, ..SliceGpt::default() });
     match onnx_slice::slice(&copy, &copy, &options) {
         Err(Error::Invalid { option: "output", .. }) => {}
         other => panic!("{:?}", other.map(|_| ())),
@@ -173,7 +181,7 @@ fn notices_say_the_execution_provider_and_the_warnings_as_they_happen() {
     let heard: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = heard.clone();
     let options = Options {
-        ratio: 0.25,
+        method: MethodOptions::SliceGpt(SliceGpt { ratio: 0.25, ..SliceGpt::default() }),
         calib_samples: 4,
         calib_seqlen: 32,
         notices: Some(Arc::new(move |notice| {

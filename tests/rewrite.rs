@@ -8,7 +8,7 @@ use common::*;
 use ndarray::ArrayD;
 use onnx_slice::graph::Model;
 use onnx_slice::onnx;
-use onnx_slice::transform::{self, Dimensions, Orientation};
+use onnx_slice::slicegpt::{self as transform, Dimensions, FixedBasis as Orientation};
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -12,7 +12,7 @@ use common::reference::*;
 use common::*;
 use onnx_slice::graph::{DataType, Model, TensorData};
 use onnx_slice::onnx::{self, DataStream, SaveOptions, Storage, DEFAULT_SIZE_THRESHOLD};
-use onnx_slice::transform::{self, BasisMode, Dimensions, Orientation};
+use onnx_slice::slicegpt::{self as transform, BasisMode, Dimensions, FixedBasis as Orientation};
 
 fn options(storage: Storage) -> SaveOptions {
     SaveOptions { storage, ..Default::default() }

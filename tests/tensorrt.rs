@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use common::{all_models, scratch};
 use onnx_slice::graph::{Graph, Node};
-use onnx_slice::pipeline::Orientation;
-use onnx_slice::transform::BasisMode;
+use onnx_slice::slicegpt::BasisMode;
+use onnx_slice::slicegpt::Orientation;
 use onnx_slice::Options;
 
 /// Operators whose outputs depend on a tensor's shape, or that take a shape as an input: a graph
@@ -120,12 +120,12 @@ fn every_operator_the_rewrite_adds_is_one_tensorrt_parses_and_no_shape_becomes_d
         for basis in [BasisMode::Point, BasisMode::Block, BasisMode::Global] {
             let case = format!("{arch}/{exporter} --basis {basis}");
             let output = out.path().join(format!("{arch}-{exporter}-{basis}.onnx"));
-            let options = Options {
+            let options = Options::slicegpt(onnx_slice::slicegpt::SliceGpt {
                 ratio: 0.25,
                 basis,
                 orientation: Orientation::RandomBasis { seed: 5 },
-                ..Options::default()
-            };
+                ..Default::default()
+            });
             onnx_slice::slice(&path, &output, &options).unwrap_or_else(|e| panic!("{case}: {e}"));
             let after = onnx_slice::onnx::load(&output).unwrap();
             cases += 1;

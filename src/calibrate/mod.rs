@@ -1,67 +1,62 @@
-//! Calibration through ONNX Runtime: SliceGPT's sequential algorithm (docs/design.md §2), one segment of
-//! the stream at a time. Each segment runs once over the calibration set with its readers already
-//! rotated and sliced by its input point's basis and its writers not yet rotated, so it produces
-//! the next point's stream in the original basis; the PCA of that gives the next basis, and
-//! projecting it gives exactly the stream the next segment reads.
+//! Calibration through ONNX Runtime, shared by the methods: the model cut into segments, one per
+//! pair of consecutive stream points (docs/design.md §2), each run once over the calibration set
+//! on the stream the segment before it produced. A run returns its output stream and what the
+//! method asked to observe in it: the output stream's covariance (SliceGPT's PCA), the moments of
+//! a value inside the segment (an MLP's activations). Methods decide what to run, in which order,
+//! and what to change between runs.
 pub mod data;
 mod segment;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faer::{Mat, MatRef};
 use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::algebra;
 use crate::error::{Error, Result};
-use crate::graph::{DataType, KeepInGraph, Model, TensorSink};
+use crate::graph::{DataType, Graph, Model, ValueInfo};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
-use crate::rotate::StreamEditor;
-use crate::runtime::{EpChoice, ModelSession, SessionConfig, TensorValue};
+use crate::runtime::{EpChoice, ModelSession, RunOutputs, SessionConfig, TensorValue};
 use crate::structure::Layout;
-use crate::transform::{self, Dimensions, GroupBases, Rewritten};
 use data::CalibrationSet;
 
 const PASS: &str = "calibrate";
 
-pub struct CalibrationOptions {
-    pub dims: Dimensions,
+/// How calibration runs, whatever the method.
+#[derive(Clone)]
+pub struct Settings {
+    /// Calibration sequences per ONNX Runtime run.
     pub batch: usize,
     pub session: SessionConfig,
-    /// Subtract every embedding row's mean first, as the reference does (see
-    /// [`transform::center_embeddings`]).
-    pub center_embeddings: bool,
     /// The model file: its folder holds the segments' external data and the config files that
     /// give an empty KV cache's shape.
     pub model_path: Option<PathBuf>,
-    /// Widths per point from their spectra under a size budget, instead of `dims`' uniform width.
-    pub allocation: Option<Allocation>,
     /// Told the execution provider of the first session, and of any later one that got another.
     pub on_execution_provider: Option<EpHook>,
-    /// Keep every point's basis in [`Calibrated::bases`] (to save them); otherwise each is dropped
-    /// once its point is rotated.
-    pub keep_bases: bool,
 }
 
 /// Receives the execution provider ONNX Runtime gave a calibration session.
 pub type EpHook = std::sync::Arc<dyn Fn(&EpChoice) + Send + Sync>;
 
-/// A size budget for widths allocated point by point ([`crate::size::Plan::allocate`]).
-pub struct Allocation {
-    pub plan: crate::size::Plan,
-    pub budget: crate::size::Budget,
+/// Where calibration's time went.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Timings {
+    pub fuse_seconds: f64,
+    /// Cutting segment models out of the graph and creating their ONNX Runtime sessions.
+    pub session_seconds: f64,
+    /// Running the segments over the calibration set.
+    pub runtime_seconds: f64,
+    /// Accumulating statistics (covariances, correlations) and decomposing them.
+    pub pca_seconds: f64,
+    /// Rewriting weights (rotating, slicing, refitting).
+    pub rotate_seconds: f64,
 }
 
-/// The result: the rewritten model's layout and widths, and the basis chosen at every point.
-pub struct Calibrated {
-    pub rewritten: Rewritten,
-    /// The basis of every point (the points of a group share one), kept only when
-    /// [`CalibrationOptions::keep_bases`] asks: one is `D × D` in f64, 134 MB for LLaMA-2-7B, and
-    /// the paper's layout has one per point.
-    pub bases: Vec<Arc<Basis>>,
+/// What a calibration run tells the report.
+#[derive(Debug, Clone, Default)]
+pub struct CalibrationRun {
     pub tokens: u64,
     /// Where the calibration tokens came from.
     pub source: String,
@@ -71,250 +66,40 @@ pub struct Calibrated {
     pub ep: Option<EpChoice>,
 }
 
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Timings {
-    pub fuse_seconds: f64,
-    /// Cutting segment models out of the graph and creating their ONNX Runtime sessions.
-    pub session_seconds: f64,
-    /// Running the segments over the calibration set.
-    pub runtime_seconds: f64,
-    pub pca_seconds: f64,
-    pub rotate_seconds: f64,
+/// The moments of a value's rows over the calibration tokens: `Σ hᵀh` and `Σ h` (f64), padding
+/// left out. The value's last axis is its width.
+#[derive(Debug, Clone)]
+pub struct Moments {
+    pub value: String,
+    pub gram: Covariance,
+    pub sum: Vec<f64>,
 }
 
-/// Fuses the norms, then chooses, rotates and slices every stream point by PCA of calibration
-/// activations, with the points grouped into bases by `options.dims.basis`. `progress` advances
-/// once per (segment, batch).
-pub fn slice_with_pca(
-    model: &mut Model,
-    set: &CalibrationSet,
-    options: &CalibrationOptions,
-    progress: &ProgressBar,
-) -> Result<Calibrated> {
-    slice_with_pca_streaming(model, set, options, progress, &mut KeepInGraph)
-}
-
-/// [`slice_with_pca`], handing every rotated tensor to `finished` as soon as it is final (the
-/// output's data file: docs/design.md §8).
-pub fn slice_with_pca_streaming(
-    model: &mut Model,
-    set: &CalibrationSet,
-    options: &CalibrationOptions,
-    progress: &ProgressBar,
-    finished: &mut dyn TensorSink,
-) -> Result<Calibrated> {
-    let mut timings = Timings::default();
-    let mut ep = None;
-    let started = Instant::now();
-    let mut rewritten = transform::fuse(model)?;
-    if options.center_embeddings {
-        transform::center_embeddings(model, &mut rewritten)?;
+impl Moments {
+    pub fn new(value: impl Into<String>, width: usize) -> Self {
+        Moments { value: value.into(), gram: Covariance::new(width), sum: vec![0.0; width] }
     }
-    timings.fuse_seconds = started.elapsed().as_secs_f64();
-    let layout = rewritten.layout.clone();
-    let batches = set
-        .batches(options.batch.max(1))
-        .map(|(ids, mask)| Batch::new(ids, mask))
-        .collect::<Result<Vec<_>>>()?;
-    let shell = Model { graph: Default::default(), ..model.clone() };
-    let mut run = Runner::new(
-        &shell,
-        &model.graph,
-        &layout,
-        options,
-        &batches,
-        progress,
-        (&mut timings, &mut ep),
-    )?;
-    // One basis for the whole stream has one spectrum: its allocation is the uniform width.
-    let widths = match &options.allocation {
-        Some(allocation) if options.dims.basis != transform::BasisMode::Global => {
-            allocated_widths(&mut run, &model.graph, allocation)?
-        }
-        _ => options.dims.widths(&layout),
-    };
-    let groups = transform::basis_groups(&layout, options.dims.basis, &widths);
-    let bases = match options.dims.basis {
-        transform::BasisMode::Global => global_bases(run, model, &widths, &groups, finished)?,
-        _ => sequential_bases(run, model, &widths, &groups, finished)?,
-    };
-    rewritten.widths = widths;
-    rewritten.groups = groups;
-    let tokens = batches.iter().map(|b| b.real_tokens()).sum();
-    Ok(Calibrated { rewritten, bases, tokens, source: set.source.clone(), timings, ep })
-}
 
-/// SliceGPT's order: each segment runs on the sliced stream of the points before it, so every
-/// basis sees the slicing error upstream. A basis shared by a block's input and middle point is
-/// chosen when the input is reached, from the input's covariance and the middle point's as the
-/// unsliced attention computes it (one extra attention run per block); the attention then runs
-/// again on the sliced input.
-fn sequential_bases(
-    mut run: Runner<'_>,
-    model: &mut Model,
-    widths: &[usize],
-    groups: &[usize],
-    finished: &mut dyn TensorSink,
-) -> Result<Vec<Arc<Basis>>> {
-    let layout = run.layout;
-    let d = layout.width;
-    let points = widths.len();
-    run.progress.set_length((run.batches.len() * (points + lookahead_runs(groups))) as u64);
-    let (mut cov, mut full) = run.segment(&model.graph, None, None, widths)?;
-    let mut editor = StreamEditor::new(&mut model.graph, layout).streaming_to(finished);
-    let mut kept: Vec<Arc<Basis>> = Vec::new();
-    let mut previous: Option<Arc<Basis>> = None;
-    let mut q_in: Option<Mat<f64>> = None;
-    for p in 0..points {
-        let basis = match previous.take() {
-            Some(shared) if groups[p] == groups[p - 1] => shared,
-            _ => {
-                let mut group = Covariance::new(d);
-                group.merge_normalized(&cov);
-                let mut ahead: Option<Vec<ArrayD<f32>>> = None;
-                for q in (p + 1..points).take_while(|&q| groups[q] == groups[p]) {
-                    let mut current = widths.to_vec();
-                    current[q - 1..].fill(d);
-                    let (next_cov, next) = run.segment(
-                        editor.graph(),
-                        Some(q - 1),
-                        Some(ahead.as_deref().unwrap_or(&full)),
-                        &current,
-                    )?;
-                    group.merge_normalized(&next_cov);
-                    ahead = Some(next);
-                }
-                Arc::new(run.basis(&group)?)
-            }
-        };
-        let step = Instant::now();
-        let q_out = basis.columns(widths[p]);
-        match &q_in {
-            None => editor.rotate_embeddings(q_out.as_ref())?,
-            Some(q_in) => {
-                editor.rotate_writers(p - 1, q_out.as_ref())?;
-                if groups[p] == groups[p - 1] {
-                    editor.clear_shortcut(p - 1)?;
-                } else {
-                    editor.set_final_shortcut(
-                        p - 1,
-                        algebra::shortcut(q_in.as_ref(), q_out.as_ref()).as_ref(),
-                    )?;
-                }
+    fn add(&mut self, rows: &[f32], mask: &[bool]) {
+        let width = self.sum.len();
+        for (row, _) in rows.chunks_exact(width).zip(mask).filter(|(_, &real)| real) {
+            for (s, &x) in self.sum.iter_mut().zip(row) {
+                *s += x as f64;
             }
         }
-        editor.set_point_width(p, widths[p])?;
-        project(&mut full, q_out.as_ref())?;
-        editor.rotate_readers(p, q_out.as_ref())?;
-        if run.options.keep_bases {
-            kept.push(basis.clone());
-        }
-        previous = Some(basis);
-        if p + 1 < points {
-            // The segment's skip carries the sliced stream back to the original basis, so that it
-            // produces the next point in the original basis at full width.
-            editor.set_shortcut(p, q_out.transpose())?; // replaced at the next point
-            editor.set_point_width(p + 1, d)?;
-            run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-            let mut current = widths.to_vec();
-            current[p + 1..].fill(d);
-            (cov, full) = run.segment(editor.graph(), Some(p), Some(&full), &current)?;
-        } else {
-            run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-        }
-        q_in = Some(q_out);
+        self.gram.add_rows(rows, Some(mask));
     }
-    let step = Instant::now();
-    editor.finish()?;
-    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-    Ok(kept)
-}
-
-/// Segment runs of the unsliced model that choose shared bases ahead of the sliced runs.
-fn lookahead_runs(groups: &[usize]) -> usize {
-    groups.windows(2).filter(|w| w[0] == w[1]).count()
-}
-
-/// One pass over the unsliced model gives every point's covariance; each group's basis is the PCA
-/// of the sum of its points' trace-normalized covariances, and the model is rotated once.
-fn global_bases(
-    mut run: Runner<'_>,
-    model: &mut Model,
-    widths: &[usize],
-    groups: &[usize],
-    finished: &mut dyn TensorSink,
-) -> Result<Vec<Arc<Basis>>> {
-    let layout = run.layout;
-    run.progress.set_length((run.batches.len() * widths.len()) as u64);
-    let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
-    let step = Instant::now();
-    let columns = GroupBases::new(groups, |group| Ok(bases[group].columns(widths[group])))?;
-    crate::rotate::rotate_and_slice(
-        &mut model.graph,
-        layout,
-        &columns.per_point(),
-        groups,
-        finished,
-    )?;
-    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-    Ok(if run.options.keep_bases { bases } else { Vec::new() })
-}
-
-/// The basis of every point's group from one pass over the unsliced `graph`: the PCA of the sum of
-/// the group's trace-normalized covariances.
-fn unsliced_group_bases(
-    run: &mut Runner<'_>,
-    graph: &crate::graph::Graph,
-    groups: &[usize],
-) -> Result<Vec<Arc<Basis>>> {
-    let (d, points) = (run.layout.width, groups.len());
-    let full_widths = vec![d; points];
-    let mut sums: Vec<Option<Covariance>> = vec![None; points];
-    let (mut cov, mut full) = run.segment(graph, None, None, &full_widths)?;
-    for p in 0..points {
-        sums[groups[p]].get_or_insert_with(|| Covariance::new(d)).merge_normalized(&cov);
-        if p + 1 < points {
-            (cov, full) = run.segment(graph, Some(p), Some(&full), &full_widths)?;
-        }
-    }
-    let mut group_bases: Vec<Option<Arc<Basis>>> = vec![None; points];
-    for (g, sum) in sums.iter().enumerate() {
-        if let Some(sum) = sum {
-            group_bases[g] = Some(Arc::new(run.basis(sum)?));
-        }
-    }
-    Ok(groups.iter().filter_map(|&g| group_bases[g].clone()).collect())
-}
-
-/// Widths under the allocation's budget from the spectra of the unsliced model (one extra pass):
-/// points that the basis mode groups share a spectrum.
-fn allocated_widths(
-    run: &mut Runner<'_>,
-    graph: &crate::graph::Graph,
-    allocation: &Allocation,
-) -> Result<Vec<usize>> {
-    let points = run.layout.stream_points().len();
-    let groups = transform::basis_groups(
-        run.layout,
-        run.options.dims.basis,
-        &vec![run.layout.width; points],
-    );
-    run.progress.set_length((run.batches.len() * points) as u64);
-    let bases = unsliced_group_bases(run, graph, &groups)?;
-    run.progress.reset();
-    let spectra: Vec<Vec<f64>> = bases.iter().map(|b| b.eigenvalues.clone()).collect();
-    allocation.plan.allocate(&run.options.dims, &allocation.budget, &spectra)
 }
 
 /// One calibration batch: token ids `[b, L]`, their attention mask, and which tokens are real.
-struct Batch {
+pub struct Batch {
     ids: Array2<i64>,
     mask: Array2<i64>,
     rows: Vec<bool>,
 }
 
 impl Batch {
-    fn new(ids: ArrayD<i64>, mask: ArrayD<i64>) -> Result<Self> {
+    pub fn new(ids: ArrayD<i64>, mask: ArrayD<i64>) -> Result<Self> {
         let matrix = |a: ArrayD<i64>| {
             a.into_dimensionality::<Ix2>().map_err(|e| Error::Pass {
                 pass: PASS,
@@ -326,18 +111,29 @@ impl Batch {
         Ok(Batch { ids: matrix(ids)?, mask: matrix(mask)?, rows })
     }
 
-    fn real_tokens(&self) -> u64 {
+    pub fn real_tokens(&self) -> u64 {
         self.rows.iter().filter(|&&r| r).count() as u64
+    }
+
+    /// Which rows of the batch's flattened tokens are real (not padding).
+    pub fn rows(&self) -> &[bool] {
+        &self.rows
     }
 }
 
-struct Runner<'a> {
+/// The calibration set in batches of `batch` sequences.
+pub fn batches(set: &CalibrationSet, batch: usize) -> Result<Vec<Batch>> {
+    set.batches(batch.max(1)).map(|(ids, mask)| Batch::new(ids, mask)).collect()
+}
+
+/// Runs segments of one model over the calibration batches.
+pub struct Runner<'a> {
     shell: &'a Model,
-    layout: &'a Layout,
-    options: &'a CalibrationOptions,
-    batches: &'a [Batch],
-    progress: &'a ProgressBar,
-    timings: &'a mut Timings,
+    pub layout: &'a Layout,
+    settings: &'a Settings,
+    pub batches: &'a [Batch],
+    pub progress: &'a ProgressBar,
+    pub timings: &'a mut Timings,
     /// The execution provider the latest session got.
     ep: &'a mut Option<EpChoice>,
     /// How the model's own inputs (ids, mask, positions, empty KV cache) are filled.
@@ -350,74 +146,101 @@ struct Runner<'a> {
 
 impl<'a> Runner<'a> {
     /// The model's inputs are planned from its declarations; the stream's cuts are found here,
-    /// their ranks as the segments run.
-    fn new(
+    /// their ranks as the segments run. `shell` is the model without its graph (the segments get
+    /// the graph they are cut from).
+    pub fn new(
         shell: &'a Model,
-        graph: &crate::graph::Graph,
+        graph: &Graph,
         layout: &'a Layout,
-        options: &'a CalibrationOptions,
+        settings: &'a Settings,
         batches: &'a [Batch],
         progress: &'a ProgressBar,
         (timings, ep): (&'a mut Timings, &'a mut Option<EpChoice>),
     ) -> Result<Self> {
-        let label = options
+        let label = settings
             .model_path
             .as_deref()
             .map_or_else(|| "the model".to_string(), |p| p.display().to_string());
-        let plan = InputPlan::for_graph(graph, &label, options.model_path.as_deref())?;
+        let plan = InputPlan::for_graph(graph, &label, settings.model_path.as_deref())?;
         let dtype = stream_dtype(graph, layout)?;
         let cuts = segment::stream_cuts(graph, layout)
             .into_iter()
             .map(|value| segment::Cut { value, rank: None, dtype })
             .collect();
         let unpadded = batches.iter().all(|b| b.rows.iter().all(|&real| real));
-        Ok(Runner { shell, layout, options, batches, progress, timings, ep, plan, cuts, unpadded })
+        Ok(Runner { shell, layout, settings, batches, progress, timings, ep, plan, cuts, unpadded })
     }
 
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
     /// the covariance of its output stream and the output itself (original basis, full width).
-    fn segment(
+    pub fn segment(
         &mut self,
-        graph: &crate::graph::Graph,
+        graph: &Graph,
         point: Option<usize>,
         stream: Option<&[ArrayD<f32>]>,
         widths: &[usize],
     ) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
+        let mut cov = Covariance::new(self.layout.width);
+        let outputs = self.run(graph, point, stream, widths, Some(&mut cov), &mut [])?;
+        Ok((cov, outputs))
+    }
+
+    /// Runs a segment like [`Runner::segment`], accumulating the moments of each of `observe`'s
+    /// values (values the segment computes), and the output stream's covariance into `covariance`
+    /// when given. Returns the output stream.
+    pub fn run(
+        &mut self,
+        graph: &Graph,
+        point: Option<usize>,
+        stream: Option<&[ArrayD<f32>]>,
+        widths: &[usize],
+        mut covariance: Option<&mut Covariance>,
+        observe: &mut [Moments],
+    ) -> Result<Vec<ArrayD<f32>>> {
         let started = Instant::now();
         let model = Model { graph: graph.clone(), ..self.shell.clone() };
-        let sub =
+        let mut sub =
             segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
-        let mut session = session_for(&sub, self.options)?;
+        for moments in observe.iter() {
+            let declared = ValueInfo::tensor_of_rank_unknown(&moments.value, self.cuts[0].dtype);
+            sub.graph.outputs.push(declared);
+        }
+        let mut session = session_for(&sub, self.settings)?;
         self.note_execution_provider(session.ep());
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
         let input_name = point.map(|p| self.cuts[p].value.clone());
         let output_name = sub.graph.outputs[0].name.clone();
-        let mut cov = Covariance::new(self.layout.width);
+        let observed: Vec<String> = observe.iter().map(|m| m.value.clone()).collect();
+        let mut wanted: Vec<&str> = vec![output_name.as_str()];
+        wanted.extend(observed.iter().map(String::as_str));
         let mut outputs = Vec::with_capacity(self.batches.len());
         let mut pca_time = Duration::ZERO;
         for (b, batch) in self.batches.iter().enumerate() {
             let feeds = self.feeds(&sub, batch, input_name.as_deref(), stream.map(|s| &s[b]))?;
             let named: Vec<(&str, &TensorValue)> =
                 feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
-            let mut result = session.run_for(&named, &[output_name.as_str()])?;
-            let y =
-                result.remove(&output_name).and_then(stream_as_f32).ok_or_else(|| Error::Pass {
-                    pass: PASS,
-                    node: output_name.clone(),
-                    message: "the stream is not a float32 or float16 tensor".into(),
-                })?;
+            let mut result = session.run_for(&named, &wanted)?;
+            let y = float_output(&mut result, &output_name)?;
             self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.ndim());
             let pca_started = Instant::now();
-            let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
-            cov.add_rows(rows.as_slice().unwrap_or(&[]), Some(&batch.rows));
+            if let Some(cov) = covariance.as_deref_mut() {
+                let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
+                cov.add_rows(rows.as_slice().unwrap_or(&[]), Some(&batch.rows));
+            }
+            for moments in observe.iter_mut() {
+                let h = float_output(&mut result, &moments.value)?;
+                let width = moments.sum.len();
+                let rows = standard_rows(&h, width, batch.rows.len(), &moments.value)?;
+                moments.add(rows.as_slice().unwrap_or(&[]), &batch.rows);
+            }
             pca_time += pca_started.elapsed();
             outputs.push(y);
             self.progress.inc(1);
         }
         self.timings.pca_seconds += pca_time.as_secs_f64();
         self.timings.runtime_seconds += (started.elapsed() - pca_time - setup).as_secs_f64();
-        Ok((cov, outputs))
+        Ok(outputs)
     }
 
     /// The inputs a segment model declares: the model's own, filled by the plan, and the stream.
@@ -454,14 +277,15 @@ impl<'a> Runner<'a> {
 
     fn note_execution_provider(&mut self, choice: &EpChoice) {
         if self.ep.as_ref() != Some(choice) {
-            if let Some(hook) = &self.options.on_execution_provider {
+            if let Some(hook) = &self.settings.on_execution_provider {
                 hook(choice);
             }
             *self.ep = Some(choice.clone());
         }
     }
 
-    fn basis(&mut self, cov: &Covariance) -> Result<Basis> {
+    /// The principal basis of a covariance (its time counted as PCA).
+    pub fn basis(&mut self, cov: &Covariance) -> Result<Basis> {
         let started = Instant::now();
         let basis = principal_basis(cov, crate::pca::DEFAULT_DAMPING)?;
         self.timings.pca_seconds += started.elapsed().as_secs_f64();
@@ -469,10 +293,19 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// A run's output as f32 (float16 values widen exactly).
+fn float_output(result: &mut RunOutputs, name: &str) -> Result<ArrayD<f32>> {
+    result.remove(name).and_then(stream_as_f32).ok_or_else(|| Error::Pass {
+        pass: PASS,
+        node: name.to_string(),
+        message: "the stream is not a float32 or float16 tensor".into(),
+    })
+}
+
 /// The stream's element type, when calibration can run it: float32, or float16 (ONNX Runtime's
 /// CPU provider runs float16 graphs, casting up around the kernels it lacks). The activations are
 /// kept in float32 between segments, as the float16 model's own rounding leaves them.
-fn stream_dtype(graph: &crate::graph::Graph, layout: &Layout) -> Result<DataType> {
+fn stream_dtype(graph: &Graph, layout: &Layout) -> Result<DataType> {
     match algebra::created_dtype(algebra::stream_dtype(graph, layout)) {
         dtype @ (DataType::Float | DataType::Float16) => Ok(dtype),
         other => Err(Error::Pass {
@@ -496,13 +329,13 @@ fn stream_as_f32(value: TensorValue) -> Option<ArrayD<f32>> {
     }
 }
 
-fn session_for(model: &Model, options: &CalibrationOptions) -> Result<ModelSession> {
+fn session_for(model: &Model, settings: &Settings) -> Result<ModelSession> {
     let bytes = crate::onnx::to_bytes(model)?;
-    let dir = options.model_path.as_deref().and_then(Path::parent);
-    Ok(ModelSession::from_bytes(&bytes, dir, &options.session)?)
+    let dir = settings.model_path.as_deref().and_then(Path::parent);
+    Ok(ModelSession::from_bytes(&bytes, dir, &settings.session)?)
 }
 
-/// The stream as contiguous rows of width D, one per token of the batch.
+/// A value as contiguous rows of `width`, one per token of the batch.
 fn standard_rows<'y>(
     y: &'y ArrayD<f32>,
     width: usize,
@@ -520,42 +353,4 @@ fn standard_rows<'y>(
         });
     }
     Ok(y.as_standard_layout())
-}
-
-/// `y ← y Q` over the last axis, for every cached batch.
-fn project(stream: &mut [ArrayD<f32>], q: MatRef<'_, f64>) -> Result<()> {
-    let q32: Mat<f32> = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f32);
-    let k = q.ncols();
-    for y in stream.iter_mut() {
-        let mut shape = y.shape().to_vec();
-        let d = shape.last().copied().unwrap_or(0);
-        if d != q.nrows() {
-            return Err(Error::Pass {
-                pass: PASS,
-                node: "(stream)".into(),
-                message: format!("stream of width {d}, basis of {} rows", q.nrows()),
-            });
-        }
-        let rows = y.len() / d.max(1);
-        let input = y.as_standard_layout();
-        let data = input.as_slice().unwrap_or(&[]);
-        let mut out = vec![0f32; rows * k];
-        faer::linalg::matmul::matmul(
-            faer::MatMut::from_row_major_slice_mut(&mut out, rows, k),
-            faer::Accum::Replace,
-            faer::MatRef::from_row_major_slice(data, rows, d),
-            q32.as_ref(),
-            1.0,
-            faer::get_global_parallelism(),
-        );
-        if let Some(last) = shape.last_mut() {
-            *last = k;
-        }
-        *y = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Pass {
-            pass: PASS,
-            node: "(stream)".into(),
-            message: format!("projecting the stream: {e}"),
-        })?;
-    }
-    Ok(())
 }

@@ -13,7 +13,7 @@ use faer::Mat;
 
 use crate::algebra;
 use crate::error::{Error, Result};
-use crate::graph::{cleanup, Graph, Namer, Node};
+use crate::graph::{Graph, Namer, Node};
 use crate::structure::{Layout, Linear, WeightLayout};
 
 const PASS: &str = "tie-head";
@@ -129,6 +129,7 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
         in_features: d,
         out_features: d,
     }];
-    cleanup(graph);
+    // The head's old weight and anything only it read are left for the rewrite's final cleanup,
+    // which keeps the analysis' node indices valid until the norms are folded.
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::graph::{cleanup, Graph, Namer, Tensor};
+use crate::graph::{Graph, Namer, Tensor};
 use crate::pattern::is_matrix_transpose;
 
 /// (op, index of the weight input) for the nodes whose weights the rewrite edits.
@@ -18,6 +18,8 @@ fn weight_input(op: &str) -> Option<usize> {
 
 /// Replaces `Transpose(W, perm=[1,0])` feeding a weight input by a transposed copy of W, and gives
 /// each extra reader of a shared 2-D weight its own copy. Returns how many copies were made.
+/// Nodes that no longer feed anything (those Transposes) are left for the rewrite's final cleanup:
+/// removing them here would shift the node indices the analysis recorded (`NormMatch::nodes`).
 pub fn privatize_weights(graph: &mut Graph) -> Result<usize> {
     let mut namer = Namer::new(graph);
     let mut copies = 0;
@@ -50,7 +52,6 @@ pub fn privatize_weights(graph: &mut Graph) -> Result<usize> {
             copies += 1;
         }
     }
-    cleanup(graph);
     Ok(copies)
 }
 

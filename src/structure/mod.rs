@@ -9,12 +9,14 @@
 //! ```
 //! A segment goes from one stream point to the next: a sequential block (GPT-2, OPT, LLaMA, Qwen2)
 //! has two (attention, MLP), a parallel block (Phi, GPT-NeoX) one, with both branches in it.
+mod blocks;
 mod quantized;
 mod walk;
 
 use crate::pattern::norm::{NormKind, NormMatch};
 
 pub use crate::error::DetectError;
+pub use blocks::{Attention, Block, LinearRef, Mlp};
 pub use quantized::{refuse_quantized, QuantizedForm, QuantizedModel};
 pub use walk::detect;
 
@@ -127,6 +129,8 @@ pub struct Layout {
     /// Reshapes applied to stream-width tensors: their shape constants carry D and change when
     /// the stream is sliced.
     pub stream_reshapes: Vec<StreamReshape>,
+    /// The segments grouped into blocks, with their attention and MLP roles.
+    pub blocks: Vec<Block>,
 }
 
 impl Embedding {
@@ -141,6 +145,32 @@ impl Embedding {
             _ => Some(node),
         }
     }
+}
+
+impl Linear {
+    /// Reads the weight from the linear's node again (an initializer, or the Transpose of one).
+    fn follow_weight(&mut self, graph: &crate::graph::Graph) {
+        let Some(node) = graph.nodes.iter().find(|n| n.outputs.first() == Some(&self.output))
+        else {
+            return;
+        };
+        if let Some(found) = node.inputs.get(1).and_then(|w| weight_source(graph, w)) {
+            (self.weight, self.through_transpose) = found;
+        }
+    }
+}
+
+/// `value` as (initializer, the Transpose reading it): an initializer itself, or
+/// `Transpose(initializer, perm=[1,0])`.
+fn weight_source(graph: &crate::graph::Graph, value: &str) -> Option<(String, Option<String>)> {
+    if graph.initializer(value).is_some() {
+        return Some((value.to_string(), None));
+    }
+    let transpose =
+        graph.nodes.iter().find(|n| n.outputs.first().map(String::as_str) == Some(value))?;
+    let source = transpose.inputs.first()?;
+    (crate::pattern::is_matrix_transpose(transpose) && graph.initializer(source).is_some())
+        .then(|| (source.clone(), Some(value.to_string())))
 }
 
 impl Segment {
@@ -168,6 +198,36 @@ impl Layout {
     /// Every norm with its readers, in stream order, the final norm and head last.
     pub fn branches(&self) -> impl Iterator<Item = &Branch> {
         self.segments.iter().flat_map(|s| s.branches.iter()).chain(std::iter::once(&self.head))
+    }
+
+    /// Follows the weights of every linear layer and embedding table to the initializers their
+    /// nodes read now: after [`crate::fuse::privatize_weights`] gave shared weights copies of their
+    /// own and turned transposed reads into transposed copies, the layout is the same but for
+    /// these names.
+    pub fn follow_weights(&mut self, graph: &crate::graph::Graph) {
+        for segment in &mut self.segments {
+            for linear in segment
+                .branches
+                .iter_mut()
+                .flat_map(|b| b.readers.iter_mut())
+                .chain(segment.writers.iter_mut())
+            {
+                linear.follow_weight(graph);
+            }
+        }
+        for linear in &mut self.head.readers {
+            linear.follow_weight(graph);
+        }
+        for e in 0..self.embeddings.len() {
+            let found = self.embeddings[e]
+                .gather(graph)
+                .and_then(|g| g.inputs.first())
+                .and_then(|table| weight_source(graph, table));
+            if let Some((table, through_transpose)) = found {
+                (self.embeddings[e].table, self.embeddings[e].through_transpose) =
+                    (table, through_transpose);
+            }
+        }
     }
 
     /// Every linear layer the rewrite touches.

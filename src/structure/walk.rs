@@ -93,7 +93,7 @@ impl<'g> Walker<'_, 'g> {
         let tied_head = readers.iter().any(|h| h.weight == embeddings[0].table);
         let norm_kind = norm.kind;
         stream_values.push(point);
-        Ok(Layout {
+        let mut layout = Layout {
             width,
             norm_kind,
             embeddings,
@@ -102,7 +102,10 @@ impl<'g> Walker<'_, 'g> {
             tied_head,
             stream_values,
             stream_reshapes: std::mem::take(&mut self.reshapes),
-        })
+            blocks: Vec::new(),
+        };
+        layout.blocks = super::blocks::find_blocks(self.index.graph, &layout);
+        Ok(layout)
     }
 
     // ---- embeddings ----
