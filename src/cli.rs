@@ -1,5 +1,7 @@
 //! Command line: raw flags are validated into plain options once, then handed to the library.
+//! It lives in the binary only: the library (`onnx_slice`) knows nothing of flags or exit codes.
 mod checks;
+mod eval;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -7,17 +9,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::export::{self, Destination};
-use crate::inspect;
-use crate::onnx::{self, SaveOptions, Storage};
-use crate::pipeline::{self, CalibrationData, MethodOptions, Notice};
-use crate::runtime::{Ep, LogLevel};
-use crate::size::Budget;
-use crate::slicegpt::{BasisMode, Orientation, SliceGpt};
 use checks::usage;
+use onnx_slice::calibrate::data;
+use onnx_slice::export::{self, Destination};
+use onnx_slice::inspect;
+use onnx_slice::onnx::{self, SaveOptions, Storage};
+use onnx_slice::pipeline::{self, CalibrationData, MethodOptions, Notice};
+use onnx_slice::runtime::{Ep, LogLevel};
+use onnx_slice::size::Budget;
+use onnx_slice::slicegpt::{BasisMode, Orientation, SliceGpt};
 
 const SLICE_EXAMPLES: &str = "\
 Examples:
@@ -122,7 +125,7 @@ struct SliceArgs {
     /// Which stream points share a basis: global (one basis, no shortcuts; the best measured
     /// quality per byte), block (one per block: one shortcut per block) or point (the paper: one
     /// per point, a shortcut on every skip).
-    #[arg(long, default_value = "global")]
+    #[arg(long, default_value_t = SliceGpt::default().basis)]
     basis: BasisMode,
     /// Print the widths, parameters and bytes the command would write, without calibrating or
     /// writing anything.
@@ -133,7 +136,7 @@ struct SliceArgs {
     #[arg(long)]
     allocate_widths: bool,
     /// Round sliced widths down to a multiple of this.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_ROUND_TO)]
     round_to: usize,
     /// Slice the last stream point too (changes the head's input width).
     #[arg(long)]
@@ -165,16 +168,16 @@ struct SliceArgs {
     #[arg(long, value_name = "FILE")]
     tokenizer: Option<PathBuf>,
     /// Number of calibration sequences.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = data::DEFAULT_SAMPLES)]
     calib_samples: usize,
     /// Tokens per calibration sequence (capped by the model's position limit where it has one).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = data::DEFAULT_SEQLEN)]
     calib_seqlen: usize,
     /// Calibration sequences per ONNX Runtime run.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_CALIB_BATCH)]
     calib_batch: usize,
     /// Seed for choosing calibration windows.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = data::DEFAULT_SEED)]
     calib_seed: u64,
     /// Subtract every embedding row's mean before calibrating, as the reference implementation
     /// does. Changes RMSNorm models a little (ratio 0 is then no longer exact) and at high ratios
@@ -188,7 +191,7 @@ struct SliceArgs {
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Execution provider for calibration: cpu, cuda or auto.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value_t = pipeline::Options::default().ep)]
     ep: Ep,
     /// libonnxruntime to load (default: ORT_DYLIB_PATH, else the setup-ort.sh location).
     #[arg(long, value_name = "PATH")]
@@ -233,7 +236,7 @@ enum Command {
     Convert(ConvertArgs),
     /// Perplexity of a model on a text (or token ids), by the reference method.
     #[command(after_help = EVAL_EXAMPLES)]
-    Eval(crate::eval::EvalArgs),
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -268,8 +271,9 @@ struct ConvertArgs {
 }
 
 /// The command line's definition (for checks on its help texts).
-pub fn command_line() -> clap::Command {
-    Cli::command()
+#[cfg(test)]
+fn command_line() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 pub fn main() -> ExitCode {
@@ -282,7 +286,7 @@ pub fn main() -> ExitCode {
             .map(|input| args.model = input.model)
             .map_err(|e| anyhow::Error::from(flagged("MODEL", e)))
             .and_then(|()| Ok(checks::eval_command(&args)?))
-            .and_then(|()| crate::eval::run_eval_command(&args)),
+            .and_then(|()| eval::run_eval_command(&args)),
         None => run_slice(cli.slice),
     };
     match result {
@@ -301,7 +305,7 @@ pub fn main() -> ExitCode {
 /// removes the staged outputs (files::interrupt) so that nothing half-written stays behind.
 fn remove_staged_outputs_on_signal() {
     let handler = || {
-        let removed = crate::files::remove_staged();
+        let removed = onnx_slice::files::remove_staged();
         eprintln!("\ninterrupted: {removed} unfinished output(s) removed");
         // SAFETY: _exit only ends the process. Not `exit`: its atexit handlers and C++ static
         // destructors would run while ONNX Runtime's threads are still computing.
@@ -380,7 +384,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
 }
 
 /// An export folder that cannot be used, as a command-line mistake that names its flag (exit code 2).
-fn flagged(flag: &str, error: crate::Error) -> checks::UsageError {
+fn flagged(flag: &str, error: onnx_slice::Error) -> checks::UsageError {
     usage(format!("{flag} {error}"))
 }
 
@@ -436,9 +440,9 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
 }
 
 /// A library error as the command line says it: an invalid option names its flag and exits 2.
-fn flag_error(error: crate::Error) -> anyhow::Error {
+fn flag_error(error: onnx_slice::Error) -> anyhow::Error {
     match error {
-        crate::Error::Invalid { option, message } => usage(match option {
+        onnx_slice::Error::Invalid { option, message } => usage(match option {
             "output" => format!("-o: {message}"),
             "tokenizer" => message,
             _ => format!("--{} {message}", option.replace('_', "-")),
@@ -472,7 +476,7 @@ fn storage_of(external_data: bool, inline: bool) -> Storage {
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
-    crate::files::write_atomically(path, text.as_bytes())
+    onnx_slice::files::write_atomically(path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -498,4 +502,36 @@ fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
         eprintln!("wrote {} ({} bytes)", data.display(), len);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command and every argument has help, and every command shows examples; the main help
+    /// lists the exit codes.
+    #[test]
+    fn every_command_has_help_and_examples() {
+        let mut command = command_line();
+        command.build();
+        let mut missing = Vec::new();
+        for cmd in std::iter::once(&command).chain(command.get_subcommands()) {
+            if cmd.get_name() == "help" {
+                continue;
+            }
+            if !cmd.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")) {
+                missing.push(format!("{}: no examples", cmd.get_name()));
+            }
+            for arg in
+                cmd.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            {
+                if arg.get_help().is_none() {
+                    missing.push(format!("{} {}: no help", cmd.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
+        let help = command.render_long_help().to_string();
+        assert!(help.contains("Exit codes:") && help.contains("Examples:"), "{help}");
+    }
 }

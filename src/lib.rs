@@ -5,7 +5,6 @@
 pub mod algebra;
 pub mod analysis;
 pub mod calibrate;
-pub mod cli;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -385,37 +385,6 @@ fn calibration_short_of_what_was_asked_or_unknown_to_the_tokenizer_is_warned_abo
     assert!(!run.stderr.contains("warning"), "{}", run.stderr);
 }
 
-/// Every command and every argument has help, and every command shows examples; the main help
-/// lists the exit codes.
-#[test]
-fn every_command_has_help_and_examples() {
-    let mut command = onnx_slice::cli::command_line();
-    command.build();
-    let mut missing = Vec::new();
-    for cmd in std::iter::once(&command).chain(command.get_subcommands()) {
-        if cmd.get_name() == "help" {
-            continue;
-        }
-        if !cmd.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")) {
-            missing.push(format!("{}: no examples", cmd.get_name()));
-        }
-        for arg in
-            cmd.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
-        {
-            if arg.get_help().is_none() {
-                missing.push(format!("{} {}: no help", cmd.get_name(), arg.get_id()));
-            }
-        }
-    }
-    assert!(missing.is_empty(), "{missing:#?}");
-    let help = onnx_slice(["--help"]);
-    assert!(
-        help.stdout.contains("Exit codes:") && help.stdout.contains("Examples:"),
-        "{}",
-        help.stdout
-    );
-}
-
 /// A signal in the middle of a run (Ctrl-C's SIGINT, `kill`'s SIGTERM, a closed terminal's
 /// SIGHUP) leaves nothing in the output's folder: the staged output is removed before the process
 /// exits with 130. The output is an export folder, which is staged (as a hidden `.part` sibling)

@@ -4,11 +4,10 @@ mod common;
 
 use std::path::Path;
 
-use clap::Parser;
 use common::reference::{cpu, open};
 use common::{fixture, scratch};
 use ndarray::{Array2, ArrayD};
-use onnx_slice::eval::{perplexity, run_eval_command, text_windows, window_nll, EvalArgs};
+use onnx_slice::eval::{perplexity, text_windows, window_nll};
 use onnx_slice::interface::load_tokenizer;
 use onnx_slice::interface::InputPlan;
 use onnx_slice::runtime::{Dim, ModelSession, TensorValue};
@@ -241,15 +240,11 @@ fn text_is_joined_tokenized_and_cut_into_whole_windows() {
     assert!(error.contains("57 tokens"), "{error}");
 }
 
-#[derive(Parser)]
-struct Command {
-    #[command(flatten)]
-    eval: EvalArgs,
-}
-
-fn parse(args: &[&str]) -> Result<EvalArgs, clap::Error> {
-    Command::try_parse_from(std::iter::once("eval").chain(args.iter().copied()))
-        .map(|command| command.eval)
+/// `onnx-slice eval ARGS…`, which must exit with `code`; returns what it printed.
+fn eval_command(args: &[&str], code: i32) -> common::cli::Outcome {
+    let run = common::cli::onnx_slice(std::iter::once("eval").chain(args.iter().copied()));
+    assert_eq!(run.code, Some(code), "eval {args:?}: {}", run.stderr);
+    run
 }
 
 fn write_ids(path: &Path, rows: &[Vec<i64>]) {
@@ -266,58 +261,60 @@ fn the_command_reads_ids_or_text() {
     let model = fixture("llama/optimum_past/model.onnx");
     let model = model.to_str().unwrap();
 
-    let args = parse(&[
-        model,
-        "--ids",
-        ids.to_str().unwrap(),
-        "--ignore-id",
-        "2",
-        "--batch",
-        "2",
-        "--json",
-        "--max-windows",
-        "2",
-    ])
-    .unwrap();
-    assert_eq!(args.batch, 2);
-    assert_eq!(args.ignore_id, Some(2));
-    assert_eq!(args.seqlen, 512);
-    run_eval_command(&args).unwrap();
+    let run = eval_command(
+        &[
+            model,
+            "--ids",
+            ids.to_str().unwrap(),
+            "--ignore-id",
+            "2",
+            "--batch",
+            "2",
+            "--json",
+            "--max-windows",
+            "2",
+        ],
+        0,
+    );
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json["windows"], 2);
+    assert_eq!(json["ignore_id"], 2);
 
     let text = dir.path().join("text.txt");
     std::fs::write(&text, (3..200).map(|i| format!("t{i}")).collect::<Vec<_>>().join(" ")).unwrap();
     let tokenizer = fixture("_hf/llama/tokenizer.json");
-    let args = parse(&[
-        model,
-        "--text",
-        text.to_str().unwrap(),
-        "--text",
-        text.to_str().unwrap(),
-        "--seqlen",
-        "64",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-        "--ep",
-        "cpu",
-    ])
-    .unwrap();
-    assert_eq!(args.text.len(), 2);
-    run_eval_command(&args).unwrap();
+    let text = text.to_str().unwrap();
+    let run = eval_command(
+        &[
+            model,
+            "--text",
+            text,
+            "--text",
+            text,
+            "--seqlen",
+            "64",
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--ep",
+            "cpu",
+        ],
+        0,
+    );
+    assert!(run.stdout.contains("× 64 tokens"), "{}", run.stdout);
 
     // The tokenizer is looked for beside the model.
     let alone = dir.path().join("model.onnx");
     std::fs::copy(model, &alone).unwrap();
-    let args =
-        parse(&[alone.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seqlen", "64"])
-            .unwrap();
-    let error = run_eval_command(&args).unwrap_err().to_string();
+    let args = [alone.to_str().unwrap(), "--text", text, "--seqlen", "64"];
+    let error = eval_command(&args, 2).stderr;
     assert!(error.contains("tokenizer.json") && error.contains("--tokenizer"), "{error}");
     std::fs::copy(&tokenizer, dir.path().join("tokenizer.json")).unwrap();
-    run_eval_command(&args).unwrap();
+    eval_command(&args, 0);
 
-    assert!(parse(&[model]).is_err(), "--text or --ids is required");
-    assert!(parse(&[model, "--ids", "a.npy", "--text", "b.txt"]).is_err(), "not both");
-    assert!(parse(&[model, "--ids", "a.npy", "--ep", "tpu"]).is_err());
+    // --text or --ids is required, not both; the execution provider is one onnx-slice knows.
+    eval_command(&[model], 2);
+    eval_command(&[model, "--ids", "a.npy", "--text", "b.txt"], 2);
+    eval_command(&[model, "--ids", "a.npy", "--ep", "tpu"], 2);
 }
 
 /// Manual check on SmolLM2-135M (not in the repository): `cargo test --release --test eval -- --ignored`.
@@ -341,9 +338,8 @@ fn smollm2_brown_perplexity() {
         "position limit {limit:?} (model loaded and inspected in {:.1} s)",
         start.elapsed().as_secs_f64()
     );
-    let start = std::time::Instant::now();
-    run_eval_command(&parse(&args).unwrap()).unwrap();
-    eprintln!("eval command: {:.1} s in all", start.elapsed().as_secs_f64());
+    let run = eval_command(&args, 0);
+    eprintln!("{}eval command: {:.1} s in all", run.stdout, run.seconds);
 }
 
 /// Manual check of the text path on SmolLM2: `SMOLLM2_TEXT=FILE cargo test --release --test eval --
@@ -364,7 +360,7 @@ fn smollm2_text_perplexity() {
         "--max-windows",
         windows.as_str(),
     ];
-    run_eval_command(&parse(&args).unwrap()).unwrap();
+    print!("{}", eval_command(&args, 0).stdout);
 }
 
 #[test]

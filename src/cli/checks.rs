@@ -40,26 +40,29 @@ pub fn usage(message: impl Into<String>) -> UsageError {
 /// out of reach, else 1.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     let unsupported = |cause: &(dyn std::error::Error + 'static)| {
-        cause.downcast_ref::<crate::structure::DetectError>().is_some()
-            || cause.downcast_ref::<crate::structure::QuantizedModel>().is_some()
-            || cause.downcast_ref::<crate::Error>().is_some_and(|e| {
+        cause.downcast_ref::<onnx_slice::structure::DetectError>().is_some()
+            || cause.downcast_ref::<onnx_slice::structure::QuantizedModel>().is_some()
+            || cause.downcast_ref::<onnx_slice::Error>().is_some_and(|e| {
                 matches!(
                     e.root(),
-                    crate::Error::Detect(_)
-                        | crate::Error::AlreadySliced { .. }
-                        | crate::Error::Quantized(_)
+                    onnx_slice::Error::Detect(_)
+                        | onnx_slice::Error::AlreadySliced { .. }
+                        | onnx_slice::Error::Quantized(_)
                 )
             })
     };
     let unreachable_target = |cause: &(dyn std::error::Error + 'static)| {
         cause
-            .downcast_ref::<crate::Error>()
-            .is_some_and(|e| matches!(e.root(), crate::Error::Budget { .. }))
+            .downcast_ref::<onnx_slice::Error>()
+            .is_some_and(|e| matches!(e.root(), onnx_slice::Error::Budget { .. }))
     };
     let invalid_option = |cause: &(dyn std::error::Error + 'static)| {
         cause.downcast_ref::<UsageError>().is_some()
-            || cause.downcast_ref::<crate::Error>().is_some_and(|e| {
-                matches!(e.root(), crate::Error::Invalid { .. } | crate::Error::Folder { .. })
+            || cause.downcast_ref::<onnx_slice::Error>().is_some_and(|e| {
+                matches!(
+                    e.root(),
+                    onnx_slice::Error::Invalid { .. } | onnx_slice::Error::Folder { .. }
+                )
             })
     };
     if error.chain().any(invalid_option) {
@@ -97,7 +100,7 @@ pub fn input_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a Path)>) -> 
 /// takes new files, it is not a folder itself), none is one of `inputs`, and no two are the same.
 pub fn output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Checked {
     for (i, &(flag, path)) in outputs.iter().enumerate() {
-        crate::onnx::check_destination(path).map_err(|e| usage(format!("{flag}: {e}")))?;
+        onnx_slice::onnx::check_destination(path).map_err(|e| usage(format!("{flag}: {e}")))?;
         check_folder_takes_files(flag, path)?;
         if let Some(input) = inputs.iter().find(|input| same_path(path, input)) {
             let which =
@@ -121,7 +124,7 @@ pub fn output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Checked {
 /// Creating (and at once removing) a temporary file is the one sure test that the folder is
 /// writable for this user.
 fn check_folder_takes_files(flag: &str, path: &Path) -> Checked {
-    let folder = crate::files::parent_folder(path);
+    let folder = onnx_slice::files::parent_folder(path);
     tempfile::Builder::new().prefix(".onnx-slice-check.").tempfile_in(&folder).map(drop).map_err(
         |e| {
             usage(format!(
@@ -145,7 +148,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 fn resolved(path: &Path) -> Option<PathBuf> {
-    let folder = crate::files::parent_folder(path);
+    let folder = onnx_slice::files::parent_folder(path);
     Some(folder.canonicalize().ok()?.join(path.file_name()?))
 }
 
@@ -161,7 +164,7 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
 /// exist and are files, the outputs can be written and overwrite no input (the tokenizer
 /// included). Whether text calibration has a tokenizer at all is checked by the library, once the
 /// model is known not to be refused anyway (an already sliced model).
-/// The values themselves are [`crate::pipeline::Options::check`]'s.
+/// The values themselves are [`onnx_slice::pipeline::Options::check`]'s.
 pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path>) -> Checked {
     if args.allocate_widths && args.dry_run {
         return Err(usage("--allocate-widths needs calibration, which --dry-run does not do"));
@@ -172,9 +175,12 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
     inputs.extend(args.tokenizer.iter().map(|p| ("--tokenizer", p.as_path())));
     inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
     input_files(inputs.iter().copied())?;
-    let tokenizer =
-        crate::interface::find_tokenizer(input, args.tokenizer.as_deref(), "--calib-ids FILE.npy")
-            .ok();
+    let tokenizer = onnx_slice::interface::find_tokenizer(
+        input,
+        args.tokenizer.as_deref(),
+        "--calib-ids FILE.npy",
+    )
+    .ok();
     let mut outputs: Vec<(&str, &Path)> = output.map(|o| ("-o", o)).into_iter().collect();
     outputs.extend(args.report.iter().map(|p| ("--report", p.as_path())));
     outputs.extend(args.save_rotations.iter().map(|p| ("--save-rotations", p.as_path())));
@@ -183,7 +189,7 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
 }
 
 /// The files and counts of `eval`, and a tokenizer for its text.
-pub(super) fn eval_command(args: &crate::eval::EvalArgs) -> Checked {
+pub(super) fn eval_command(args: &super::eval::EvalArgs) -> Checked {
     at_least_one("--batch", args.batch)?;
     at_least_one("--seqlen", args.seqlen)?;
     args.max_windows.map_or(Ok(()), |n| at_least_one("--max-windows", n))?;
@@ -194,8 +200,12 @@ pub(super) fn eval_command(args: &crate::eval::EvalArgs) -> Checked {
     inputs.extend(args.ort_lib.iter().map(|p| ("--ort-lib", p.as_path())));
     input_files(inputs)?;
     if args.ids.is_none() {
-        crate::interface::find_tokenizer(&args.model, args.tokenizer.as_deref(), "--ids FILE.npy")
-            .map_err(|e| usage(e.to_string()))?;
+        onnx_slice::interface::find_tokenizer(
+            &args.model,
+            args.tokenizer.as_deref(),
+            "--ids FILE.npy",
+        )
+        .map_err(|e| usage(e.to_string()))?;
     }
     Ok(())
 }
