@@ -242,8 +242,7 @@ fn dry_run<M: Method>(method: &M, input: &Path, options: &Options) -> Result<Dry
 /// calibration, ONNX Runtime and saving, each naming its file.
 ///
 /// ```
-/// use onnx_slice::slicegpt::{Orientation, SliceGpt};
-/// use onnx_slice::Options;
+/// use onnx_slice::{Options, Orientation, SliceGpt};
 ///
 /// # fn main() -> onnx_slice::Result<()> {
 /// let model = std::path::Path::new("fixtures/llama/optimum/model.onnx");
