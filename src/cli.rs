@@ -21,6 +21,7 @@ use onnx_slice::pipeline::{self, CalibrationData, MethodOptions, Notice};
 use onnx_slice::runtime::{Ep, LogLevel};
 use onnx_slice::size::Budget;
 use onnx_slice::slicegpt::{BasisMode, Orientation, SliceGpt};
+use onnx_slice::Neurons;
 
 const SLICE_EXAMPLES: &str = "\
 Examples:
@@ -111,7 +112,6 @@ struct SliceArgs {
         visible_alias = "sparsity",
         value_name = "R",
         allow_negative_numbers = true,
-        required_unless_present_any = ["target_size", "target_params"],
         conflicts_with_all = ["target_size", "target_params"]
     )]
     ratio: Option<f64>,
@@ -127,12 +127,18 @@ struct SliceArgs {
     /// per point, a shortcut on every skip).
     #[arg(long, default_value_t = SliceGpt::default().basis)]
     basis: BasisMode,
+    /// How to compress: slicegpt (SliceGPT: the residual stream rotated and cut to fewer
+    /// dimensions; --ratio or a target) or neurons (the stream keeps its width, every MLP keeps its
+    /// most needed neurons and its down projection is refit; a target only).
+    #[arg(long, value_enum, default_value_t = MethodArg::Slicegpt)]
+    method: MethodArg,
     /// Print the widths, parameters and bytes the command would write, without calibrating or
     /// writing anything.
     #[arg(long)]
     dry_run: bool,
-    /// With a target: give each stream point its own width, from the spectra of the unsliced
-    /// model (one more calibration pass), instead of one width everywhere.
+    /// With a target: give each stream point (slicegpt) or each block's MLP (neurons) its own
+    /// width, from the unsliced model's spectra or errors (one more calibration pass), instead of
+    /// one width everywhere.
     #[arg(long)]
     allocate_widths: bool,
     /// Round sliced widths down to a multiple of this.
@@ -203,6 +209,12 @@ struct SliceArgs {
     /// its information messages; -vvv: everything it logs).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MethodArg {
+    Slicegpt,
+    Neurons,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -412,8 +424,14 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
         center_embeddings: args.center_embeddings,
         save_rotations: args.save_rotations.clone(),
     };
+    let method = match args.method {
+        MethodArg::Slicegpt => MethodOptions::SliceGpt(slicegpt),
+        MethodArg::Neurons => {
+            MethodOptions::Neurons(Neurons { allocate_widths: args.allocate_widths })
+        }
+    };
     pipeline::Options {
-        method: MethodOptions::SliceGpt(slicegpt),
+        method,
         target: args.target_size.or(args.target_params.map(Budget::Parameters)),
         round_to: args.round_to,
         calibration,

@@ -424,6 +424,16 @@ impl std::fmt::Display for LayoutView {
     }
 }
 
+/// Widths for people: "1536 ×30" when they are all the same, else the list.
+pub fn width_list(widths: &[usize]) -> String {
+    match widths {
+        [first, rest @ ..] if rest.iter().all(|w| w == first) => {
+            format!("{first} ×{}", widths.len())
+        }
+        _ => widths.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+    }
+}
+
 /// Widths and weights before → after, for the slicing summary and `--dry-run`.
 pub fn size_summary(
     width: usize,

@@ -2,7 +2,7 @@
 //! ONNX models: SliceGPT (the residual stream rotated and sliced) and methods that keep its width.
 //!
 //! What a caller needs is at the crate's root: [`slice`] (and [`plan`], what it would write)
-//! with [`Options`], choosing a method in [`MethodOptions`] ([`SliceGpt`]); the [`Report`] or
+//! with [`Options`], choosing a method in [`MethodOptions`] ([`SliceGpt`], [`Neurons`]); the [`Report`] or
 //! [`DryRun`] they return; [`Error`]; and [`inspect_model`] to describe a model. The command
 //! line (`onnx-slice`) is one call of [`slice`].
 //!
@@ -34,6 +34,8 @@ pub mod interface;
 #[doc(hidden)]
 pub mod method;
 #[doc(hidden)]
+pub mod neurons;
+#[doc(hidden)]
 pub mod onnx;
 #[doc(hidden)]
 pub mod pattern;
@@ -58,6 +60,7 @@ pub mod structure;
 
 pub use error::{Error, Result};
 pub use inspect::{LayoutSummary, ModelSummary};
+pub use neurons::Neurons;
 pub use onnx::Storage;
 pub use pipeline::{
     plan, slice, CalibrationData, DryRun, MethodOptions, Notice, NoticeHook, Options,

@@ -83,4 +83,6 @@ pub struct Applied {
     pub metadata: Vec<(String, String)>,
     pub centered_embeddings: bool,
     pub calibration: Option<CalibrationRun>,
+    /// Every block's MLP width, when the method changed them.
+    pub mlp_widths: Option<Vec<usize>>,
 }

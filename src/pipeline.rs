@@ -20,6 +20,7 @@ use crate::files::ScratchScope;
 use crate::graph::Model;
 use crate::inspect;
 use crate::method::{Method, Work};
+use crate::neurons::Neurons;
 use crate::onnx::{self, SaveOptions, Storage};
 use crate::report::{InputFile, Report};
 use crate::runtime::{self, Ep, EpChoice, LogLevel, SessionConfig};
@@ -31,6 +32,8 @@ use crate::slicegpt::{BasisMode, SliceGpt};
 pub enum MethodOptions {
     /// SliceGPT: the residual stream rotated and sliced.
     SliceGpt(SliceGpt),
+    /// The stream keeps its width; MLP neurons are removed and the down projections refit.
+    Neurons(Neurons),
 }
 
 impl Default for MethodOptions {
@@ -139,6 +142,7 @@ impl Options {
         at_least_one("round_to", self.round_to)?;
         match &self.method {
             MethodOptions::SliceGpt(m) => m.check(self.target.as_ref())?,
+            MethodOptions::Neurons(m) => m.check(self.target.as_ref())?,
         }
         at_least_one("calib_samples", self.calib_samples)?;
         at_least_one("calib_seqlen", self.calib_seqlen)?;
@@ -180,6 +184,10 @@ pub struct DryRun {
     /// Skips that get a shortcut MatMul, and their parameters.
     pub shortcuts: usize,
     pub shortcut_parameters: u64,
+    /// Every block's MLP width before and after (`None` when the method keeps the MLPs).
+    pub mlp_widths: Option<(Vec<usize>, Vec<usize>)>,
+    /// The widths are allocated per block at calibration, under the same total.
+    pub allocated: bool,
 }
 
 impl std::fmt::Display for DryRun {
@@ -198,6 +206,19 @@ impl std::fmt::Display for DryRun {
                 self.shortcuts, self.shortcut_parameters
             )?;
         }
+        if let Some((before, after)) = &self.mlp_widths {
+            writeln!(
+                f,
+                "MLP widths: {} → {}{}",
+                inspect::width_list(before),
+                inspect::width_list(after),
+                if self.allocated {
+                    " (per block at calibration, as many neurons in all)"
+                } else {
+                    ""
+                }
+            )?;
+        }
         Ok(())
     }
 }
@@ -208,6 +229,7 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
     let source = export::resolve_input(input)?;
     match &options.method {
         MethodOptions::SliceGpt(method) => dry_run(method, &source.model, options),
+        MethodOptions::Neurons(method) => dry_run(method, &source.model, options),
     }
 }
 
@@ -223,9 +245,27 @@ fn dry_run<M: Method>(method: &M, input: &Path, options: &Options) -> Result<Dry
         after: predicted.after,
         basis: match &options.method {
             MethodOptions::SliceGpt(m) => Some(m.basis),
+            MethodOptions::Neurons(_) => None,
         },
         shortcuts: predicted.shortcuts,
         shortcut_parameters: predicted.shortcut_parameters,
+        mlp_widths: match &options.method {
+            MethodOptions::SliceGpt(_) => None,
+            MethodOptions::Neurons(_) => Some((
+                prepared
+                    .analysis
+                    .layout
+                    .blocks
+                    .iter()
+                    .map(|b| b.mlp.as_ref().map_or(0, |m| m.width))
+                    .collect(),
+                predicted.mlp_widths,
+            )),
+        },
+        allocated: match &options.method {
+            MethodOptions::SliceGpt(m) => m.allocate_widths,
+            MethodOptions::Neurons(m) => m.allocate_widths,
+        },
     })
 }
 
@@ -265,6 +305,7 @@ fn dry_run<M: Method>(method: &M, input: &Path, options: &Options) -> Result<Dry
 pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     match &options.method {
         MethodOptions::SliceGpt(method) => slice_with(method, input, output, options),
+        MethodOptions::Neurons(method) => slice_with(method, input, output, options),
     }
 }
 
@@ -343,6 +384,7 @@ fn rewrite_and_save<M: Method>(
     let mut report = Report::new(
         input,
         &saved,
+        method.name(),
         &applied,
         options.round_to,
         &before,

@@ -10,8 +10,9 @@ use crate::method::Applied;
 use crate::onnx::Saved;
 
 /// The version of [`Report`]'s layout: raised when a field changes meaning or goes away (not
-/// when one is added). Reports before this field existed are version 0.
-pub const SCHEMA_VERSION: u32 = 1;
+/// when one is added). Reports before this field existed are version 0; version 2 added `method`
+/// and `mlp_widths`, and `basis` became null for a method that keeps the stream.
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -25,6 +26,8 @@ pub struct Report {
     /// Every file the input was read from (the model file, then its external data files).
     pub input_files: Vec<InputFile>,
     pub output: String,
+    /// The method that compressed the model: `slicegpt` or `neurons`.
+    pub method: String,
     pub external_data: Option<String>,
     /// Bytes of the external data file, when one was written.
     pub external_data_bytes: Option<u64>,
@@ -44,6 +47,8 @@ pub struct Report {
     /// k at every stream point (embeddings first, the head's input last).
     pub widths: Vec<usize>,
     pub blocks: usize,
+    /// Every block's MLP width after the rewrite, when the method changed them (`neurons`).
+    pub mlp_widths: Option<Vec<usize>>,
     /// Parameters and bytes of the floating-point initializers (weights, biases, shortcuts).
     pub parameters_before: u64,
     pub parameters_after: u64,
@@ -90,6 +95,7 @@ impl Report {
     pub fn new(
         input: &Path,
         saved: &Saved,
+        method: &str,
         applied: &Applied,
         round_to: usize,
         before: &ModelSummary,
@@ -106,6 +112,7 @@ impl Report {
             input_sha256: String::new(),
             input_files: Vec::new(),
             output: saved.path.display().to_string(),
+            method: method.to_string(),
             external_data: saved.data_file.as_ref().map(|(p, _)| p.display().to_string()),
             external_data_bytes: saved.data_file.as_ref().map(|(_, n)| *n),
             ratio: applied.ratio,
@@ -119,6 +126,7 @@ impl Report {
             stream_width: applied.stream_width,
             widths: applied.widths.clone(),
             blocks: applied.blocks,
+            mlp_widths: applied.mlp_widths.clone(),
             parameters_before: before.weights.parameters,
             parameters_after: after.weights.parameters,
             shortcut_parameters,

@@ -109,6 +109,9 @@ pub struct Plan {
     pub before: Totals,
     /// Every float initializer that survives fusion: name → (elements, dtype).
     kept: HashMap<String, (u64, DataType)>,
+    /// The float initializers only the norms read (γ, β), which fusion folds away, and the head's
+    /// copy of a tied table, which fusion shares: in an unfused output they stay.
+    unfused_only: HashMap<String, (u64, DataType)>,
     /// Elements the fusion adds (its scalars, biases from folded shifts), with their dtypes.
     added: Vec<(u64, DataType)>,
     /// The dtype of the tensors the rewrite creates (shortcuts, adapters).
@@ -119,6 +122,8 @@ pub struct Plan {
 #[derive(Debug, Clone, Serialize)]
 pub struct Prediction {
     pub widths: Vec<usize>,
+    /// Every block's MLP width.
+    pub mlp_widths: Vec<usize>,
     /// Skips that get a shortcut MatMul.
     pub shortcuts: usize,
     pub shortcut_parameters: u64,
@@ -147,6 +152,17 @@ impl Plan {
             .filter(|t| is_float(t.dtype) && read.contains(t.name.as_str()))
             .map(|t| (t.name.clone(), (t.numel(), t.dtype)))
             .collect();
+        let norm_read: HashSet<&str> = norm_nodes
+            .iter()
+            .flat_map(|&i| graph.nodes[i].inputs.iter().map(String::as_str))
+            .collect();
+        let mut unfused_only: HashMap<String, (u64, DataType)> = graph
+            .initializers
+            .iter()
+            .filter(|t| is_float(t.dtype) && !kept.contains_key(&t.name))
+            .filter(|t| norm_read.contains(t.name.as_str()))
+            .map(|t| (t.name.clone(), (t.numel(), t.dtype)))
+            .collect();
         let stream = algebra::stream_dtype(graph, &layout);
         let created = algebra::created_dtype(stream);
         // The norms' scalars (the exponent 2, and an ε per norm) are in the type they accumulate
@@ -157,7 +173,9 @@ impl Plan {
         if tied {
             for head in &layout.head.readers {
                 if head.weight != layout.embeddings[0].table {
-                    kept.remove(&head.weight);
+                    if let Some(copy) = kept.remove(&head.weight) {
+                        unfused_only.insert(head.weight.clone(), copy);
+                    }
                 }
             }
         }
@@ -182,15 +200,38 @@ impl Plan {
                 added.push((reader.out_features as u64, dtype));
             }
         }
-        Ok(Plan { layout, tied, before, kept, added, created })
+        Ok(Plan { layout, tied, before, kept, unfused_only, added, created })
     }
 
     /// Parameters and bytes of the output for a width and a basis group at every stream point.
     pub fn predict_widths(&self, widths: Vec<usize>, groups: &[usize]) -> Prediction {
+        let mlp = self.mlp_widths();
+        self.predict(&Shape { stream: Some((widths, groups.to_vec())), mlp, mlp_biases: false })
+    }
+
+    /// Every block's MLP width F as the model has it (0 for a block without a recognized MLP).
+    pub fn mlp_widths(&self) -> Vec<usize> {
+        self.layout.blocks.iter().map(|b| b.mlp.as_ref().map_or(0, |m| m.width)).collect()
+    }
+
+    /// Parameters and bytes of the output of a rewrite of this shape.
+    pub fn predict(&self, shape: &Shape) -> Prediction {
         let layout = &self.layout;
         let d = layout.width as u64;
+        let (widths, groups) = match &shape.stream {
+            Some((widths, groups)) => (widths.clone(), groups.clone()),
+            None => {
+                let points = layout.stream_points().len();
+                (vec![layout.width; points], (0..points).map(|_| 0).collect())
+            }
+        };
+        let fused = shape.stream.is_some();
         let k = |p: usize| widths[p] as u64;
         let mut sizes = self.kept.clone();
+        if !fused {
+            sizes.extend(self.unfused_only.clone());
+        }
+        let mlp_of = self.mlp_roles(&shape.mlp);
         let mut resize = |name: &str, elements: u64| {
             if let Some(entry) = sizes.get_mut(name) {
                 entry.0 = elements;
@@ -198,7 +239,7 @@ impl Plan {
         };
         let mut created: Vec<u64> = Vec::new();
         for (e, embedding) in layout.embeddings.iter().enumerate() {
-            if e == 0 && self.tied {
+            if e == 0 && self.tied && fused {
                 created.push(d * k(0));
             } else {
                 let rows = self.kept.get(&embedding.table).map_or(0, |&(n, _)| n / d);
@@ -214,23 +255,40 @@ impl Plan {
             .enumerate()
         {
             for reader in branches.iter().flat_map(|b| b.readers.iter()) {
-                if p == last && self.tied {
+                if p == last && self.tied && fused {
                     created.push(k(p) * d);
-                } else {
-                    resize(&reader.weight, k(p) * reader.out_features as u64);
+                    continue;
+                }
+                let out = mlp_of.width(&reader.weight).unwrap_or(reader.out_features) as u64;
+                resize(&reader.weight, k(p) * out);
+                if let Some(width) = mlp_of.width(&reader.weight) {
+                    if let Some(
+                        structure::Bias::GemmC(b) | structure::Bias::AddNode { initializer: b, .. },
+                    ) = &reader.bias
+                    {
+                        resize(b, width as u64);
+                    }
                 }
             }
         }
+        let mut created_biases: Vec<(u64, DataType)> = Vec::new();
         let mut shortcuts = 0;
         let mut shortcut_parameters = 0;
         for (i, segment) in layout.segments.iter().enumerate() {
             for writer in &segment.writers {
-                resize(&writer.weight, writer.in_features as u64 * k(i + 1));
-                if let Some(
-                    structure::Bias::GemmC(b) | structure::Bias::AddNode { initializer: b, .. },
-                ) = &writer.bias
-                {
-                    resize(b, k(i + 1));
+                let input = mlp_of.width(&writer.weight).unwrap_or(writer.in_features) as u64;
+                resize(&writer.weight, input * k(i + 1));
+                match &writer.bias {
+                    Some(
+                        structure::Bias::GemmC(b) | structure::Bias::AddNode { initializer: b, .. },
+                    ) => {
+                        resize(b, k(i + 1));
+                    }
+                    None if shape.mlp_biases && mlp_of.pruned(&writer.weight) => {
+                        let dtype = self.kept.get(&writer.weight).map_or(self.created, |&(_, t)| t);
+                        created_biases.push((k(i + 1), dtype));
+                    }
+                    None => {}
                 }
             }
             if groups[i] != groups[i + 1] {
@@ -238,22 +296,79 @@ impl Plan {
                 shortcut_parameters += k(i) * k(i + 1);
             }
         }
-        created.push(shortcut_parameters);
-        // The norms share one gain vector per stream width (`fuse::gain_tensor`).
-        let mut norm_widths = widths.clone();
-        norm_widths.sort_unstable();
-        norm_widths.dedup();
-        created.extend(norm_widths.iter().map(|&k| k as u64));
+        for (name, width) in &mlp_of.constants {
+            resize(name, *width as u64);
+        }
+        if fused {
+            created.push(shortcut_parameters);
+            // The norms share one gain vector per stream width (`fuse::gain_tensor`).
+            let mut norm_widths = widths.clone();
+            norm_widths.sort_unstable();
+            norm_widths.dedup();
+            created.extend(norm_widths.iter().map(|&k| k as u64));
+        }
         let element = |dtype: DataType| dtype.byte_size().unwrap_or(4) as u64;
         let mut after = Totals::default();
-        for &(n, dtype) in sizes.values().chain(self.added.iter()) {
+        let added: &[(u64, DataType)] = if fused { &self.added } else { &[] };
+        for &(n, dtype) in sizes.values().chain(added.iter()).chain(created_biases.iter()) {
             after.parameters += n;
             after.bytes += n * element(dtype);
         }
         let created: u64 = created.iter().sum();
         after.parameters += created;
         after.bytes += created * element(self.created);
-        Prediction { widths, shortcuts, shortcut_parameters, before: self.before, after }
+        Prediction {
+            widths,
+            mlp_widths: shape.mlp.clone(),
+            shortcuts,
+            shortcut_parameters,
+            before: self.before,
+            after,
+        }
+    }
+
+    /// The MLP weights, biases and per-neuron constants of `mlp`'s widths, by initializer name.
+    fn mlp_roles(&self, mlp: &[usize]) -> MlpRoles {
+        let mut roles = MlpRoles::default();
+        for (block, &width) in self.layout.blocks.iter().zip(mlp) {
+            let Ok(m) = &block.mlp else { continue };
+            let pruned = width < m.width;
+            for &r in &m.readers {
+                roles.weights.insert(self.layout.linear(r).weight.clone(), (width, pruned));
+            }
+            roles.weights.insert(self.layout.linear(m.writer).weight.clone(), (width, pruned));
+            roles.constants.extend(m.neuron_constants.iter().map(|c| (c.clone(), width)));
+        }
+        roles
+    }
+}
+
+/// What a rewrite does to the model's shape, for [`Plan::predict`].
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// SliceGPT's stream width and basis group at every point (the norms fused, the stream
+    /// rotated); `None`: the stream and the norms are left as they are.
+    pub stream: Option<(Vec<usize>, Vec<usize>)>,
+    /// Every block's MLP width ([`Plan::mlp_widths`] where it is kept whole).
+    pub mlp: Vec<usize>,
+    /// A down projection without a bias gets one where its MLP loses neurons.
+    pub mlp_biases: bool,
+}
+
+#[derive(Default)]
+struct MlpRoles {
+    /// Reader and writer weights: (their MLP's width, whether it loses neurons).
+    weights: HashMap<String, (usize, bool)>,
+    constants: Vec<(String, usize)>,
+}
+
+impl MlpRoles {
+    fn width(&self, weight: &str) -> Option<usize> {
+        self.weights.get(weight).map(|&(w, _)| w)
+    }
+
+    fn pruned(&self, weight: &str) -> bool {
+        self.weights.get(weight).is_some_and(|&(_, p)| p)
     }
 }
 

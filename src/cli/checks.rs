@@ -160,6 +160,24 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
     Ok(())
 }
 
+/// SliceGPT's own flags are refused with another method: they would be silently ignored.
+fn slicegpt_only(args: &SliceArgs) -> Checked {
+    let given = [
+        ("--ratio", args.ratio.is_some()),
+        ("--slice-head", args.slice_head),
+        ("--center-embeddings", args.center_embeddings),
+        ("--save-rotations", args.save_rotations.is_some()),
+        ("--orientation", args.orientation != super::OrientationArg::Pca),
+    ];
+    match given.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(usage(format!(
+            "{flag} is SliceGPT's (--method slicegpt); --method neurons keeps the stream's width and takes --target-size \
+             or --target-params"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Every flag and path of a slicing command, checked before the model is loaded: the inputs
 /// exist and are files, the outputs can be written and overwrite no input (the tokenizer
 /// included). Whether text calibration has a tokenizer at all is checked by the library, once the
@@ -168,6 +186,19 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
 pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path>) -> Checked {
     if args.allocate_widths && args.dry_run {
         return Err(usage("--allocate-widths needs calibration, which --dry-run does not do"));
+    }
+    let target = args.target_size.is_some() || args.target_params.is_some();
+    match args.method {
+        super::MethodArg::Slicegpt if args.ratio.is_none() && !target => {
+            return Err(usage("give --ratio R (the share of the stream's width to remove) or a size target (--target-size, --target-params); see --help"));
+        }
+        super::MethodArg::Neurons => {
+            slicegpt_only(args)?;
+            if !target {
+                return Err(usage("--method neurons needs a size target: --target-size BYTES|N% or --target-params N"));
+            }
+        }
+        super::MethodArg::Slicegpt => {}
     }
     let mut inputs: Vec<(&str, &Path)> = vec![("MODEL", input)];
     inputs.extend(args.calib.iter().map(|p| ("--calib", p.as_path())));

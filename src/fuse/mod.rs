@@ -256,7 +256,7 @@ fn bias_initializer<'g>(graph: &'g Graph, linear: &Linear) -> Option<&'g Tensor>
 
 /// Gives a linear layer a bias: Gemm's C input, or an Add after a MatMul (which takes over the
 /// MatMul's output name, so every reader of the layer stays as it was).
-fn add_bias(graph: &mut Graph, namer: &mut Namer, linear: &Linear, mut bias: Tensor) {
+pub fn add_bias(graph: &mut Graph, namer: &mut Namer, linear: &Linear, mut bias: Tensor) {
     bias.name = namer.fresh(&format!("{}.bias", linear.weight));
     let Some(i) = graph.node_index_producing(&linear.output) else { return };
     if graph.nodes[i].is("Gemm") {

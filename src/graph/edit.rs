@@ -52,6 +52,23 @@ impl Graph {
         self.nodes.iter().position(|n| n.outputs.iter().any(|o| o == value))
     }
 
+    /// value_info entries for initializers and Constant outputs say nothing the tensors themselves
+    /// don't, and after a rewrite they would say it wrong (some exporters even declare them wrong):
+    /// the tensors' own dims are the truth.
+    pub fn forget_constant_shapes(&mut self) {
+        let mut constants: std::collections::HashSet<&str> =
+            self.initializers.iter().map(|t| t.name.as_str()).collect();
+        constants.extend(
+            self.nodes
+                .iter()
+                .filter(|n| n.is("Constant"))
+                .flat_map(|n| n.outputs.iter().map(String::as_str)),
+        );
+        let constants: std::collections::HashSet<String> =
+            constants.into_iter().map(String::from).collect();
+        self.value_info.retain(|v| !constants.contains(&v.name));
+    }
+
     /// How many node inputs (across all nodes) read `value`.
     pub fn use_count(&self, value: &str) -> usize {
         self.nodes.iter().flat_map(|n| n.inputs.iter()).filter(|i| *i == value).count()

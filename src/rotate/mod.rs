@@ -268,7 +268,7 @@ impl<'a> StreamEditor<'a> {
         if self.widths.iter().any(|&k| k != self.layout.width) {
             forget_stream_shapes(self.graph, self.layout);
         }
-        forget_constant_shapes(self.graph);
+        self.graph.forget_constant_shapes();
         cleanup(self.graph);
         toposort(self.graph)
     }
@@ -302,12 +302,26 @@ fn set_stream_width(
     width: usize,
     k: usize,
 ) -> Result<()> {
-    let Some(i) = graph.node_index_producing(&reshape.output) else { return Ok(()) };
+    set_reshape_width(graph, namer, &reshape.output, width, k)
+}
+
+/// Points the Reshape producing `output` at a shape whose last entry is `k` instead of `width`
+/// (a constant shape, the constant last piece of a Concat building it, or a shape computed at run
+/// time), copying any shape constant or Concat it edits: they may be shared with Reshapes that
+/// must keep `width`.
+pub fn set_reshape_width(
+    graph: &mut Graph,
+    namer: &mut Namer,
+    output: &str,
+    width: usize,
+    k: usize,
+) -> Result<()> {
+    let Some(i) = graph.node_index_producing(output) else { return Ok(()) };
     let shape = graph.nodes[i].inputs.get(1).cloned().unwrap_or_default();
     let fail = |why: &str| Error::Pass {
         pass: PASS,
         node: graph.nodes[i].name.clone(),
-        message: format!("cannot give this stream Reshape the width {k}: {why}"),
+        message: format!("cannot give this Reshape the width {k} instead of {width}: {why}"),
     };
     let index = GraphIndex::new(graph);
     if let Some(values) = index.constant_i64(&shape) {
@@ -322,7 +336,7 @@ fn set_stream_width(
                 graph.nodes[i].inputs[1] = name;
                 Ok(())
             }
-            None => Err(fail("its constant shape does not end with the stream width")),
+            None => Err(fail("its constant shape does not end with that width")),
         };
     }
     let Some(c) = index.producer_index(&shape).filter(|&c| graph.nodes[c].is("Concat")) else {
@@ -332,7 +346,7 @@ fn set_stream_width(
     let last = graph.nodes[c].inputs.last().cloned().unwrap_or_default();
     let last_values = match index.constant_i64(&last) {
         Some(values) => resized_last(&values, width, k)
-            .ok_or_else(|| fail("the last piece of its shape is not the stream width"))?,
+            .ok_or_else(|| fail("the last piece of its shape is not that width"))?,
         None if index.producer(&last).is_some_and(|n| n.is("Unsqueeze")) => vec![k as i64],
         None => {
             return Err(fail(
@@ -410,22 +424,4 @@ fn forget_stream_shapes(graph: &mut Graph, layout: &Layout) {
     values.extend(layout.stream_reshapes.iter().map(|r| r.output.as_str()));
     values.extend(layout.embeddings.iter().map(|e| e.output.as_str()));
     graph.value_info.retain(|v| !values.contains(v.name.as_str()));
-}
-
-/// value_info entries for initializers and Constant outputs say nothing the tensors themselves
-/// don't, and after rotation they would say it wrong (some exporters even declare them wrong):
-/// the tensors' own dims are the truth.
-fn forget_constant_shapes(graph: &mut Graph) {
-    let mut constants: std::collections::HashSet<&str> =
-        graph.initializers.iter().map(|t| t.name.as_str()).collect();
-    constants.extend(
-        graph
-            .nodes
-            .iter()
-            .filter(|n| n.is("Constant"))
-            .flat_map(|n| n.outputs.iter().map(String::as_str)),
-    );
-    let constants: std::collections::HashSet<String> =
-        constants.into_iter().map(String::from).collect();
-    graph.value_info.retain(|v| !constants.contains(&v.name));
 }

@@ -203,6 +203,7 @@ impl Method for SliceGpt {
             orientation,
             centered_embeddings: rewritten.centered_embeddings,
             calibration,
+            mlp_widths: None,
         })
     }
 }

@@ -49,6 +49,9 @@ pub struct Mlp {
     pub neuron_constants: Vec<String>,
     /// Reshapes on the way whose shape's last entry is F (`[B·S, F]` ⇄ `[B, S, F]`).
     pub reshapes: Vec<String>,
+    /// Every value of width F on the way (the readers' outputs to the activation): their declared
+    /// shapes change with the neurons kept.
+    pub values: Vec<String>,
 }
 
 /// One transformer block: one segment (parallel) or two (attention, then MLP).
@@ -256,10 +259,10 @@ fn mlp_behind(index: &GraphIndex<'_>, layout: &Layout, writer: LinearRef) -> Res
             down.output
         ));
     }
-    check_contained(index, &path, &readers, layout, down_node)?;
+    let values = check_contained(index, &path, &readers, layout, down_node)?;
     neuron_constants.sort();
     neuron_constants.dedup();
-    Ok(Mlp { segment, readers, activation, writer, width, neuron_constants, reshapes })
+    Ok(Mlp { segment, readers, activation, writer, width, neuron_constants, reshapes, values })
 }
 
 /// Every reader's last output (after its bias Add), by reference.
@@ -278,14 +281,14 @@ fn reader_outputs(layout: &Layout, segment: usize) -> Vec<(LinearRef, String)> {
 }
 
 /// Nothing but the MLP's own nodes (and its down projection) reads the values on its way: removing
-/// a neuron must change nothing else.
+/// a neuron must change nothing else. Returns those values.
 fn check_contained(
     index: &GraphIndex<'_>,
     path: &HashSet<usize>,
     readers: &[LinearRef],
     layout: &Layout,
     down: &Node,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     let mut values: Vec<String> =
         path.iter().flat_map(|&i| index.node(i).outputs.iter().cloned()).collect();
     for &r in readers {
@@ -316,5 +319,6 @@ fn check_contained(
             ));
         }
     }
-    Ok(())
+    values.sort();
+    Ok(values)
 }

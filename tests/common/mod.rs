@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 
+pub mod checker;
 pub mod cli;
 pub mod reference;
 
