@@ -232,7 +232,8 @@ fn prune(
         let mut moments = [Moments::new(&mlp.activation, mlp.width)];
         run.run(graph, Some(s), Some(&stream), &full, None, &mut moments)?;
         let started = Instant::now();
-        errors[b] = keep_best_neurons(graph, layout, mlp, widths[b], &moments[0], finished)?;
+        let [moments] = moments;
+        errors[b] = keep_best_neurons(graph, layout, mlp, widths[b], moments, finished)?;
         run.timings.rotate_seconds += started.elapsed().as_secs_f64();
         if s + 1 < segments {
             stream = run.run(graph, Some(s), Some(&stream), &full, None, &mut [])?;
@@ -248,7 +249,7 @@ fn keep_best_neurons(
     layout: &Layout,
     mlp: &Mlp,
     k: usize,
-    moments: &Moments,
+    moments: Moments,
     finished: &mut dyn crate::graph::TensorSink,
 ) -> Result<f64> {
     let stats = statistics(moments);
@@ -256,17 +257,14 @@ fn keep_best_neurons(
     let scores = fit::leverage(&stats, what)?;
     let keep = fit::top(&scores, k);
     let (w, b) = down_projection(graph, layout, mlp)?;
-    let refit = fit::refit(&stats, w.as_ref(), &b, &keep, what)?;
+    let refit = fit::refit(stats, w.as_ref(), &b, &keep, what)?;
     edit::keep_neurons(graph, layout, mlp, &keep, &refit, true, finished)?;
     Ok(refit.relative_error)
 }
 
-fn statistics(moments: &Moments) -> fit::Statistics {
-    fit::Statistics {
-        gram: moments.gram.matrix(),
-        sum: moments.sum.clone(),
-        tokens: moments.gram.tokens() as f64,
-    }
+fn statistics(moments: Moments) -> fit::Statistics {
+    let tokens = moments.gram.tokens() as f64;
+    fit::Statistics { gram: moments.gram.into_matrix(), sum: moments.sum, tokens }
 }
 
 /// The down projection's logical `[F, out]` weight and its bias (zeros when it has none), in f64.
@@ -322,11 +320,12 @@ fn allocated_widths(
         let mut moments = [Moments::new(&mlp.activation, mlp.width)];
         stream = run.run(graph, Some(s), Some(&stream), &full, None, &mut moments)?;
         let started = Instant::now();
-        let stats = statistics(&moments[0]);
+        let [moments] = moments;
+        let stats = statistics(moments);
         let what = &layout.linear(mlp.writer).node_name;
         let order = fit::order(&fit::leverage(&stats, what)?);
         let (w, b) = down_projection(graph, layout, mlp)?;
-        let error = fit::error_curve(&stats, w.as_ref(), &b, &order, what)?;
+        let error = fit::error_curve(stats, w.as_ref(), &b, &order, what)?;
         let scale = stream_energy(&stream, run.batches);
         curves.push(allocate::Curve { error, scale });
         run.timings.pca_seconds += started.elapsed().as_secs_f64();
