@@ -138,9 +138,9 @@ fn centre(stats: &mut Statistics, w: MatRef<'_, f64>, b: &[f64]) -> Target {
     let mean: Vec<f64> = stats.sum.iter().map(|s| s / n).collect();
     let mean_output: Vec<f64> =
         (0..w.ncols()).map(|o| b[o] + (0..f).map(|i| mean[i] * w[(i, o)]).sum::<f64>()).collect();
-    for j in 0..f {
+    for (j, mean_j) in mean.iter().enumerate() {
         for i in 0..f {
-            stats.gram[(i, j)] -= stats.sum[i] * mean[j];
+            stats.gram[(i, j)] -= stats.sum[i] * mean_j;
         }
     }
     let cw = stats.gram.as_ref() * w;
