@@ -21,7 +21,7 @@ use onnx_slice::pipeline::{self, CalibrationData, MethodOptions, Notice};
 use onnx_slice::runtime::{Ep, LogLevel};
 use onnx_slice::size::Budget;
 use onnx_slice::slicegpt::{BasisMode, Orientation, SliceGpt};
-use onnx_slice::Neurons;
+use onnx_slice::{Combined, Neurons};
 
 const SLICE_EXAMPLES: &str = "\
 Examples:
@@ -128,10 +128,15 @@ struct SliceArgs {
     #[arg(long, default_value_t = SliceGpt::default().basis)]
     basis: BasisMode,
     /// How to compress: slicegpt (SliceGPT: the residual stream rotated and cut to fewer
-    /// dimensions; --ratio or a target) or neurons (the stream keeps its width, every MLP keeps its
-    /// most needed neurons and its down projection is refit; a target only).
+    /// dimensions; --ratio or a target), neurons (the stream keeps its width, every MLP keeps its
+    /// most needed neurons and its down projection is refit; a target only) or combined (SliceGPT
+    /// on a small share of the stream, then neurons; a target only).
     #[arg(long, value_enum, default_value_t = MethodArg::Slicegpt)]
     method: MethodArg,
+    /// With --method combined: the share of the stream's width SliceGPT removes before the MLPs
+    /// lose neurons for the rest of the target.
+    #[arg(long, value_name = "R", default_value_t = Combined::default().stream_ratio)]
+    stream_ratio: f64,
     /// Print the widths, parameters and bytes the command would write, without calibrating or
     /// writing anything.
     #[arg(long)]
@@ -215,6 +220,7 @@ struct SliceArgs {
 enum MethodArg {
     Slicegpt,
     Neurons,
+    Combined,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -429,6 +435,10 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
         MethodArg::Neurons => {
             MethodOptions::Neurons(Neurons { allocate_widths: args.allocate_widths })
         }
+        MethodArg::Combined => MethodOptions::Combined(Combined {
+            stream_ratio: args.stream_ratio,
+            allocate_widths: args.allocate_widths,
+        }),
     };
     pipeline::Options {
         method,

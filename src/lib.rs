@@ -2,7 +2,7 @@
 //! ONNX models: SliceGPT (the residual stream rotated and sliced) and methods that keep its width.
 //!
 //! What a caller needs is at the crate's root: [`slice`] (and [`plan`], what it would write)
-//! with [`Options`], choosing a method in [`MethodOptions`] ([`SliceGpt`], [`Neurons`]); the [`Report`] or
+//! with [`Options`], choosing a method in [`MethodOptions`] ([`SliceGpt`], [`Neurons`], [`Combined`]); the [`Report`] or
 //! [`DryRun`] they return; [`Error`]; and [`inspect_model`] to describe a model. The command
 //! line (`onnx-slice`) is one call of [`slice`].
 //!
@@ -16,6 +16,8 @@ pub mod algebra;
 pub mod analysis;
 #[doc(hidden)]
 pub mod calibrate;
+#[doc(hidden)]
+pub mod combined;
 pub mod error;
 #[doc(hidden)]
 pub mod eval;
@@ -58,6 +60,7 @@ pub mod slicegpt;
 #[doc(hidden)]
 pub mod structure;
 
+pub use combined::Combined;
 pub use error::{Error, Result};
 pub use inspect::{LayoutSummary, ModelSummary};
 pub use neurons::Neurons;

@@ -14,6 +14,7 @@ use sha2::Digest as _;
 use crate::analysis::{self, Analysis};
 use crate::calibrate::data::{self, CalibrationSet};
 use crate::calibrate::Settings;
+use crate::combined::Combined;
 use crate::error::{Error, Result};
 use crate::export::{self, Destination};
 use crate::files::ScratchScope;
@@ -34,6 +35,8 @@ pub enum MethodOptions {
     SliceGpt(SliceGpt),
     /// The stream keeps its width; MLP neurons are removed and the down projections refit.
     Neurons(Neurons),
+    /// SliceGPT with one global basis at a mild ratio, then neurons, under one budget.
+    Combined(Combined),
 }
 
 impl Default for MethodOptions {
@@ -143,6 +146,7 @@ impl Options {
         match &self.method {
             MethodOptions::SliceGpt(m) => m.check(self.target.as_ref())?,
             MethodOptions::Neurons(m) => m.check(self.target.as_ref())?,
+            MethodOptions::Combined(m) => m.check(self.target.as_ref())?,
         }
         at_least_one("calib_samples", self.calib_samples)?;
         at_least_one("calib_seqlen", self.calib_seqlen)?;
@@ -230,6 +234,7 @@ pub fn plan(input: &Path, options: &Options) -> Result<DryRun> {
     match &options.method {
         MethodOptions::SliceGpt(method) => dry_run(method, &source.model, options),
         MethodOptions::Neurons(method) => dry_run(method, &source.model, options),
+        MethodOptions::Combined(method) => dry_run(method, &source.model, options),
     }
 }
 
@@ -246,12 +251,13 @@ fn dry_run<M: Method>(method: &M, input: &Path, options: &Options) -> Result<Dry
         basis: match &options.method {
             MethodOptions::SliceGpt(m) => Some(m.basis),
             MethodOptions::Neurons(_) => None,
+            MethodOptions::Combined(_) => Some(BasisMode::Global),
         },
         shortcuts: predicted.shortcuts,
         shortcut_parameters: predicted.shortcut_parameters,
         mlp_widths: match &options.method {
             MethodOptions::SliceGpt(_) => None,
-            MethodOptions::Neurons(_) => Some((
+            MethodOptions::Neurons(_) | MethodOptions::Combined(_) => Some((
                 prepared
                     .analysis
                     .layout
@@ -265,6 +271,7 @@ fn dry_run<M: Method>(method: &M, input: &Path, options: &Options) -> Result<Dry
         allocated: match &options.method {
             MethodOptions::SliceGpt(m) => m.allocate_widths,
             MethodOptions::Neurons(m) => m.allocate_widths,
+            MethodOptions::Combined(m) => m.allocate_widths,
         },
     })
 }
@@ -306,6 +313,7 @@ pub fn slice(input: &Path, output: &Path, options: &Options) -> Result<Report> {
     match &options.method {
         MethodOptions::SliceGpt(method) => slice_with(method, input, output, options),
         MethodOptions::Neurons(method) => slice_with(method, input, output, options),
+        MethodOptions::Combined(method) => slice_with(method, input, output, options),
     }
 }
 

@@ -187,3 +187,35 @@ fn impossible_targets_and_slicegpt_flags_are_refused() {
         assert!(run.stderr.contains("neurons"), "{}", run.stderr);
     }
 }
+
+/// `combined` (SliceGPT's global basis on part of the stream, then neurons) on every family: the
+/// predicted size is the written one, the stream and the MLPs are both narrower, and the model
+/// runs with the input's interface.
+#[test]
+fn combined_slices_the_stream_and_removes_neurons_on_every_family() {
+    let dir = scratch();
+    let mut failures = Vec::new();
+    for arch in common::ARCHS {
+        let path = fixture(&format!("{arch}/optimum/model.onnx"));
+        let out = dir.path().join(format!("{arch}.onnx"));
+        let options = Options {
+            method: MethodOptions::Combined(onnx_slice::Combined {
+                stream_ratio: 0.1,
+                allocate_widths: false,
+            }),
+            ..options(Budget::BytesFraction(0.8), false, "optimum")
+        };
+        let planned = onnx_slice::plan(&path, &options).unwrap();
+        let report =
+            onnx_slice::slice(&path, &out, &options).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(report.method, "combined");
+        assert_eq!(report.weight_bytes_after, planned.after.bytes, "{arch}");
+        assert_eq!(report.widths, planned.widths, "{arch}");
+        assert!(report.widths[0] < 64, "{arch}: the stream is sliced");
+        let (before, after) = planned.mlp_widths.clone().unwrap();
+        assert_eq!(report.mlp_widths.as_ref(), Some(&after), "{arch}");
+        assert!(after.iter().zip(&before).all(|(a, b)| a <= b), "{arch}");
+        check_runs(&path, &out, arch, "optimum", &mut failures);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -161,7 +161,7 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
 }
 
 /// SliceGPT's own flags are refused with another method: they would be silently ignored.
-fn slicegpt_only(args: &SliceArgs) -> Checked {
+fn slicegpt_only(args: &SliceArgs, method: &str) -> Checked {
     let given = [
         ("--ratio", args.ratio.is_some()),
         ("--slice-head", args.slice_head),
@@ -171,8 +171,7 @@ fn slicegpt_only(args: &SliceArgs) -> Checked {
     ];
     match given.iter().find(|(_, given)| *given) {
         Some((flag, _)) => Err(usage(format!(
-            "{flag} is SliceGPT's (--method slicegpt); --method neurons keeps the stream's width and takes --target-size \
-             or --target-params"
+            "{flag} is SliceGPT's (--method slicegpt); --method {method} takes --target-size or --target-params"
         ))),
         None => Ok(()),
     }
@@ -192,10 +191,11 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
         super::MethodArg::Slicegpt if args.ratio.is_none() && !target => {
             return Err(usage("give --ratio R (the share of the stream's width to remove) or a size target (--target-size, --target-params); see --help"));
         }
-        super::MethodArg::Neurons => {
-            slicegpt_only(args)?;
+        method @ (super::MethodArg::Neurons | super::MethodArg::Combined) => {
+            let name = if method == super::MethodArg::Neurons { "neurons" } else { "combined" };
+            slicegpt_only(args, name)?;
             if !target {
-                return Err(usage("--method neurons needs a size target: --target-size BYTES|N% or --target-params N"));
+                return Err(usage(format!("--method {name} needs a size target: --target-size BYTES|N% or --target-params N")));
             }
         }
         super::MethodArg::Slicegpt => {}

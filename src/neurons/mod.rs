@@ -76,43 +76,13 @@ impl Method for Neurons {
         budget: Option<&Budget>,
         round_to: usize,
     ) -> Result<(NeuronPlan, Prediction)> {
-        let mlps = mlps(&analysis.layout)?;
-        let full: Vec<usize> = mlps.iter().map(|m| m.width).collect();
-        let shape = |k: usize| Shape {
-            stream: None,
-            mlp: full.iter().map(|&f| k.min(f)).collect(),
-            mlp_biases: true,
-        };
+        let full: Vec<usize> = mlps(&analysis.layout)?.iter().map(|m| m.width).collect();
         let Some(budget) = budget else {
-            return Ok((
-                NeuronPlan { widths: full.clone(), allocate: false, round: round_to.max(1) },
-                sizes.predict(&shape(usize::MAX)),
-            ));
+            let shape = Shape { stream: None, mlp: full.clone(), mlp_biases: true };
+            return Ok((NeuronPlan::new(full, false, round_to), sizes.predict(&shape)));
         };
-        let round = round_to.max(1);
-        let widest = full.iter().copied().max().unwrap_or(0);
-        let mut candidates: Vec<usize> = (1..=widest / round).map(|m| m * round).collect();
-        if candidates.last() != Some(&widest) {
-            candidates.push(widest);
-        }
-        let limit = budget.limit(sizes.before);
-        let fits = |k: usize| budget.measure(sizes.predict(&shape(k)).after) <= limit;
-        let fitting = candidates.partition_point(|&k| fits(k));
-        if fitting == 0 {
-            let smallest = budget.measure(sizes.predict(&shape(candidates[0])).after);
-            return Err(Error::Budget {
-                message: format!(
-                    "no MLP width fits the target of {limit} {}: the narrowest ({} neurons per block, at --round-to {round}) \
-                     gives {smallest}; the neurons method keeps everything but the MLPs",
-                    budget.unit(),
-                    candidates[0]
-                ),
-            });
-        }
-        let k = candidates[fitting - 1];
-        let prediction = sizes.predict(&shape(k));
-        let widths = full.iter().map(|&f| k.min(f)).collect();
-        Ok((NeuronPlan { widths, allocate: self.allocate_widths, round }, prediction))
+        let (widths, prediction) = widest_fitting(sizes, None, &full, budget, round_to)?;
+        Ok((NeuronPlan::new(widths, self.allocate_widths, round_to), prediction))
     }
 
     fn apply(&self, plan: NeuronPlan, work: Work<'_>) -> Result<Applied> {
@@ -122,62 +92,146 @@ impl Method for Neurons {
             message: "the neurons method calibrates".into(),
         })?;
         let layout = &analysis.layout;
-        let mlps = mlps(layout)?;
-        let mut timings = Timings::default();
-        let mut ep = None;
-        let batches = calibrate::batches(&set, settings.batch)?;
-        let shell = Model { graph: Default::default(), ..model.clone() };
-        let graph = &mut model.graph;
-        let mut run = Runner::new(
-            &shell,
-            graph,
-            layout,
-            &settings,
-            &batches,
-            progress,
-            (&mut timings, &mut ep),
-        )?;
-        let context = |e: Error| Error::Context {
-            doing: format!("removing MLP neurons from {}", input.display()),
-            source: Box::new(e),
-        };
-        let widths = if plan.allocate {
-            allocated_widths(&mut run, graph, &mlps, &plan.widths, plan.round).map_err(context)?
-        } else {
-            plan.widths.clone()
-        };
-        let errors = prune(&mut run, graph, &mlps, &widths, finished).map_err(context)?;
-        graph.forget_constant_shapes();
-        crate::graph::cleanup(graph);
-        crate::graph::toposort(graph)?;
-        progress.finish_and_clear();
-        let tokens = batches.iter().map(Batch::real_tokens).sum();
-        let calibration = CalibrationRun { tokens, source: set.source.clone(), timings, ep };
+        let stream = vec![layout.width; layout.stream_points().len()];
+        let removed =
+            remove_neurons(model, layout, &stream, &set, &settings, progress, finished, &plan)
+                .map_err(|e| Error::Context {
+                    doing: format!("removing MLP neurons from {}", input.display()),
+                    source: Box::new(e),
+                })?;
         let points = layout.stream_points().len();
-        let full: Vec<String> = mlps.iter().map(|m| m.width.to_string()).collect();
-        let kept: Vec<String> = widths.iter().map(usize::to_string).collect();
-        let errors: Vec<String> = errors.iter().map(|e| format!("{e:.4}")).collect();
         Ok(Applied {
             stream_width: layout.width,
-            widths: vec![layout.width; points],
+            widths: stream,
             groups: (0..points).collect(),
             blocks: layout.block_count(),
             ratio: 0.0,
             slice_head: false,
             basis: None,
-            orientation: format!("none ({} calibration tokens)", calibration.tokens),
-            metadata: vec![
-                ("method".into(), self.name().into()),
-                ("stream_width".into(), layout.width.to_string()),
-                ("mlp_widths_before".into(), full.join(",")),
-                ("mlp_widths".into(), kept.join(",")),
-                ("mlp_relative_errors".into(), errors.join(",")),
-            ],
+            orientation: format!("none ({} calibration tokens)", removed.calibration.tokens),
+            metadata: [("method".to_string(), self.name().to_string())]
+                .into_iter()
+                .chain([("stream_width".to_string(), layout.width.to_string())])
+                .chain(removed.metadata())
+                .collect(),
             centered_embeddings: false,
-            calibration: Some(calibration),
-            mlp_widths: Some(widths),
+            calibration: Some(removed.calibration),
+            mlp_widths: Some(removed.widths),
         })
     }
+}
+
+impl NeuronPlan {
+    /// Keeps `widths` (one per block), allocated anew under the same total when `allocate`.
+    pub fn new(widths: Vec<usize>, allocate: bool, round: usize) -> Self {
+        NeuronPlan { widths, allocate, round: round.max(1) }
+    }
+
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
+    }
+}
+
+/// What [`remove_neurons`] did.
+pub struct Removed {
+    /// Every block's MLP width before and after.
+    pub before: Vec<usize>,
+    pub widths: Vec<usize>,
+    /// Every block's refit error relative to its MLP's output energy (0 where it kept all).
+    pub errors: Vec<f64>,
+    pub calibration: CalibrationRun,
+}
+
+impl Removed {
+    /// The `onnx_slice.*` metadata entries of the MLP widths and errors.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let errors: Vec<String> = self.errors.iter().map(|e| format!("{e:.4}")).collect();
+        vec![
+            ("mlp_widths_before".into(), list(&self.before)),
+            ("mlp_widths".into(), list(&self.widths)),
+            ("mlp_relative_errors".into(), errors.join(",")),
+        ]
+    }
+}
+
+/// Removes MLP neurons from `model` as `plan` says, calibrating on `set`: the layout's stream
+/// has the widths `stream` at its points (D everywhere, or what SliceGPT left).
+#[allow(clippy::too_many_arguments)]
+pub fn remove_neurons(
+    model: &mut Model,
+    layout: &Layout,
+    stream: &[usize],
+    set: &crate::calibrate::data::CalibrationSet,
+    settings: &crate::calibrate::Settings,
+    progress: &indicatif::ProgressBar,
+    finished: &mut dyn crate::graph::TensorSink,
+    plan: &NeuronPlan,
+) -> Result<Removed> {
+    let mlps = mlps(layout)?;
+    let mut timings = Timings::default();
+    let mut ep = None;
+    let batches = calibrate::batches(set, settings.batch)?;
+    let shell = Model { graph: Default::default(), ..model.clone() };
+    let graph = &mut model.graph;
+    let mut run =
+        Runner::new(&shell, graph, layout, settings, &batches, progress, (&mut timings, &mut ep))?;
+    let widths = if plan.allocate {
+        allocated_widths(&mut run, graph, &mlps, stream, &plan.widths, plan.round)?
+    } else {
+        plan.widths.clone()
+    };
+    let errors = prune(&mut run, graph, &mlps, stream, &widths, finished)?;
+    graph.forget_constant_shapes();
+    crate::graph::cleanup(graph);
+    crate::graph::toposort(graph)?;
+    progress.finish_and_clear();
+    let tokens = batches.iter().map(Batch::real_tokens).sum();
+    Ok(Removed {
+        before: mlps.iter().map(|m| m.width).collect(),
+        widths,
+        errors,
+        calibration: CalibrationRun { tokens, source: set.source.clone(), timings, ep },
+    })
+}
+
+/// The widest MLP width (the same in every block, a multiple of `round_to`) whose output fits
+/// `budget`, with the stream as `stream` leaves it (SliceGPT's widths and groups, or untouched).
+pub fn widest_fitting(
+    sizes: &Plan,
+    stream: Option<(Vec<usize>, Vec<usize>)>,
+    full: &[usize],
+    budget: &Budget,
+    round_to: usize,
+) -> Result<(Vec<usize>, Prediction)> {
+    let shape = |k: usize| Shape {
+        stream: stream.clone(),
+        mlp: full.iter().map(|&f| k.min(f)).collect(),
+        mlp_biases: true,
+    };
+    let round = round_to.max(1);
+    let widest = full.iter().copied().max().unwrap_or(0);
+    let mut candidates: Vec<usize> = (1..=widest / round).map(|m| m * round).collect();
+    if candidates.last() != Some(&widest) {
+        candidates.push(widest);
+    }
+    let limit = budget.limit(sizes.before);
+    let fits = |k: usize| budget.measure(sizes.predict(&shape(k)).after) <= limit;
+    let fitting = candidates.partition_point(|&k| fits(k));
+    if fitting == 0 {
+        let smallest = budget.measure(sizes.predict(&shape(candidates[0])).after);
+        return Err(Error::Budget {
+            message: format!(
+                "no MLP width fits the target of {limit} {}: the narrowest ({} neurons per block, at --round-to {round}) \
+                 gives {smallest}",
+                budget.unit(),
+                candidates[0]
+            ),
+        });
+    }
+    let k = candidates[fitting - 1];
+    let prediction = sizes.predict(&shape(k));
+    Ok((full.iter().map(|&f| k.min(f)).collect(), prediction))
 }
 
 /// Every block's MLP, or detection's word on the first block without one.
@@ -211,32 +265,32 @@ fn prune(
     run: &mut Runner<'_>,
     graph: &mut Graph,
     mlps: &[Mlp],
+    full: &[usize],
     widths: &[usize],
     finished: &mut dyn crate::graph::TensorSink,
 ) -> Result<Vec<f64>> {
     let layout = run.layout;
-    let full = vec![layout.width; layout.stream_points().len()];
     run.progress.set_length((run.batches.len() * runs(layout, mlps, widths)) as u64);
-    let mut stream = run.run(graph, None, None, &full, None, &mut [])?;
+    let mut stream = run.run(graph, None, None, full, None, &mut [])?;
     let mut errors = vec![0.0; mlps.len()];
     let segments = layout.segments.len();
     for s in 0..segments {
         let pruned = mlps.iter().zip(widths).position(|(m, &k)| m.segment == s && k < m.width);
         let Some(b) = pruned else {
             if s + 1 < segments {
-                stream = run.run(graph, Some(s), Some(&stream), &full, None, &mut [])?;
+                stream = run.run(graph, Some(s), Some(&stream), full, None, &mut [])?;
             }
             continue;
         };
         let mlp = &mlps[b];
         let mut moments = [Moments::new(&mlp.activation, mlp.width)];
-        run.run(graph, Some(s), Some(&stream), &full, None, &mut moments)?;
+        run.run(graph, Some(s), Some(&stream), full, None, &mut moments)?;
         let started = Instant::now();
         let [moments] = moments;
         errors[b] = keep_best_neurons(graph, layout, mlp, widths[b], moments, finished)?;
         run.timings.rotate_seconds += started.elapsed().as_secs_f64();
         if s + 1 < segments {
-            stream = run.run(graph, Some(s), Some(&stream), &full, None, &mut [])?;
+            stream = run.run(graph, Some(s), Some(&stream), full, None, &mut [])?;
         }
     }
     Ok(errors)
@@ -304,21 +358,21 @@ fn allocated_widths(
     run: &mut Runner<'_>,
     graph: &Graph,
     mlps: &[Mlp],
+    full: &[usize],
     uniform: &[usize],
     round: usize,
 ) -> Result<Vec<usize>> {
     let layout = run.layout;
-    let full = vec![layout.width; layout.stream_points().len()];
     run.progress.set_length((run.batches.len() * (1 + layout.segments.len())) as u64);
-    let mut stream = run.run(graph, None, None, &full, None, &mut [])?;
+    let mut stream = run.run(graph, None, None, full, None, &mut [])?;
     let mut curves = Vec::with_capacity(mlps.len());
     for s in 0..layout.segments.len() {
         let Some(mlp) = mlps.iter().find(|m| m.segment == s) else {
-            stream = run.run(graph, Some(s), Some(&stream), &full, None, &mut [])?;
+            stream = run.run(graph, Some(s), Some(&stream), full, None, &mut [])?;
             continue;
         };
         let mut moments = [Moments::new(&mlp.activation, mlp.width)];
-        stream = run.run(graph, Some(s), Some(&stream), &full, None, &mut moments)?;
+        stream = run.run(graph, Some(s), Some(&stream), full, None, &mut moments)?;
         let started = Instant::now();
         let [moments] = moments;
         let stats = statistics(moments);
