@@ -3,7 +3,7 @@
 //! onnxruntime-genai's `Model(folder)`, generating greedily from fixed prompt ids
 //! (`tests/clients/generate.py`, in the venv `scripts/setup-clients.sh` makes). At ratio 0 the
 //! output folder must generate the tokens the original folder generates; a sliced one (ratio 0.25)
-//! must load and generate. The folders' side files must come out byte for byte, the external data
+//! and one with MLP neurons removed (`--method neurons`) must load and generate. The folders' side files must come out byte for byte, the external data
 //! under each family's name, and the input folder must not change.
 mod common;
 
@@ -118,9 +118,9 @@ fn generate(jobs: &[(Client, &Path)]) -> Vec<Vec<i64>> {
     tokens
 }
 
-/// Slices `case`'s fixture folder into `out` with the given width options and PCA calibration on
-/// the fixtures' text (genai folders carry no tokenizer: the checkpoint's is given).
-fn slice_folder(case: &Case, out: &Path, ratio: &str) {
+/// Slices `case`'s fixture folder into `out` with the given method flags and calibration on the
+/// fixtures' text (genai folders carry no tokenizer: the checkpoint's is given).
+fn slice_folder(case: &Case, out: &Path, how: &[&str]) {
     let input = fixture(case.fixture);
     let arch = case.fixture.split('/').next().unwrap();
     let tokenizer = fixture(&format!("_hf/{arch}/tokenizer.json"));
@@ -128,8 +128,6 @@ fn slice_folder(case: &Case, out: &Path, ratio: &str) {
         input.display().to_string(),
         "-o".into(),
         out.display().to_string(),
-        "--ratio".into(),
-        ratio.into(),
         "--calib".into(),
         fixture("calibration.txt").display().to_string(),
         "--tokenizer".into(),
@@ -140,7 +138,7 @@ fn slice_folder(case: &Case, out: &Path, ratio: &str) {
         "64".into(),
         "--quiet".into(),
     ];
-    args.extend(case.extra.iter().map(|s| s.to_string()));
+    args.extend(how.iter().chain(case.extra).map(|s| s.to_string()));
     let before = snapshot(&input);
     let run = onnx_slice(&args);
     assert_eq!(run.code, Some(0), "{}: {}", case.fixture, run.stderr);
@@ -179,7 +177,7 @@ fn folders_sliced_at_ratio_0_generate_the_originals_tokens_in_their_clients() {
     let mut jobs: Vec<(Client, PathBuf)> = Vec::new();
     for (i, case) in EXACT.iter().enumerate() {
         let out = dir.path().join(format!("{i}-{}", case.fixture.replace('/', "-")));
-        slice_folder(case, &out, "0");
+        slice_folder(case, &out, &["--ratio", "0"]);
         check_folder_contents(case, &out);
         jobs.push((case.client, fixture(case.fixture)));
         jobs.push((case.client, out));
@@ -196,29 +194,38 @@ fn folders_sliced_at_ratio_0_generate_the_originals_tokens_in_their_clients() {
     }
 }
 
+/// Sliced by SliceGPT (a quarter of the stream) and by `neurons` (85 % of the weight bytes), the
+/// folders load and generate in their clients (one python process for all of them).
 #[test]
-fn folders_sliced_at_ratio_0_25_load_and_generate_in_their_clients() {
+fn folders_sliced_or_with_neurons_removed_load_and_generate_in_their_clients() {
     let dir = scratch();
-    let outs: Vec<PathBuf> = SLICED
-        .iter()
-        .enumerate()
-        .map(|(i, case)| {
-            let out = dir.path().join(format!("{i}-{}", case.fixture.replace('/', "-")));
-            slice_folder(case, &out, "0.25");
-            check_folder_contents(case, &out);
-            let inspect = onnx_slice(["inspect", out.to_str().unwrap()]);
-            assert!(
-                inspect.stdout.contains("ratio 0.25, stream width 64, widths 48,48,48,48"),
-                "{}",
-                inspect.stdout
-            );
-            out
-        })
-        .collect();
-    let jobs: Vec<(Client, &Path)> =
-        SLICED.iter().zip(&outs).map(|(case, out)| (case.client, out.as_path())).collect();
-    for (case, tokens) in SLICED.iter().zip(generate(&jobs)) {
-        assert_eq!(tokens.len(), NEW_TOKENS, "{}: {tokens:?}", case.fixture);
-        assert!(tokens.iter().all(|&t| (0..1000).contains(&t)), "{}: {tokens:?}", case.fixture);
+    let mut jobs: Vec<(Client, PathBuf, &str)> = Vec::new();
+    for (i, case) in SLICED.iter().enumerate() {
+        let out = dir.path().join(format!("{i}-{}", case.fixture.replace('/', "-")));
+        slice_folder(case, &out, &["--ratio", "0.25"]);
+        check_folder_contents(case, &out);
+        let inspect = onnx_slice(["inspect", out.to_str().unwrap()]);
+        assert!(
+            inspect.stdout.contains("ratio 0.25, stream width 64, widths 48,48,48,48"),
+            "{}",
+            inspect.stdout
+        );
+        jobs.push((case.client, out, case.fixture));
+        let out = dir.path().join(format!("{i}-{}-neurons", case.fixture.replace('/', "-")));
+        slice_folder(case, &out, &["--method", "neurons", "--target-size", "85%"]);
+        check_folder_contents(case, &out);
+        let inspect = onnx_slice(["inspect", out.to_str().unwrap()]);
+        assert!(
+            inspect.stdout.contains("method neurons") && inspect.stdout.contains("mlp widths"),
+            "{}",
+            inspect.stdout
+        );
+        jobs.push((case.client, out, case.fixture));
+    }
+    let borrowed: Vec<(Client, &Path)> = jobs.iter().map(|(c, p, _)| (*c, p.as_path())).collect();
+    for ((_, out, fixture), tokens) in jobs.iter().zip(generate(&borrowed)) {
+        let what = format!("{fixture} as {}", out.display());
+        assert_eq!(tokens.len(), NEW_TOKENS, "{what}: {tokens:?}");
+        assert!(tokens.iter().all(|&t| (0..1000).contains(&t)), "{what}: {tokens:?}");
     }
 }

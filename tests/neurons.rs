@@ -219,3 +219,39 @@ fn combined_slices_the_stream_and_removes_neurons_on_every_family() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// float16 models stay float16 (the refit weights and the created biases too) and run; bfloat16
+/// ones, which ONNX Runtime's CPU provider cannot calibrate, are refused before any work.
+#[test]
+fn float16_models_keep_their_type_and_bfloat16_ones_are_refused() {
+    let dir = scratch();
+    for arch in common::ARCHS {
+        let path = fixture(&format!("lowp/{arch}/optimum_fp16/model.onnx"));
+        let out = dir.path().join(format!("{arch}.onnx"));
+        onnx_slice::slice(&path, &out, &options(Budget::BytesFraction(0.85), false, "optimum"))
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let model = onnx_slice::onnx::load(&out).unwrap();
+        let wide: Vec<&str> = model
+            .graph
+            .initializers
+            .iter()
+            .filter(|t| !t.dims.is_empty() && t.numel() >= 64)
+            .filter(|t| t.dtype != onnx_slice::graph::DataType::Float16)
+            .filter(|t| {
+                t.dtype.byte_size().is_some()
+                    && !matches!(t.dtype, onnx_slice::graph::DataType::Int64)
+            })
+            .map(|t| t.name.as_str())
+            .collect();
+        assert!(wide.is_empty(), "{arch}: tensors not float16: {wide:?}");
+        let mut failures = Vec::new();
+        check_runs(&path, &out, arch, "optimum", &mut failures);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    let bf16 = fixture("lowp/llama/optimum_bf16/model.onnx");
+    let options = options(Budget::BytesFraction(0.85), false, "optimum");
+    let error = onnx_slice::slice(&bf16, &dir.path().join("bf16.onnx"), &options).unwrap_err();
+    assert!(!dir.path().join("bf16.onnx").exists());
+    let root = error.root().to_string();
+    assert!(root.contains("bfloat16") && root.contains("float16 or float32"), "{root}");
+}

@@ -312,8 +312,9 @@ fn stream_dtype(graph: &Graph, layout: &Layout) -> Result<DataType> {
             pass: PASS,
             node: layout.embeddings[0].output.clone(),
             message: format!(
-                "PCA calibration runs float32 and float16 models; this one's stream is {} (ONNX Runtime's CPU provider has no kernels for \
-                 it): convert the model to float16 or float32 first, or use --orientation random|identity",
+                "calibration runs float32 and float16 models; this one's stream is {} (ONNX Runtime's CPU provider has no kernels for \
+                 it): convert the model to float16 or float32 first (SliceGPT can also rotate without calibration: --orientation \
+                 random-basis|identity)",
                 other.name()
             ),
         }),
