@@ -130,9 +130,10 @@ struct SliceArgs {
     /// How to compress: slicegpt (SliceGPT: the residual stream rotated and cut to fewer
     /// dimensions; --ratio or a target), neurons (the stream keeps its width, every MLP keeps its
     /// most needed neurons and its down projection is refit; a target only) or combined (SliceGPT
-    /// on a small share of the stream, then neurons; a target only).
-    #[arg(long, value_enum, default_value_t = MethodArg::Slicegpt)]
-    method: MethodArg,
+    /// on a small share of the stream, then neurons; a target only). Default: slicegpt with
+    /// --ratio or any of SliceGPT's own flags, else neurons (the best measured per byte).
+    #[arg(long, value_enum)]
+    method: Option<MethodArg>,
     /// With --method combined: the share of the stream's width SliceGPT removes before the MLPs
     /// lose neurons for the rest of the target.
     #[arg(long, value_name = "R", default_value_t = Combined::default().stream_ratio)]
@@ -214,6 +215,30 @@ struct SliceArgs {
     /// its information messages; -vvv: everything it logs).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Flags of SliceGPT's with defaults (--basis, --orientation, --seed) given on the command line.
+    #[arg(skip)]
+    slicegpt_flags_given: bool,
+}
+
+impl SliceArgs {
+    /// `--method`, or the default: SliceGPT for a ratio or when any of its own flags is given,
+    /// else the library's method for size targets.
+    fn method(&self) -> MethodArg {
+        let slicegpt = self.ratio.is_some()
+            || self.slicegpt_flags_given
+            || self.slice_head
+            || self.center_embeddings
+            || self.save_rotations.is_some();
+        match self.method {
+            Some(method) => method,
+            None if slicegpt => MethodArg::Slicegpt,
+            None => match MethodOptions::for_target() {
+                MethodOptions::SliceGpt(_) => MethodArg::Slicegpt,
+                MethodOptions::Neurons(_) => MethodArg::Neurons,
+                MethodOptions::Combined(_) => MethodArg::Combined,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -295,7 +320,11 @@ fn command_line() -> clap::Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    cli.slice.slicegpt_flags_given = ["basis", "orientation", "seed"].into_iter().any(given);
     remove_staged_outputs_on_signal();
     let result = match cli.command {
         Some(Command::Inspect(args)) => run_inspect(args),
@@ -364,6 +393,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
              the old name will go away"
         );
     }
+    checks::method_flags(&args)?;
     let options = slice_options(&args);
     options.check().map_err(flag_error)?;
     let output_file = args.output.as_deref().filter(|_| source.folder.is_none());
@@ -430,7 +460,7 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
         center_embeddings: args.center_embeddings,
         save_rotations: args.save_rotations.clone(),
     };
-    let method = match args.method {
+    let method = match args.method() {
         MethodArg::Slicegpt => MethodOptions::SliceGpt(slicegpt),
         MethodArg::Neurons => {
             MethodOptions::Neurons(Neurons { allocate_widths: args.allocate_widths })

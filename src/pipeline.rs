@@ -45,6 +45,14 @@ impl Default for MethodOptions {
     }
 }
 
+impl MethodOptions {
+    /// The method for a size target when none is chosen: the one that measured best per byte
+    /// (`neurons`; bench/README.md, "Methods"). A ratio is SliceGPT's.
+    pub fn for_target() -> Self {
+        MethodOptions::Neurons(Neurons::default())
+    }
+}
+
 /// What calibration reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum CalibrationData {

@@ -167,6 +167,9 @@ impl Report {
             totals(self.parameters_before, self.weight_bytes_before),
             totals(self.parameters_after, self.weight_bytes_after),
         );
+        if let Some(widths) = &self.mlp_widths {
+            out += &format!("MLP widths: {}\n", crate::inspect::width_list(widths));
+        }
         out += &format!("wrote {}", self.output);
         if let (Some(data), Some(len)) = (&self.external_data, self.external_data_bytes) {
             out.push_str(&format!(" and {data} ({} bytes)", crate::inspect::group_thousands(len)));

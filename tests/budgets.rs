@@ -118,23 +118,28 @@ fn target_size_is_met_on_every_family_and_dry_run_predicts_the_real_run() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Every method refuses a target it cannot meet (a target alone chooses `neurons`), with exit
+/// code 4 and nothing written.
 #[test]
 fn an_unreachable_target_fails_with_its_own_exit_code_and_writes_nothing() {
     let dir = scratch();
     for arch in ARCHS {
         let model = fixture(&format!("{arch}/optimum/model.onnx"));
         let out = dir.path().join(format!("{arch}.onnx"));
-        for target in
-            [["--target-size", "1000"], ["--target-params", "10"], ["--target-size", "1%"]]
-        {
-            let run = slice(&model, &out, &target);
-            assert_eq!(run.status.code(), Some(4), "{arch} {target:?}: {}", stderr(&run));
-            assert!(
-                stderr(&run).contains("no stream width fits the target"),
-                "{arch} {target:?}: {}",
-                stderr(&run)
-            );
-            assert!(!out.exists(), "{arch} {target:?}: an output file was written");
+        for (method, why) in [
+            (&[][..], "no MLP width fits the target"),
+            (&["--method", "slicegpt"][..], "no stream width fits the target"),
+            (&["--method", "combined"][..], "no MLP width fits the target"),
+        ] {
+            for target in
+                [["--target-size", "1000"], ["--target-params", "10"], ["--target-size", "1%"]]
+            {
+                let run = slice(&model, &out, &[&target[..], method].concat());
+                let case = format!("{arch} {target:?} {method:?}");
+                assert_eq!(run.status.code(), Some(4), "{case}: {}", stderr(&run));
+                assert!(stderr(&run).contains(why), "{case}: {}", stderr(&run));
+                assert!(!out.exists(), "{case}: an output file was written");
+            }
         }
     }
 }

@@ -160,6 +160,32 @@ pub fn at_least_one(flag: &str, value: usize) -> Checked {
     Ok(())
 }
 
+/// The method and its size: a ratio or a target, and only the flags of the method that runs;
+/// checked first, before the options' values.
+pub(super) fn method_flags(args: &SliceArgs) -> Checked {
+    if args.allocate_widths && args.dry_run {
+        return Err(usage("--allocate-widths needs calibration, which --dry-run does not do"));
+    }
+    let target = args.target_size.is_some() || args.target_params.is_some();
+    if !target && args.ratio.is_none() && args.method.is_none() {
+        return Err(usage("give --ratio R (SliceGPT: the share of the stream's width to remove) or a size target (--target-size, --target-params); see --help"));
+    }
+    match args.method() {
+        super::MethodArg::Slicegpt if args.ratio.is_none() && !target => {
+            return Err(usage("give --ratio R (the share of the stream's width to remove) or a size target (--target-size, --target-params); see --help"));
+        }
+        method @ (super::MethodArg::Neurons | super::MethodArg::Combined) => {
+            let name = if method == super::MethodArg::Neurons { "neurons" } else { "combined" };
+            slicegpt_only(args, name)?;
+            if !target {
+                return Err(usage(format!("--method {name} needs a size target: --target-size BYTES|N% or --target-params N")));
+            }
+        }
+        super::MethodArg::Slicegpt => {}
+    }
+    Ok(())
+}
+
 /// SliceGPT's own flags are refused with another method: they would be silently ignored.
 fn slicegpt_only(args: &SliceArgs, method: &str) -> Checked {
     let given = [
@@ -167,7 +193,7 @@ fn slicegpt_only(args: &SliceArgs, method: &str) -> Checked {
         ("--slice-head", args.slice_head),
         ("--center-embeddings", args.center_embeddings),
         ("--save-rotations", args.save_rotations.is_some()),
-        ("--orientation", args.orientation != super::OrientationArg::Pca),
+        ("--orientation, --basis or --seed", args.slicegpt_flags_given),
     ];
     match given.iter().find(|(_, given)| *given) {
         Some((flag, _)) => Err(usage(format!(
@@ -183,23 +209,6 @@ fn slicegpt_only(args: &SliceArgs, method: &str) -> Checked {
 /// model is known not to be refused anyway (an already sliced model).
 /// The values themselves are [`onnx_slice::pipeline::Options::check`]'s.
 pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path>) -> Checked {
-    if args.allocate_widths && args.dry_run {
-        return Err(usage("--allocate-widths needs calibration, which --dry-run does not do"));
-    }
-    let target = args.target_size.is_some() || args.target_params.is_some();
-    match args.method {
-        super::MethodArg::Slicegpt if args.ratio.is_none() && !target => {
-            return Err(usage("give --ratio R (the share of the stream's width to remove) or a size target (--target-size, --target-params); see --help"));
-        }
-        method @ (super::MethodArg::Neurons | super::MethodArg::Combined) => {
-            let name = if method == super::MethodArg::Neurons { "neurons" } else { "combined" };
-            slicegpt_only(args, name)?;
-            if !target {
-                return Err(usage(format!("--method {name} needs a size target: --target-size BYTES|N% or --target-params N")));
-            }
-        }
-        super::MethodArg::Slicegpt => {}
-    }
     let mut inputs: Vec<(&str, &Path)> = vec![("MODEL", input)];
     inputs.extend(args.calib.iter().map(|p| ("--calib", p.as_path())));
     inputs.extend(args.calib_ids.iter().map(|p| ("--calib-ids", p.as_path())));
