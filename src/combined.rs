@@ -149,8 +149,9 @@ impl Method for Combined {
         t.pca_seconds += first.pca_seconds;
         t.rotate_seconds += first.rotate_seconds;
         let orientation = format!("pca ({} calibration tokens)", calibration.tokens);
-        let mut metadata = vec![("method".to_string(), self.name().to_string())];
-        metadata.extend(slicegpt::rewrite::metadata_entries(&rewritten, &plan.dims, &orientation));
+        let mut metadata =
+            slicegpt::rewrite::metadata_entries(&rewritten, &plan.dims, &orientation);
+        metadata[0].1 = self.name().to_string();
         metadata.extend(removed.metadata());
         Ok(Applied {
             stream_width: rewritten.layout.width,

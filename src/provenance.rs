@@ -28,13 +28,19 @@ pub fn sliced_by(model: &Model) -> Option<BTreeMap<String, String>> {
     (!entries.is_empty()).then_some(entries)
 }
 
-/// One line for people: "onnx-slice 0.1.0 (orientation pca (…), ratio 0.25, widths 48,48,64, …)".
+/// One line for people: "onnx-slice 0.1.0 (method slicegpt, orientation pca (…), ratio 0.25, …)":
+/// the method first (models written before methods had no entry for it: SliceGPT's), then the
+/// rest by name.
 pub fn describe_slicing(entries: &BTreeMap<String, String>) -> String {
     let version = entries.get("version").map_or("?", String::as_str);
-    let details: Vec<String> = entries
-        .iter()
-        .filter(|(k, _)| *k != "version")
-        .map(|(k, v)| format!("{} {v}", k.replace('_', " ")))
+    let method = entries.get("method").map_or("slicegpt", String::as_str);
+    let details: Vec<String> = std::iter::once(format!("method {method}"))
+        .chain(
+            entries
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "version" | "method"))
+                .map(|(k, v)| format!("{} {v}", k.replace('_', " "))),
+        )
         .collect();
     format!("onnx-slice {version} ({})", details.join(", "))
 }

@@ -263,6 +263,7 @@ fn the_tool_knows_its_own_output() {
     );
     let json = onnx_slice(args(&[&"inspect", &sliced, &"--json"]));
     let json: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(json["model"]["sliced_by"]["method"], "slicegpt");
     assert_eq!(json["model"]["sliced_by"]["ratio"], "0.25");
     assert_eq!(json["model"]["sliced_by"]["stream_width"], "64");
     let original = onnx_slice(args(&[&"inspect", &model(), &"--json"]));

@@ -190,6 +190,7 @@ pub fn metadata_entries(
 ) -> Vec<(String, String)> {
     let widths: Vec<String> = rewritten.widths.iter().map(usize::to_string).collect();
     let mut entries: Vec<(String, String)> = [
+        ("method", "slicegpt".to_string()),
         ("ratio", dims.ratio.to_string()),
         ("stream_width", rewritten.layout.width.to_string()),
         ("widths", widths.join(",")),
