@@ -8,7 +8,8 @@
 #                built by ../shared/tools/smollm2/make_smollm2_onnx.sh
 #                (default ~/.cache/onnx-slice-models/smollm2/smollm2-onnx)
 #   TOOLS_DIR    the folder with calib_ids_n32.npy (default ../shared/tools/smollm2)
-# Environment: THREADS (ONNX Runtime's intra-op threads, default 1), REPS (rounds, default 5),
+# Environment: SET (bases or methods, below), THREADS (ONNX Runtime's intra-op threads, default 1),
+# REPS (rounds, default 5),
 # CLOCK (wall or cpu, default wall; cpu times the process's CPU seconds, for a shared machine),
 # EXPORTS (default "past": prefill runs with an empty cache there, decode needs it; add "plain" for
 # the export without KV cache), PROFILE=1, PYTHON (a python
@@ -40,14 +41,29 @@ scripts/setup-ort.sh >/dev/null
 cargo build --quiet --release --locked
 bin=target/release/onnx-slice
 
-# name|flags: the command line's defaults at ratio 0.25, then 75 % of the dense weight bytes with
-# each basis (the size-honest comparison: the same bytes, the width each basis affords).
-configs=(
-  "ratio0.25-global|--ratio 0.25"
-  "size75-global|--target-size 75% --basis global"
-  "size75-block|--target-size 75% --basis block"
-  "size75-point|--target-size 75% --basis point"
-)
+# name|flags. SET=bases (default): the command line's defaults at ratio 0.25, then 75 % of the
+# dense weight bytes with each basis (the size-honest comparison: the same bytes, the width each
+# basis affords). SET=methods: every method at 80 % and 75 % of the dense weight bytes.
+case "${SET:-bases}" in
+  bases)
+    configs=(
+      "ratio0.25-global|--ratio 0.25"
+      "size75-global|--target-size 75% --basis global"
+      "size75-block|--target-size 75% --basis block"
+      "size75-point|--target-size 75% --basis point"
+    ) ;;
+  methods)
+    configs=()
+    for size in 80 75; do
+      configs+=(
+        "size$size-slicegpt-global|--target-size $size% --method slicegpt --basis global"
+        "size$size-slicegpt-block-alloc|--target-size $size% --method slicegpt --basis block --allocate-widths"
+        "size$size-neurons|--target-size $size% --method neurons"
+        "size$size-combined|--target-size $size% --method combined"
+      )
+    done ;;
+  *) echo "speed.sh: SET is bases or methods" >&2; exit 2 ;;
+esac
 profile=()
 [ "${PROFILE:-0}" = 1 ] && profile=(--profile)
 for export in ${EXPORTS:-past}; do
