@@ -13,8 +13,8 @@
 # Configurations (name: flags):
 #   slicegpt-global:       --method slicegpt --basis global
 #   slicegpt-block-alloc:  --method slicegpt --basis block --allocate-widths
-#   neurons:               --method neurons
-#   neurons-alloc:         --method neurons --allocate-widths
+#   neurons:               --method neurons (widths allocated per block, the default)
+#   neurons-uniform:       --method neurons --uniform-widths
 #   combined:              --method combined
 set -euo pipefail
 default_table=methods
@@ -24,10 +24,10 @@ declare -A flags=(
   [slicegpt-global]="--method slicegpt --basis global"
   [slicegpt-block-alloc]="--method slicegpt --basis block --allocate-widths"
   [neurons]="--method neurons"
-  [neurons-alloc]="--method neurons --allocate-widths"
+  [neurons-uniform]="--method neurons --uniform-widths"
   [combined]="--method combined"
 )
-read -r -a configs <<< "${CONFIGS:-slicegpt-global slicegpt-block-alloc neurons neurons-alloc combined}"
+read -r -a configs <<< "${CONFIGS:-slicegpt-global slicegpt-block-alloc neurons neurons-uniform combined}"
 
 table_from_rows() {
   python3 - "$out/$table.rows" > "$out/$table.md" <<'PY'

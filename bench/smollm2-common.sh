@@ -10,7 +10,9 @@ read -r -a slice_flags <<< "${SLICE_FLAGS:-}"
 mkdir -p "$out"
 scripts/setup-ort.sh >/dev/null
 cargo build --quiet --release --locked
-bin=target/release/onnx-slice
+# A copy: a rebuild while a long benchmark runs must not change the binary under it.
+cp target/release/onnx-slice "$out/onnx-slice"
+bin="$out/onnx-slice"
 
 evaluate() { # model → JSON line with the perplexity
   "$bin" eval "$1" --ids "$tools/eval_ids_brown.npy" --ignore-id 2 --batch 4 --json

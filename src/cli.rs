@@ -142,11 +142,15 @@ struct SliceArgs {
     /// writing anything.
     #[arg(long)]
     dry_run: bool,
-    /// With a target: give each stream point (slicegpt) or each block's MLP (neurons) its own
-    /// width, from the unsliced model's spectra or errors (one more calibration pass), instead of
-    /// one width everywhere.
+    /// With a target and slicegpt: give each stream point its own width, from the unsliced
+    /// model's spectra (one more calibration pass), instead of one width everywhere. The neurons
+    /// and combined methods allocate their MLP widths this way by default (see --uniform-widths).
     #[arg(long)]
     allocate_widths: bool,
+    /// With neurons or combined: one MLP width in every block, instead of widths allocated from
+    /// each block's error on the unsliced model (within 25 % of the mean; one more calibration pass).
+    #[arg(long, conflicts_with = "allocate_widths")]
+    uniform_widths: bool,
     /// Round sliced widths down to a multiple of this.
     #[arg(long, default_value_t = pipeline::DEFAULT_ROUND_TO)]
     round_to: usize,
@@ -463,11 +467,11 @@ fn slice_options(args: &SliceArgs) -> pipeline::Options {
     let method = match args.method() {
         MethodArg::Slicegpt => MethodOptions::SliceGpt(slicegpt),
         MethodArg::Neurons => {
-            MethodOptions::Neurons(Neurons { allocate_widths: args.allocate_widths })
+            MethodOptions::Neurons(Neurons { allocate_widths: !args.uniform_widths })
         }
         MethodArg::Combined => MethodOptions::Combined(Combined {
             stream_ratio: args.stream_ratio,
-            allocate_widths: args.allocate_widths,
+            allocate_widths: !args.uniform_widths,
         }),
     };
     pipeline::Options {

@@ -6,7 +6,7 @@ use crate::analysis::Analysis;
 use crate::error::{Error, Result};
 use crate::graph::KeepInGraph;
 use crate::method::{Applied, Method, Work};
-use crate::neurons::{self, NeuronPlan};
+use crate::neurons::{self, NeuronPlan, Neurons};
 use crate::size::{Budget, Plan, Prediction};
 use crate::slicegpt::{self, BasisMode, Dimensions, PcaOptions};
 
@@ -26,7 +26,10 @@ pub const DEFAULT_STREAM_RATIO: f64 = 0.05;
 
 impl Default for Combined {
     fn default() -> Self {
-        Combined { stream_ratio: DEFAULT_STREAM_RATIO, allocate_widths: false }
+        Combined {
+            stream_ratio: DEFAULT_STREAM_RATIO,
+            allocate_widths: Neurons::default().allocate_widths,
+        }
     }
 }
 

@@ -166,6 +166,9 @@ pub(super) fn method_flags(args: &SliceArgs) -> Checked {
     if args.allocate_widths && args.dry_run {
         return Err(usage("--allocate-widths needs calibration, which --dry-run does not do"));
     }
+    if args.uniform_widths && args.method() == super::MethodArg::Slicegpt {
+        return Err(usage("--uniform-widths is for --method neurons and combined; SliceGPT's widths are uniform unless --allocate-widths"));
+    }
     let target = args.target_size.is_some() || args.target_params.is_some();
     if !target && args.ratio.is_none() && args.method.is_none() {
         return Err(usage("give --ratio R (SliceGPT: the share of the stream's width to remove) or a size target (--target-size, --target-params); see --help"));

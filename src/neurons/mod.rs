@@ -10,7 +10,7 @@
 //! `allocate_widths`, one pass over the unsliced model first gives every block's error curve,
 //! and the widths go where removing neurons costs least ([`allocate`]). Keeping every neuron is
 //! the identity. Norms, attention, embeddings and the head are not touched.
-mod allocate;
+pub mod allocate;
 pub mod edit;
 pub mod fit;
 
@@ -30,11 +30,18 @@ use crate::structure::{Bias, Layout, Mlp};
 const PASS: &str = "neurons";
 
 /// The `neurons` method's options.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Neurons {
-    /// A width per block from each block's reconstruction error (one more calibration pass),
-    /// instead of one width everywhere.
+    /// A width per block from each block's reconstruction error (one more calibration pass,
+    /// within [`allocate::BAND`] of the uniform width), instead of one width everywhere: lower
+    /// perplexity at every size measured (bench/README.md, "Methods"), hence the default.
     pub allocate_widths: bool,
+}
+
+impl Default for Neurons {
+    fn default() -> Self {
+        Neurons { allocate_widths: true }
+    }
 }
 
 /// The MLP widths the budget allows, one per block (uniform), and whether calibration allocates
@@ -385,7 +392,7 @@ fn allocated_widths(
         run.timings.pca_seconds += started.elapsed().as_secs_f64();
     }
     run.progress.reset();
-    Ok(allocate::allocate(&curves, uniform.iter().sum(), round))
+    Ok(allocate::allocate(&curves, uniform.iter().sum(), round, allocate::BAND))
 }
 
 /// `Σ ‖y_t‖²` over the real tokens of the stream.
