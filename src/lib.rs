@@ -48,6 +48,8 @@ pub mod pipeline;
 pub mod protobuf;
 #[doc(hidden)]
 pub mod provenance;
+#[doc(hidden)]
+pub mod quantizers;
 pub mod report;
 #[doc(hidden)]
 pub mod rotate;

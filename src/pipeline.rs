@@ -392,7 +392,10 @@ fn rewrite_and_save<M: Method>(
     if let Some(budget) = &options.target {
         budget.check(before.weights, crate::size::weight_totals(&model.graph))?;
     }
-    crate::provenance::record(&mut model, &applied.metadata);
+    let float_nodes = crate::quantizers::float_nodes(&model.graph);
+    let mut metadata = applied.metadata.clone();
+    metadata.extend(crate::quantizers::metadata_entry(&float_nodes));
+    crate::provenance::record(&mut model, &metadata);
     let saving = Instant::now();
     let saved = output.finish(&model)?;
     let save_seconds = saving.elapsed().as_secs_f64();
@@ -408,6 +411,8 @@ fn rewrite_and_save<M: Method>(
         save_seconds,
         started,
     );
+    report.shortcut_parameters = crate::quantizers::shortcut_parameters(&model.graph);
+    report.quantize_exclude = float_nodes;
     let calibration = applied.calibration.as_ref();
     report.target = options.target;
     report.target_limit = options.target.map(|b| b.limit(before.weights));

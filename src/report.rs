@@ -54,6 +54,9 @@ pub struct Report {
     pub parameters_after: u64,
     /// Of `parameters_after`: the k_a×k_b matrices on the residual skip paths.
     pub shortcut_parameters: u64,
+    /// The MatMuls to leave in float when quantizing the output (a quantizer's
+    /// `nodes_to_exclude`), each with its reason; also in the model's metadata.
+    pub quantize_exclude: Vec<crate::quantizers::FloatNode>,
     pub weight_bytes_before: u64,
     pub weight_bytes_after: u64,
     /// Bytes written: the model file and its external data file.
@@ -103,7 +106,6 @@ impl Report {
         save_seconds: f64,
         started: Instant,
     ) -> Self {
-        let shortcut_parameters = shortcut_parameters(&applied.widths, &applied.groups);
         let calibration = applied.calibration.as_ref();
         Report {
             schema_version: SCHEMA_VERSION,
@@ -129,7 +131,8 @@ impl Report {
             mlp_widths: applied.mlp_widths.clone(),
             parameters_before: before.weights.parameters,
             parameters_after: after.weights.parameters,
-            shortcut_parameters,
+            shortcut_parameters: 0,
+            quantize_exclude: Vec::new(),
             weight_bytes_before: before.weights.bytes,
             weight_bytes_after: after.weights.bytes,
             file_bytes_after: saved.model_bytes + saved.data_file.as_ref().map_or(0, |(_, n)| *n),
@@ -177,14 +180,4 @@ impl Report {
         out.push('\n');
         out
     }
-}
-
-/// One `k_p × k_{p+1}` matrix on the skip path of every segment whose ends have different bases.
-fn shortcut_parameters(widths: &[usize], groups: &[usize]) -> u64 {
-    widths
-        .windows(2)
-        .zip(groups.windows(2))
-        .filter(|(_, g)| g[0] != g[1])
-        .map(|(w, _)| (w[0] * w[1]) as u64)
-        .sum()
 }

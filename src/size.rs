@@ -14,6 +14,7 @@ use crate::algebra;
 use crate::analysis::Analysis;
 use crate::error::{Error, Result};
 use crate::graph::{DataType, Graph, Model};
+use crate::rotate::{extends_last_basis, SkipForm};
 use crate::structure::{self, Layout};
 
 /// Floating-point parameters and their bytes.
@@ -116,6 +117,8 @@ pub struct Plan {
     added: Vec<(u64, DataType)>,
     /// The dtype of the tensors the rewrite creates (shortcuts, adapters).
     created: DataType,
+    /// How the model's opset lets a zero-extending skip be written.
+    skips: SkipForm,
 }
 
 /// A predicted result.
@@ -200,7 +203,8 @@ impl Plan {
                 added.push((reader.out_features as u64, dtype));
             }
         }
-        Ok(Plan { layout, tied, before, kept, unfused_only, added, created })
+        let skips = SkipForm::for_opset(model.opset_version(""));
+        Ok(Plan { layout, tied, before, kept, unfused_only, added, created, skips })
     }
 
     /// Parameters and bytes of the output for a width and a basis group at every stream point.
@@ -291,7 +295,10 @@ impl Plan {
                     None => {}
                 }
             }
-            if groups[i] != groups[i + 1] {
+            let padded = i + 1 == last
+                && extends_last_basis(layout.width, &groups, &widths)
+                && (self.skips == SkipForm::Pad || widths[i] == layout.width);
+            if groups[i] != groups[i + 1] && !padded {
                 shortcuts += 1;
                 shortcut_parameters += k(i) * k(i + 1);
             }

@@ -198,8 +198,10 @@ fn the_command_writes_model_report_and_rotations() {
     assert_eq!(report["parameters_after"], after.parameters);
     assert_eq!(report["weight_bytes_after"], after.bytes);
     assert_eq!(report["basis"], "global");
-    // The default basis is global: one shortcut, into the head's input (which keeps D).
-    assert_eq!(report["shortcut_parameters"], 48 * 64);
+    // The default basis is global: one skip changes basis, into the head's input, which keeps D
+    // and extends the global basis: a zero Pad (opset 18), no matrix.
+    assert_eq!(report["shortcut_parameters"], 0);
+    assert!(sliced.graph.nodes.iter().any(|n| n.op_type == "Pad"));
     assert!(
         sliced.metadata.iter().any(|(k, v)| k == "onnx_slice.widths" && v == "48,48,48,48,64"),
         "{:?}",

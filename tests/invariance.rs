@@ -628,8 +628,12 @@ fn predicted_parameters(
                 writer_biases -= d - k(i + 1);
             }
         }
-        // One k_a × k_b residual-path rotation per segment.
-        shortcuts += k(i) * k(i + 1);
+        // One k_a × k_b residual-path rotation per segment; the last one, into the head's
+        // unsliced input, is a zero Pad where the opset has Pad's `axes` (18), without weights.
+        let pads = i == last - 1 && k(last) == d && pads_skips(sliced);
+        if !pads {
+            shortcuts += k(i) * k(i + 1);
+        }
     }
     term("- readers in×out → k_a×out", readers);
     term("- writers in×D → in×k_b", writers);
@@ -895,6 +899,11 @@ fn check_norms_replaced(model: &Model, fixture: &Fixture, what: &str, failures: 
     }
 }
 
+/// Whether `model`'s opset lets the rewrite write a zero-extending skip as a Pad (`axes`: 18).
+fn pads_skips(model: &Model) -> bool {
+    model.opset_version("").is_some_and(|v| v >= 18)
+}
+
 #[test]
 fn operator_counts_after_fusion_and_rotation() {
     let dims = Dimensions { ratio: RATIO, ..Dimensions::default() };
@@ -939,8 +948,10 @@ fn operator_counts_after_fusion_and_rotation() {
         if rewritten.widths != widths {
             failures.push(format!("rotated: widths {:?}, expected {widths:?}", rewritten.widths));
         }
-        // Exactly one shortcut MatMul per segment (2 per block, 1 per parallel block), named
-        // onnx_slice/shortcut{i}, multiplying by the k_i × k_{i+1} initializer onnx_slice.shortcut{i}.
+        // Exactly one shortcut per segment (2 per block, 1 per parallel block), named
+        // onnx_slice/shortcut{i}: a MatMul by the k_i × k_{i+1} initializer onnx_slice.shortcut{i},
+        // but for the last, into the unsliced head input: a Pad by D − k zeros on the last axis
+        // (opset 18 and later).
         let nodes = shortcut_nodes(&sliced);
         let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         let expected_names: Vec<String> =
@@ -957,6 +968,25 @@ fn operator_counts_after_fusion_and_rotation() {
         for node in &nodes {
             let i: usize =
                 node.name.trim_start_matches("onnx_slice/shortcut").parse().unwrap_or(usize::MAX);
+            if i + 1 == segments && pads_skips(&sliced) {
+                let constant = |j: usize| {
+                    node.inputs
+                        .get(j)
+                        .and_then(|n| sliced.graph.initializer(n))
+                        .and_then(|t| t.to_i64().ok())
+                };
+                let padded = node.op_type == "Pad"
+                    && constant(1) == Some(vec![0, (d - k) as i64])
+                    && node.inputs.get(2).is_some_and(String::is_empty)
+                    && constant(3) == Some(vec![-1]);
+                if !padded {
+                    failures.push(format!(
+                        "rotated: {} is {} of {:?}, expected Pad(skip, [0, D - k], , [-1])",
+                        node.name, node.op_type, node.inputs
+                    ));
+                }
+                continue;
+            }
             let matrix = node.inputs.get(1).and_then(|m| sliced.graph.initializer(m));
             let ok = node.op_type == "MatMul"
                 && matrix.is_some_and(|m| {

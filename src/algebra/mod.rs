@@ -67,6 +67,18 @@ pub fn shortcut(q_from: MatRef<'_, f64>, q_to: MatRef<'_, f64>) -> Mat<f64> {
     s
 }
 
+/// An orthogonal `D × D` basis whose first `k` columns are `q` (`D × k`, orthonormal columns)
+/// exactly, and whose other columns span the complement of `q`'s columns. Used as the basis of an
+/// unsliced point after a sliced one: the skip between them is then `qᵀ [q N] = [I 0]`, a zero
+/// extension of the stream rather than a product.
+pub fn complete_basis(q: MatRef<'_, f64>) -> Mat<f64> {
+    let (d, k) = (q.nrows(), q.ncols());
+    // The Householder QR of q: its full Q's last d - k columns are orthonormal and orthogonal to
+    // q's column space (to rounding), whatever the signs of its first k columns.
+    let full = q.qr().compute_Q();
+    Mat::from_fn(d, d, |i, j| if j < k { q[(i, j)] } else { full[(i, j)] })
+}
+
 /// The one rule for the element type of every float tensor the rewrite creates (shortcut and
 /// projection matrices, norm constants): the residual stream's, which is the token embedding
 /// table's. A float16 or bfloat16 model stays so (half the bytes of float32, and a MatMul of a

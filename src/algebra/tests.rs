@@ -542,3 +542,28 @@ fn half_weights_rotate_in_f32_within_one_ulp_of_f64() {
         assert!(differing * 100 < total, "{}: {differing} of {total} differ", dtype.name());
     }
 }
+
+#[test]
+fn complete_basis_keeps_the_columns_and_makes_the_skip_a_zero_extension() {
+    for (d, k) in [(8, 3), (16, 16), (12, 1), (24, 20)] {
+        let q = random_orthogonal(d, 11).as_ref().subcols(0, k).to_owned();
+        let full = complete_basis(q.as_ref());
+        assert_eq!((full.nrows(), full.ncols()), (d, d));
+        for i in 0..d {
+            for j in 0..k {
+                assert_eq!(full[(i, j)], q[(i, j)], "column {j} of q is not kept as it is");
+            }
+        }
+        let gram = shortcut(full.as_ref(), full.as_ref());
+        let s = shortcut(q.as_ref(), full.as_ref());
+        for i in 0..d {
+            for j in 0..d {
+                let identity = if i == j { 1.0 } else { 0.0 };
+                assert!((gram[(i, j)] - identity).abs() < 1e-12, "d {d}, k {k}: not orthogonal");
+                if i < k {
+                    assert!((s[(i, j)] - identity).abs() < 1e-12, "d {d}, k {k}: skip not [I 0]");
+                }
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod skip;
 pub mod tie;
 mod weights;
 
+pub use tie::{EMBEDDING_ADAPTER_NODE, HEAD_ADAPTER_NODE};
 pub use weights::privatize_weights;
 
 use std::collections::HashSet;

@@ -56,6 +56,11 @@ pub fn head_reads_embedding(graph: &Graph, layout: &Layout) -> bool {
     }
 }
 
+/// Name of the MatMul that applies the tied table's adapter after the token Gather.
+pub const EMBEDDING_ADAPTER_NODE: &str = "onnx_slice/EmbeddingAdapter";
+/// Name of the MatMul that applies the head's adapter before the tied head.
+pub const HEAD_ADAPTER_NODE: &str = "onnx_slice/HeadAdapter";
+
 /// Makes the head read the token table through `Transpose(E)` (or E itself for a Gemm with
 /// transB=1) after a `D × D` identity adapter, and puts an identity adapter after the token Gather.
 /// `layout` is updated: the embedding has its adapter, the head's only reader is the head adapter.
@@ -77,7 +82,7 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
     graph.nodes[gather].outputs[0] = gathered.clone();
     let adapter = namer.fresh("onnx_slice.embedding_adapter");
     graph.initializers.push(algebra::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
-    let name = namer.fresh("onnx_slice/EmbeddingAdapter");
+    let name = namer.fresh(EMBEDDING_ADAPTER_NODE);
     graph.nodes.push(Node::new(
         "MatMul",
         name,
@@ -112,7 +117,7 @@ pub fn share_table(graph: &mut Graph, layout: &mut Layout) -> Result<()> {
     graph.nodes[node].inputs[1] = weight;
     let adapter = namer.fresh("onnx_slice.head_adapter");
     graph.initializers.push(algebra::mat_to_tensor(adapter.clone(), identity.as_ref(), dtype));
-    let node_name = namer.fresh("onnx_slice/HeadAdapter");
+    let node_name = namer.fresh(HEAD_ADAPTER_NODE);
     graph.nodes.push(Node::new(
         "MatMul",
         node_name.clone(),

@@ -24,6 +24,7 @@ pub fn rotate_and_slice(
     layout: &Layout,
     bases: &[MatRef<'_, f64>],
     groups: &[usize],
+    skips: SkipForm,
     finished: &mut dyn TensorSink,
 ) -> Result<()> {
     let points = layout.stream_points().len();
@@ -42,12 +43,20 @@ pub fn rotate_and_slice(
             ),
         });
     }
-    let mut editor = StreamEditor::new(graph, layout).streaming_to(finished);
+    let extended = extends_last_basis(layout.width, groups, &bases_widths(bases))
+        .then(|| algebra::complete_basis(bases[points - 2]));
+    let mut bases = bases.to_vec();
+    if let Some(last) = &extended {
+        bases[points - 1] = last.as_ref();
+    }
+    let mut editor = StreamEditor::new(graph, layout).with_skips(skips).streaming_to(finished);
     editor.rotate_embeddings(bases[0])?;
     for (i, pair) in bases.windows(2).enumerate() {
         editor.rotate_readers(i, pair[0])?;
         editor.rotate_writers(i, pair[1])?;
-        if groups[i] != groups[i + 1] {
+        if extended.is_some() && i + 2 == points {
+            editor.set_final_extension(i, pair[0].ncols())?;
+        } else if groups[i] != groups[i + 1] {
             let s = algebra::shortcut(pair[0], pair[1]);
             editor.set_final_shortcut(i, s.as_ref())?;
         }
@@ -59,6 +68,40 @@ pub fn rotate_and_slice(
         }
     }
     editor.finish()
+}
+
+fn bases_widths(bases: &[MatRef<'_, f64>]) -> Vec<usize> {
+    bases.iter().map(|q| q.ncols()).collect()
+}
+
+/// Whether the last point (the head's input) gets the basis that extends the point before it
+/// ([`algebra::complete_basis`]) instead of one of its own: when it keeps the full width D and
+/// has a basis of its own. It is free there (a full-width basis is exact whatever it is), and
+/// makes the last skip `[I 0]`, a zero extension ([`SkipForm`]) instead of a `k × D` product that
+/// puts the residual stream through a quantized MatMul.
+pub fn extends_last_basis(d: usize, groups: &[usize], widths: &[usize]) -> bool {
+    let points = widths.len();
+    points >= 2 && widths[points - 1] == d && groups[points - 1] != groups[points - 2]
+}
+
+/// How a skip that only widens the stream with zeros (`[I 0]`) is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipForm {
+    /// A Pad of the last axis (`axes` needs opset 18): no product, no weight.
+    Pad,
+    /// The `k × D` matrix `[I 0]` in a MatMul (older opsets).
+    MatMul,
+}
+
+impl SkipForm {
+    /// The form a model of this default-domain opset can hold.
+    pub fn for_opset(opset: Option<i64>) -> SkipForm {
+        if opset.is_some_and(|v| v >= 18) {
+            SkipForm::Pad
+        } else {
+            SkipForm::MatMul
+        }
+    }
 }
 
 /// Rotation and slicing one step at a time (calibration decides each point's basis only after
@@ -76,6 +119,7 @@ pub struct StreamEditor<'a> {
     /// The norms' gain vector for each stream width ([`fuse::gain_tensor`]).
     gains: HashMap<usize, String>,
     finished: Option<&'a mut dyn TensorSink>,
+    skips: SkipForm,
 }
 
 impl<'a> StreamEditor<'a> {
@@ -88,7 +132,22 @@ impl<'a> StreamEditor<'a> {
             .filter_map(|b| fuse::norm_gain(graph, &b.norm.output))
             .map(|(name, k)| (k, name))
             .collect();
-        StreamEditor { graph, layout, namer, widths, dtype, gains, finished: None }
+        StreamEditor {
+            graph,
+            layout,
+            namer,
+            widths,
+            dtype,
+            gains,
+            finished: None,
+            skips: SkipForm::MatMul,
+        }
+    }
+
+    /// How [`Self::set_final_extension`] writes a zero-extending skip.
+    pub fn with_skips(mut self, skips: SkipForm) -> Self {
+        self.skips = skips;
+        self
     }
 
     /// Hands every tensor the editor finishes to `sink` (docs/design.md §8).
@@ -170,6 +229,53 @@ impl<'a> StreamEditor<'a> {
         Ok(())
     }
 
+    /// The skip of `segment` carries the stream in basis `q` (`k_from` columns) into a point whose
+    /// basis is [`algebra::complete_basis`] of `q`: `S = [I 0]`. Written as a Pad with zeros
+    /// ([`SkipForm::Pad`]), or as that matrix; removed when nothing is sliced (`S = I`).
+    pub fn set_final_extension(&mut self, segment: usize, k_from: usize) -> Result<()> {
+        let d = self.layout.width;
+        if k_from == d {
+            return self.clear_shortcut(segment);
+        }
+        if self.skips == SkipForm::MatMul {
+            let s = faer::Mat::<f64>::from_fn(k_from, d, |i, j| if i == j { 1.0 } else { 0.0 });
+            return self.set_final_shortcut(segment, s.as_ref());
+        }
+        // A shortcut MatMul set while calibrating goes: the Pad reads the skip itself.
+        self.clear_shortcut(segment)?;
+        let (add_index, skip_input) = self.residual_add(segment)?;
+        let skip = self.graph.nodes[add_index].inputs[skip_input].clone();
+        let pads = self.namer.fresh(&format!("onnx_slice.shortcut{segment}.pads"));
+        let axes = self.namer.fresh(&format!("onnx_slice.shortcut{segment}.axes"));
+        let widened = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}/output"));
+        self.graph.initializers.push(Tensor::from_i64(
+            pads.clone(),
+            vec![2],
+            &[0, (d - k_from) as i64],
+        ));
+        self.graph.initializers.push(Tensor::from_i64(axes.clone(), vec![1], &[-1]));
+        let name = self.namer.fresh(&format!("{SHORTCUT_NODE}{segment}"));
+        self.graph.nodes.push(Node::new(
+            "Pad",
+            name,
+            vec![skip, pads, String::new(), axes],
+            vec![widened.clone()],
+        ));
+        self.graph.nodes[add_index].inputs[skip_input] = widened;
+        Ok(())
+    }
+
+    /// The residual Add of `segment` (its node index) and which of its inputs is the skip.
+    fn residual_add(&self, segment: usize) -> Result<(usize, usize)> {
+        let add = &self.layout.segments[segment].residual_adds[0];
+        let index = self.graph.node_index_producing(&add.output).ok_or_else(|| Error::Pass {
+            pass: PASS,
+            node: add.output.clone(),
+            message: "the residual Add is gone".into(),
+        })?;
+        Ok((index, add.skip_input))
+    }
+
     /// [`Self::set_shortcut`] with the matrix the output keeps: it goes to the sink.
     pub fn set_final_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<()> {
         let matrix = self.set_shortcut(segment, s)?;
@@ -184,18 +290,12 @@ impl<'a> StreamEditor<'a> {
     /// The skip path of `segment` gets `MatMul(skip, S)` before its residual Add (inserted once,
     /// then its matrix replaced). Returns the matrix's initializer.
     pub fn set_shortcut(&mut self, segment: usize, s: MatRef<'_, f64>) -> Result<String> {
-        let add = &self.layout.segments[segment].residual_adds[0];
-        let add_index =
-            self.graph.node_index_producing(&add.output).ok_or_else(|| Error::Pass {
-                pass: PASS,
-                node: add.output.clone(),
-                message: "the residual Add is gone".into(),
-            })?;
-        let skip = self.graph.nodes[add_index].inputs[add.skip_input].clone();
-        let existing = self
-            .graph
-            .node_index_producing(&skip)
-            .filter(|&i| self.graph.nodes[i].name.starts_with(SHORTCUT_NODE));
+        let (add_index, skip_input) = self.residual_add(segment)?;
+        let skip = self.graph.nodes[add_index].inputs[skip_input].clone();
+        let existing = self.graph.node_index_producing(&skip).filter(|&i| {
+            let node = &self.graph.nodes[i];
+            node.name.starts_with(SHORTCUT_NODE) && node.op_type == "MatMul"
+        });
         match existing {
             Some(i) => {
                 let matrix = self.graph.nodes[i].inputs[1].clone();
@@ -213,7 +313,7 @@ impl<'a> StreamEditor<'a> {
                     vec![skip, matrix.clone()],
                     vec![rotated.clone()],
                 ));
-                self.graph.nodes[add_index].inputs[add.skip_input] = rotated;
+                self.graph.nodes[add_index].inputs[skip_input] = rotated;
                 Ok(matrix)
             }
         }

@@ -9,14 +9,14 @@ use faer::{Mat, MatRef};
 use indicatif::ProgressBar;
 use ndarray::{ArrayD, IxDyn};
 
-use crate::algebra;
+use crate::algebra::{self, complete_basis};
 use crate::analysis::Analysis;
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::{self, CalibrationRun, Runner, Settings, Timings};
 use crate::error::{Error, Result};
 use crate::graph::{KeepInGraph, Model, TensorSink};
 use crate::pca::{Basis, Covariance};
-use crate::rotate::StreamEditor;
+use crate::rotate::{extends_last_basis, SkipForm, StreamEditor};
 
 use super::dims::{basis_groups, BasisMode, Dimensions};
 use super::rewrite::{self, GroupBases, Rewritten};
@@ -134,7 +134,10 @@ fn sequential_bases(
     let points = widths.len();
     run.progress.set_length((run.batches.len() * (points + lookahead_runs(groups))) as u64);
     let (mut cov, mut full) = run.segment(&model.graph, None, None, widths)?;
-    let mut editor = StreamEditor::new(&mut model.graph, layout).streaming_to(finished);
+    let skips = SkipForm::for_opset(model.opset_version(""));
+    let extends_last = extends_last_basis(d, groups, widths);
+    let mut editor =
+        StreamEditor::new(&mut model.graph, layout).with_skips(skips).streaming_to(finished);
     let mut kept: Vec<Arc<Basis>> = Vec::new();
     let mut previous: Option<Arc<Basis>> = None;
     let mut q_in: Option<Mat<f64>> = None;
@@ -161,13 +164,23 @@ fn sequential_bases(
             }
         };
         let step = Instant::now();
-        let q_out = basis.columns(widths[p]);
+        let extension = match &q_in {
+            Some(q_in) if extends_last && p + 1 == points => Some(complete_basis(q_in.as_ref())),
+            _ => None,
+        };
+        let q_out = extension.clone().unwrap_or_else(|| basis.columns(widths[p]));
+        let basis = match extension {
+            Some(q) => Arc::new(Basis { q, eigenvalues: basis.eigenvalues.clone() }),
+            None => basis,
+        };
         match &q_in {
             None => editor.rotate_embeddings(q_out.as_ref())?,
             Some(q_in) => {
                 editor.rotate_writers(p - 1, q_out.as_ref())?;
                 if groups[p] == groups[p - 1] {
                     editor.clear_shortcut(p - 1)?;
+                } else if extends_last && p + 1 == points {
+                    editor.set_final_extension(p - 1, q_in.ncols())?;
                 } else {
                     editor.set_final_shortcut(
                         p - 1,
@@ -220,18 +233,25 @@ fn global_bases(
 ) -> Result<Vec<Arc<Basis>>> {
     let layout = run.layout;
     run.progress.set_length((run.batches.len() * widths.len()) as u64);
-    let bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
+    let mut bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
     let step = Instant::now();
     let columns = GroupBases::new(groups, |group| Ok(bases[group].columns(widths[group])))?;
-    crate::rotate::rotate_and_slice(
-        &mut model.graph,
-        layout,
-        &columns.per_point(),
-        groups,
-        finished,
-    )?;
+    let per_point = columns.per_point();
+    let skips = SkipForm::for_opset(model.opset_version(""));
+    crate::rotate::rotate_and_slice(&mut model.graph, layout, &per_point, groups, skips, finished)?;
     run.timings.rotate_seconds += step.elapsed().as_secs_f64();
-    Ok(if keep_bases { bases } else { Vec::new() })
+    if !keep_bases {
+        return Ok(Vec::new());
+    }
+    // The saved last basis is the one the model has (rotate_and_slice's rule), with the spectrum
+    // of the point's own covariance.
+    if let ([.., before, _], [.., last]) = (per_point.as_slice(), bases.as_mut_slice()) {
+        if extends_last_basis(layout.width, groups, widths) {
+            let eigenvalues = last.eigenvalues.clone();
+            *last = Arc::new(Basis { q: complete_basis(*before), eigenvalues });
+        }
+    }
+    Ok(bases)
 }
 
 /// The basis of every point's group from one pass over the unsliced `graph`: the PCA of the sum of

@@ -114,7 +114,15 @@ pub fn rotate_analysed(
     let groups = basis_groups(&rewritten.layout, dims.basis, &widths);
     let bases = bases(&rewritten.layout, orientation, &widths, &groups)?;
     let per_point = bases.per_point();
-    rotate::rotate_and_slice(&mut model.graph, &rewritten.layout, &per_point, &groups, finished)?;
+    let skips = rotate::SkipForm::for_opset(model.opset_version(""));
+    rotate::rotate_and_slice(
+        &mut model.graph,
+        &rewritten.layout,
+        &per_point,
+        &groups,
+        skips,
+        finished,
+    )?;
     rewritten.widths = widths;
     rewritten.groups = groups;
     Ok(rewritten)
