@@ -310,11 +310,16 @@ def parse_models(specs):
 
 
 def cmd_table(args):
+    """NAME=MODEL[:EXCLUDE]: EXCLUDE (a selector) is left float by both quantizers."""
     rows = []
-    for name, path in parse_models(args.models):
+    for name, spec in parse_models(args.models):
+        path, _, ex = str(spec).partition(":")
+        ex = ex or None
         f = measure(args, path, "float", args.windows)
-        q8 = measure(args, path, "int8", args.windows, quant_maker("int8"))
-        q4 = measure(args, path, "int4", args.windows, quant_maker("int4"))
+        q8 = measure(args, path, variant_name("int8", exclude=ex), args.windows,
+                     quant_maker("int8", exclude=ex))
+        q4 = measure(args, path, variant_name("int4", exclude=ex), args.windows,
+                     quant_maker("int4", exclude=ex))
         rows.append((name, f, q8, q4))
     print(f"\nBrown, {args.windows} windows × 512 tokens (id 2 ignored), onnx-slice eval, CPU\n")
     print("| model | float ppl | int8 ppl | int8 / float | int4 ppl | int4 / float | float bytes |"
@@ -550,6 +555,44 @@ def cmd_rotate(args):
         check_same(args.model, args.out)
 
 
+def cmd_padskip(args):
+    """Choose the unsliced last point's basis (free: it keeps full width) so that each skip into
+    it becomes [I 0], and write that skip as a zero Pad instead of a MatMul. Exact in float."""
+    model = load(args.model)
+    gr, points, groups, readers, writers, shortcuts, gains = stream_structure(model)
+    final = points[-1]
+    (sc,) = [n for n, (pa, pb) in shortcuts.items() if pb == final]
+    S = gr.arr(_b(gr, sc)).astype(np.float64)  # k × D, orthonormal rows
+    k, D = S.shape
+    assert np.abs(S @ S.T - np.eye(k)).max() < 1e-4, "the last skip is not a partial isometry"
+    # R = [Sᵀ | N]: N an orthonormal basis of the complement of S's rows
+    u, _, _ = np.linalg.svd(S.T, full_matrices=True)
+    R = np.concatenate([S.T, u[:, k:]], axis=1)
+    for name, p in readers.items():
+        if p == final:
+            b = _b(gr, name)
+            gr.set(b, R.T @ gr.arr(b).astype(np.float64))
+    for name, p in writers.items():
+        if p == final:
+            b = _b(gr, name)
+            gr.set(b, gr.arr(b).astype(np.float64) @ R)
+    node = next(n for n in model.graph.node if n.name == sc)
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, D - k], np.int64), f"{sc}/pads")
+    model.graph.initializer.append(pads)
+    pad = helper.make_node("Pad", [node.input[0], pads.name], list(node.output), name=f"{sc}/Pad")
+    idx = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    model.graph.node.insert(idx, pad)
+    old = node.input[1]
+    if not any(old in n.input for n in model.graph.node):
+        model.graph.initializer.remove(gr.inits[old])
+    onnx.save(model, str(args.out))
+    log(f"padskip: {sc} ({k}×{D}) → Pad; the last point's readers and writers rotated → "
+        f"{args.out}")
+    if args.check:
+        check_same(args.model, args.out)
+
+
 def _b(gr, node_name):
     for n in gr.model.graph.node:
         if n.name == node_name:
@@ -595,24 +638,22 @@ def check_same(a, b, windows=2, tokens=128):
 # quantize_dynamic does to the activation, with the float weights)
 
 
-def cmd_fakequant(args):
-    model = load(args.model)
+def fakequant(src, dst, part, only=None, exclude=None):
+    model = load(src)
     nodes = quantizable(model)
-    names = set(select(nodes, args.only) if args.only else [n for n, _, k, _ in nodes])
-    names -= set(select(nodes, args.exclude))
+    names = set(select(nodes, only) if only else [n for n, _, k, _ in nodes])
+    names -= set(select(nodes, exclude))
     gr = Graph(model)
-    matmuls = [n for n in model.graph.node if n.name in names and n.op_type == "MatMul"]
-    if args.part == "weights":
-        for n in matmuls:
-            w = gr.arr(n.input[1])
-            absmax = np.abs(w).max()
-            s = 2 * absmax / 255.0
-            gr.set(n.input[1], np.clip(np.round(w / s), -127, 127) * s)
-    elif args.part == "acts":
+    matmuls = {n.name for n in model.graph.node if n.name in names and n.op_type == "MatMul"}
+    if part == "weights":
+        for n in model.graph.node:
+            if n.name in matmuls:
+                gr.set(n.input[1], int8_q(gr.arr(n.input[1]).astype(np.float64)))
+    elif part == "acts":
         done = {}
         new_nodes = []
         for n in model.graph.node:
-            if n in matmuls:
+            if n.name in matmuls:
                 x = n.input[0]
                 if x not in done:
                     q, s, z, d = (f"{x}/fq_q", f"{x}/fq_s", f"{x}/fq_z", f"{x}/fq")
@@ -625,8 +666,40 @@ def cmd_fakequant(args):
             new_nodes.append(n)
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
-    onnx.save(model, str(args.out))
-    log(f"fakequant {args.part}: {len(matmuls)} MatMuls → {args.out}")
+    else:
+        raise SystemExit(f"unknown part {part}")
+    onnx.save(model, str(dst))
+    return {"quantized_nodes": len(matmuls)}
+
+
+def cmd_fakequant(args):
+    r = fakequant(args.model, args.out, args.part, args.only, args.exclude)
+    log(f"fakequant {args.part}: {r['quantized_nodes']} MatMuls → {args.out}")
+
+
+def cmd_split(args):
+    """int8 taken apart: quantize_dynamic's MatMuls with only their weights quantized (int8 per
+    tensor, activations float) or only their activations (DynamicQuantizeLinear → Dequantize,
+    weights float); the embedding Gather and the tied head's table stay float in both."""
+    rows = []
+    for name, path in parse_models(args.models):
+        f = measure(args, path, "float", args.windows)
+        q8 = measure(args, path, "int8", args.windows, quant_maker("int8"))
+        ex = measure(args, path, "int8 exclude=embed", args.windows,
+                     quant_maker("int8", exclude="embed"))
+        w = measure(args, path, "fake int8 weights", args.windows,
+                    lambda a, b: fakequant(a, b, "weights"))
+        x = measure(args, path, "fake uint8 activations", args.windows,
+                    lambda a, b: fakequant(a, b, "acts"))
+        rows.append((name, f, q8, ex, w, x))
+    print(f"\nBrown, {args.windows} windows × 512 tokens; ppl (ratio to float)\n")
+    print("| model | float | int8 (quantize_dynamic) | int8, table float | weights only |"
+          " activations only |")
+    print("|---|---|---|---|---|---|")
+    for name, f, *rs in rows:
+        fp = f["perplexity"]
+        cells = " | ".join(f"{r['perplexity']:.2f} ({r['perplexity'] / fp:.2f}×)" for r in rs)
+        print(f"| {name} | {fp:.2f} | {cells} |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,19 +721,36 @@ def weight_stats(w):
     }
 
 
+def int8_q(w):
+    """quantize_dynamic's weights: int8, symmetric, one scale per tensor, absmax / 127 (checked
+    against onnxruntime.quantization.quant_utils.quantize_data)."""
+    s = np.abs(w).max() / 127.0
+    return np.clip(np.round(w / s), -127, 127) * s
+
+
+def int4_q(w):
+    """MatMulNBits' symmetric int4 (the quantizer's C++ kernel, checked against it): blocks of
+    32 input rows per output column (the last one zero-padded), scale = the block's largest-magnitude
+    value / -8 (it maps to -8 exactly), round to nearest, clip to [-8, 7]."""
+    n = w.shape[0]
+    k = -(-n // 32) * 32
+    p = np.zeros((k, w.shape[1]), w.dtype)
+    p[:n] = w
+    b = p.reshape(k // 32, 32, w.shape[1])
+    idx = np.abs(b).argmax(axis=1)[:, None, :]
+    s = np.take_along_axis(b, idx, axis=1) / -8.0
+    s = np.where(s == 0, 1, s)
+    return (np.clip(np.round(b / s), -8, 7) * s).reshape(k, w.shape[1])[:n]
+
+
 def int8_err(w):
-    s = 2 * np.abs(w).max() / 255.0
-    q = np.clip(np.round(w / s), -127, 127) * s
-    return np.sum((q - w) ** 2) / np.sum(w ** 2)
+    w = w.astype(np.float64)
+    return np.sum((int8_q(w) - w) ** 2) / np.sum(w ** 2)
 
 
 def int4_err(w):
-    k = w.shape[0] - w.shape[0] % 32
-    b = w[:k].reshape(k // 32, 32, w.shape[1]).astype(np.float64)
-    s = np.abs(b).max(axis=1, keepdims=True) / 7.0  # symmetric: [-8, 7] scaled by absmax/7
-    s = np.where(s == 0, 1, s)
-    q = np.clip(np.round(b / s), -8, 7) * s
-    return np.sum((q - b) ** 2) / np.sum(b ** 2)
+    w = w.astype(np.float64)
+    return np.sum((int4_q(w) - w) ** 2) / np.sum(w ** 2)
 
 
 def cmd_stats(args):
@@ -674,27 +764,39 @@ def cmd_stats(args):
         acts = sorted({by_name[n].input[0] for n, op, _, _ in nodes if op == "MatMul"})
         sess = ort_session(path, acts)
         vals = {}
+        cov = {}
         for i in range(len(ids)):
             res = sess.run(acts, feeds(ids[i:i + 1]))
             for a, v in zip(acts, res):
                 v = v.reshape(-1, v.shape[-1]).astype(np.float64)
-                s = vals.setdefault(a, [0.0, 0.0, 0, None])
+                s = vals.setdefault(a, [0.0, 0.0, 0, None, 0.0, 0.0])
                 s[0] = max(s[0], np.abs(v).max())
+                s[4] = min(s[4], v.min())  # the per-window range DynamicQuantizeLinear takes
+                s[5] = max(s[5], v.max())
                 s[1] += np.sum(v ** 2)
                 s[2] += v.size
                 ch = np.abs(v).max(axis=0)
                 s[3] = ch if s[3] is None else np.maximum(s[3], ch)
+                cov[a] = cov.get(a, 0) + v.T @ v
         rows = {}
         for n, op, kind, layer in nodes:
             if op != "MatMul":
                 continue
             node = by_name[n]
-            ws = weight_stats(gr.arr(node.input[1]))
-            amax, sq, cnt, ch = vals[node.input[0]]
+            w = gr.arr(node.input[1]).astype(np.float64)
+            ws = weight_stats(w)
+            # the error of the product the quantized weight makes, relative to the product, on
+            # these activations: tr(ΔWᵀ C ΔW) / tr(Wᵀ C W), C = Σ xᵀx
+            C = cov[node.input[0]]
+            base = np.sum(w * (C @ w))
+            for label, q in (("int8w_out_err", int8_q(w)), ("int4_out_err", int4_q(w))):
+                d = q - w
+                ws[label] = float(np.sum(d * (C @ d)) / base)
+            amax, sq, cnt, ch, vmin, vmax = vals[node.input[0]]
             rms = np.sqrt(sq / cnt)
-            # uint8 per-tensor dynamic quantization: step = range / 255; relative error of the
-            # activation's energy ≈ step² / 12 / rms²
-            act_err = ((2 * amax / 255) ** 2 / 12) / rms ** 2
+            # uint8 per-tensor dynamic quantization: step = (max(x, 0) − min(x, 0)) / 255 over
+            # the whole tensor; relative error of the activation's energy ≈ step² / 12 / rms²
+            act_err = (((vmax - vmin) / 255) ** 2 / 12) / rms ** 2
             top = np.sort(ch)[::-1]
             rows[n] = {"kind": kind, "layer": layer, **ws, "act_max/rms": amax / rms,
                        "act_int8_rel_err": act_err,
@@ -704,7 +806,7 @@ def cmd_stats(args):
         log(f"stats: {name} done")
     Path(args.json).write_text(json.dumps(out, indent=1))
     # summary by kind: medians over layers
-    cols = ["tensor_max/absmean", "block32_max/absmean", "int8_rel_err", "int4_rel_err",
+    cols = ["tensor_max/absmean", "int8_rel_err", "int8w_out_err", "int4_rel_err", "int4_out_err",
             "act_max/rms", "act_int8_rel_err"]
     print("| model | kind | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
@@ -812,6 +914,12 @@ def main():
     p.add_argument("--check", action="store_true", help="compare float logits with the input's")
     p.set_defaults(fn=cmd_rotate)
 
+    p = sub.add_parser("padskip")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(fn=cmd_padskip)
+
     p = sub.add_parser("fakequant")
     p.add_argument("model")
     p.add_argument("out")
@@ -819,6 +927,11 @@ def main():
     p.add_argument("--only")
     p.add_argument("--exclude")
     p.set_defaults(fn=cmd_fakequant)
+
+    p = sub.add_parser("split")
+    p.add_argument("models", nargs="+", help="NAME=MODEL.onnx")
+    p.add_argument("--windows", type=int, default=16)
+    p.set_defaults(fn=cmd_split)
 
     p = sub.add_parser("stats")
     p.add_argument("models", nargs="+", help="NAME=MODEL.onnx")
