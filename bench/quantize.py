@@ -354,8 +354,10 @@ def cmd_diagnose(args):
         n = len(select(nodes, g))
         alone = measure(args, args.model, variant_name(args.scheme, only=g), args.windows,
                         quant_maker(args.scheme, only=g)) if "alone" in args.modes else None
+        kind = g.partition("@")[0]
         without = measure(args, args.model, variant_name(args.scheme, exclude=g), args.windows,
-                          quant_maker(args.scheme, exclude=g)) if "without" in args.modes else None
+                          quant_maker(args.scheme, exclude=g)) if (
+            "without" in args.modes and kind in args.without_kinds.split(",")) else None
         rows.append((g, n, alone, without))
     fp, qp = f["perplexity"], full["perplexity"]
     print(f"\n{Path(args.model).name}, {args.scheme}, {args.windows} windows: float {fp:.2f}, "
@@ -364,7 +366,7 @@ def cmd_diagnose(args):
           " share of the loss recovered |")
     print("|---|---|---|---|---|---|---|")
     key = (lambda r: -(r[2]["perplexity"] if r[2] else 0)) if "alone" in args.modes else (
-        lambda r: r[3]["perplexity"])
+        lambda r: r[3]["perplexity"] if r[3] else float("inf"))
     for g, n, alone, without in sorted(rows, key=key):
         a = f"{alone['perplexity']:.2f} | {alone['perplexity'] / fp:.3f}×" if alone else "– | –"
         if without:
@@ -902,6 +904,8 @@ def main():
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--modes", default="alone,without", help="alone, without or both")
     p.add_argument("--layers", help="KIND[,KIND]: one group per layer of these kinds")
+    p.add_argument("--without-kinds", default="shortcut,emb_adapter,head_adapter,embed,down",
+                   help="kinds measured 'all but it' too (the others only alone)")
     p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("rotate")

@@ -11,7 +11,7 @@
 #              (DIAG_WINDOWS, default 16), for DIAG_MODELS (default: all)
 #   layers     per-layer ranking of the worst kinds (LAYER_KINDS, e.g. "s80-global:int8:down")
 #   experiments   exclusions, rotations, the last skip as a Pad, int8's weights and activations
-#              apart (EXP_WINDOWS, default 16)
+#              apart (EXP_WINDOWS, default 8)
 # Environment: MODEL (the dense optimum export, float32; default the one make_smollm2_onnx.sh
 # builds), TOOLS (calibration and evaluation ids), ONNX_SLICE_BIN (default: a release build of
 # this checkout, built if missing), PYTHON (a python with onnxruntime, onnx, onnx_ir and numpy;
@@ -110,17 +110,9 @@ phase_experiments() {
     q rotate "$m/r0-pca.onnx" "$m/r0-pca-had.onnx" --rotation hadamard --seed 1 --check
   [ -f "$m/s80-block-alloc-rnd.onnx" ] ||
     q rotate "$m/s80-block-alloc.onnx" "$m/s80-block-alloc-rnd.onnx" --rotation random --seed 1 --check
-  local w="${EXP_WINDOWS:-16}" ad=emb_adapter,head_adapter
-  q split --windows "$w" "dense=$model" "r0-identity=$m/r0-identity.onnx" \
-    "r0-random=$m/r0-random.onnx" "r0-pca=$m/r0-pca.onnx" "s80-global=$m/s80-global.onnx" \
-    "s80-block-alloc=$m/s80-block-alloc.onnx" | tee "$out/split-w$w.md"
+  local w="${EXP_WINDOWS:-8}" ad=emb_adapter,head_adapter
   q table --windows "$w" \
-    "r0-random=$m/r0-random.onnx" "r0-random, adapters float=$m/r0-random.onnx:$ad" \
-    "r0-pca=$m/r0-pca.onnx" "r0-pca, adapters float=$m/r0-pca.onnx:$ad" \
-    "r0-pca, Hadamard=$m/r0-pca-had.onnx" "r0-pca, Hadamard, adapters float=$m/r0-pca-had.onnx:$ad" \
-    "s80-global=$m/s80-global.onnx" "s80-global, shortcut float=$m/s80-global.onnx:shortcut" \
-    "s80-global, adapters float=$m/s80-global.onnx:$ad" \
-    "s80-global, shortcut + adapters float=$m/s80-global.onnx:shortcut,$ad" \
+    "s80-global=$m/s80-global.onnx" \
     "s80-global, last skip a Pad=$m/s80-global-pad.onnx" \
     "s80-global, last skip a Pad, adapters float=$m/s80-global-pad.onnx:$ad" \
     "s80-global, Hadamard=$m/s80-global-had.onnx" \
@@ -129,11 +121,14 @@ phase_experiments() {
     "s80-block-alloc=$m/s80-block-alloc.onnx" \
     "s80-block-alloc, shortcuts float=$m/s80-block-alloc.onnx:shortcut" \
     "s80-block-alloc, shortcuts + adapters float=$m/s80-block-alloc.onnx:shortcut,$ad" \
-    "s80-block-alloc, random rotations=$m/s80-block-alloc-rnd.onnx" \
     "s80-block-alloc, random rotations, shortcuts float=$m/s80-block-alloc-rnd.onnx:shortcut" \
     "s80-point=$m/s80-point.onnx" "s80-point, shortcuts float=$m/s80-point.onnx:shortcut" \
-    "s80-point, shortcuts + adapters float=$m/s80-point.onnx:shortcut,$ad" \
+    "r0-random=$m/r0-random.onnx" "r0-random, adapters float=$m/r0-random.onnx:$ad" \
+    "r0-pca=$m/r0-pca.onnx" "r0-pca, adapters float=$m/r0-pca.onnx:$ad" \
+    "r0-pca, Hadamard, adapters float=$m/r0-pca-had.onnx:$ad" \
     | tee "$out/experiments-w$w.md"
+  q split --windows "$w" "dense=$model" "r0-identity=$m/r0-identity.onnx" \
+    "r0-pca=$m/r0-pca.onnx" "s80-global=$m/s80-global.onnx" | tee "$out/split-w$w.md"
 }
 
 for phase in "${@:-models table}"; do
