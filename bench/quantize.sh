@@ -114,17 +114,17 @@ phase_experiments() {
   q table --windows "$w" \
     "s80-global=$m/s80-global.onnx" \
     "s80-global, last skip a Pad=$m/s80-global-pad.onnx" \
-    "s80-global, last skip a Pad, adapters float=$m/s80-global-pad.onnx:$ad" \
-    "s80-global, Hadamard=$m/s80-global-had.onnx" \
     "s80-global, Hadamard, last skip a Pad=$m/s80-global-had-pad.onnx" \
     "s80-global, Hadamard, last skip a Pad, adapters float=$m/s80-global-had-pad.onnx:$ad" \
     "s80-block-alloc=$m/s80-block-alloc.onnx" \
     "s80-block-alloc, shortcuts float=$m/s80-block-alloc.onnx:shortcut" \
-    "s80-block-alloc, shortcuts + adapters float=$m/s80-block-alloc.onnx:shortcut,$ad" \
-    "s80-block-alloc, random rotations, shortcuts float=$m/s80-block-alloc-rnd.onnx:shortcut" \
     "s80-point=$m/s80-point.onnx" "s80-point, shortcuts float=$m/s80-point.onnx:shortcut" \
-    "r0-random=$m/r0-random.onnx" "r0-random, adapters float=$m/r0-random.onnx:$ad" \
     "r0-pca=$m/r0-pca.onnx" "r0-pca, adapters float=$m/r0-pca.onnx:$ad" \
+    "r0-random=$m/r0-random.onnx" "r0-random, adapters float=$m/r0-random.onnx:$ad" \
+    "s80-global, last skip a Pad, adapters float=$m/s80-global-pad.onnx:$ad" \
+    "s80-block-alloc, random rotations, shortcuts float=$m/s80-block-alloc-rnd.onnx:shortcut" \
+    "s80-block-alloc, shortcuts + adapters float=$m/s80-block-alloc.onnx:shortcut,$ad" \
+    "s80-global, Hadamard=$m/s80-global-had.onnx" \
     "r0-pca, Hadamard, adapters float=$m/r0-pca-had.onnx:$ad" \
     | tee "$out/experiments-w$w.md"
   q split --windows "$w" "dense=$model" "r0-identity=$m/r0-identity.onnx" \
