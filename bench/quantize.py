@@ -160,11 +160,41 @@ def select(nodes, sel):
 # Quantizing
 
 
+def recipe_exclusions(model):
+    """The nodes onnx-slice asks quantizers to leave in float (its metadata
+    onnx_slice.quantize_exclude, a JSON list; none for a model it did not write)."""
+    for prop in model.metadata_props:
+        if prop.key == "onnx_slice.quantize_exclude":
+            return json.loads(prop.value)
+    return []
+
+
+def quantize_as_recipe(model, dst, scheme):
+    """The README's recipe: the quantizer's defaults, with nodes_to_exclude from the model."""
+    exclude = recipe_exclusions(model)
+    if scheme == "int8":
+        from onnxruntime.quantization import quantize_dynamic
+
+        quantize_dynamic(model, str(dst), nodes_to_exclude=exclude)
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+        q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, nodes_to_exclude=exclude)
+        q.process()
+        q.model.save_model_to_file(str(dst), False)
+    return exclude
+
+
 def quantize(src, dst, scheme, only=None, exclude=None):
     """Quantize src into dst with ONNX Runtime's quantizer for the scheme. only / exclude:
-    selectors; only=None quantizes everything the quantizer takes by default."""
+    selectors; only=None quantizes everything the quantizer takes by default; exclude="recipe"
+    excludes what the model's metadata names (quantize_as_recipe)."""
     logging.getLogger().setLevel(logging.ERROR)
     model = load(src)
+    if exclude == "recipe" and only is None:
+        excluded = set(quantize_as_recipe(model, dst, scheme))
+        return [n for n, *_ in quantizable(model) if n not in excluded]
     nodes = quantizable(model)
     everything = [n for n, *_ in nodes]
     keep = select(nodes, only) if only else everything
@@ -274,7 +304,9 @@ def quant_maker(scheme, only=None, exclude=None):
     return make
 
 
-def variant_name(scheme, only=None, exclude=None):
+def variant_name(scheme, only=None, exclude=None, path=None):
+    if exclude == "recipe" and path is not None and not recipe_exclusions(load(path)):
+        exclude = None  # nothing to exclude: the quantizer's defaults, the same variant
     v = scheme
     if only:
         v += f" only={only}"
@@ -316,9 +348,9 @@ def cmd_table(args):
         path, _, ex = str(spec).partition(":")
         ex = ex or None
         f = measure(args, path, "float", args.windows)
-        q8 = measure(args, path, variant_name("int8", exclude=ex), args.windows,
+        q8 = measure(args, path, variant_name("int8", exclude=ex, path=path), args.windows,
                      quant_maker("int8", exclude=ex))
-        q4 = measure(args, path, variant_name("int4", exclude=ex), args.windows,
+        q4 = measure(args, path, variant_name("int4", exclude=ex, path=path), args.windows,
                      quant_maker("int4", exclude=ex))
         rows.append((name, f, q8, q4))
     print(f"\nBrown, {args.windows} windows × 512 tokens (id 2 ignored), onnx-slice eval, CPU\n")

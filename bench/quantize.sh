@@ -12,6 +12,7 @@
 #   layers     per-layer ranking of the worst kinds (LAYER_KINDS, e.g. "s80-global:int8:down")
 #   experiments   exclusions, rotations, the last skip as a Pad, int8's weights and activations
 #              apart (EXP_WINDOWS, default 8)
+#   recipe     every basis and method at 80 %, quantized as the README says (WINDOWS, default 16)
 # Environment: MODEL (the dense optimum export, float32; default the one make_smollm2_onnx.sh
 # builds), TOOLS (calibration and evaluation ids), ONNX_SLICE_BIN (default: a release build of
 # this checkout, built if missing), PYTHON (a python with onnxruntime, onnx, onnx_ir and numpy;
@@ -129,6 +130,34 @@ phase_experiments() {
     | tee "$out/experiments-w$w.md"
   q split --windows "$w" "dense=$model" "r0-identity=$m/r0-identity.onnx" \
     "r0-pca=$m/r0-pca.onnx" "s80-global=$m/s80-global.onnx" | tee "$out/split-w$w.md"
+}
+
+# The README's recipe on every basis and method at 80 % of the dense bytes, written by this
+# checkout's onnx-slice (models kept in bench/out/quant/recipe/ when present): float, then int8 and
+# int4 with nodes_to_exclude from each model's metadata (none for dense and neurons).
+recipe_configs=(
+  "slicegpt-global|--target-size 80% --method slicegpt --basis global"
+  "slicegpt-block|--target-size 80% --method slicegpt --basis block"
+  "slicegpt-point|--target-size 80% --method slicegpt --basis point"
+  "slicegpt-block-alloc|--target-size 80% --method slicegpt --basis block --allocate-widths"
+  "neurons|--target-size 80% --method neurons"
+  "combined|--target-size 80% --method combined"
+)
+
+phase_recipe() {
+  local r="$out/recipe" specs=("dense=$model:recipe")
+  mkdir -p "$r"
+  for c in "${recipe_configs[@]}"; do
+    local name="${c%%|*}" flags
+    read -r -a flags <<< "${c#*|}"
+    if [ ! -f "$r/$name.onnx" ]; then
+      echo "== $name: onnx-slice ${flags[*]}" >&2
+      "$bin" "$model" -o "$r/$name.onnx" "${flags[@]}" "${calib[@]}" --report "$r/$name.json" \
+        --quiet >&2
+    fi
+    specs+=("$name=$r/$name.onnx:recipe")
+  done
+  q table --windows "${WINDOWS:-16}" "${specs[@]}" | tee "$out/recipe-w${WINDOWS:-16}.md"
 }
 
 for phase in "${@:-models table}"; do
