@@ -217,6 +217,7 @@ impl<'a> Runner<'a> {
         let mut outputs = Vec::with_capacity(self.batches.len());
         let mut pca_time = Duration::ZERO;
         for (b, batch) in self.batches.iter().enumerate() {
+            crate::files::check_stop()?;
             let feeds = self.feeds(&sub, batch, input_name.as_deref(), stream.map(|s| &s[b]))?;
             let named: Vec<(&str, &TensorValue)> =
                 feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();

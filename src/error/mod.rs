@@ -75,6 +75,10 @@ pub enum Error {
     #[error("option `{option}`: {message}")]
     Invalid { option: &'static str, message: String },
 
+    /// The work was asked to stop ([`crate::files::request_stop`]); nothing was written.
+    #[error("interrupted; nothing was written")]
+    Interrupted,
+
     /// What was being done when `source` happened.
     #[error("{doing}")]
     Context {

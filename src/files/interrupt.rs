@@ -4,9 +4,37 @@
 //! would hold gigabytes under a hidden name. So every staged path is also registered here, and the
 //! binary's signal handler calls [`remove_staged`] before it exits. The library installs no
 //! handler itself: signals belong to the program that embeds it.
+//!
+//! A program that cannot end the process on a signal (the Python package, whose caller gets a
+//! `KeyboardInterrupt` and goes on) asks the work to stop instead: [`request_stop`]. Calibration
+//! checks for it before every batch it runs ([`check_stop`]) and ends with [`Error::Interrupted`],
+//! so the staged outputs are removed by their owners as on any other error.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks every slicing run in this process to stop at its next check (and later runs at their
+/// first), until [`clear_stop_request`].
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Lets runs go on again after [`request_stop`].
+pub fn clear_stop_request() {
+    STOP.store(false, Ordering::SeqCst);
+}
+
+/// [`Error::Interrupted`] once [`request_stop`] has been called.
+pub fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
 
 static STAGED: Mutex<Vec<(u64, PathBuf)>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);

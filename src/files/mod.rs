@@ -104,5 +104,7 @@ fn set_default_permissions(file: &File) {
 mod interrupt;
 mod scratch;
 
-pub use interrupt::{remove_staged, RemoveOnInterrupt};
+pub use interrupt::{
+    check_stop, clear_stop_request, remove_staged, request_stop, RemoveOnInterrupt,
+};
 pub use scratch::{park, ScratchScope, PARK_AT_LEAST};
