@@ -1,5 +1,5 @@
-"""onnx-slice: compress exported ONNX transformer language models (SliceGPT) into smaller, ordinary
-ONNX models that run in any ONNX runtime.
+"""onnx-slice: compress exported ONNX transformer language models (MLP neurons removed and refit,
+SliceGPT, or both) into smaller, ordinary ONNX models that run in any ONNX runtime.
 
 The API mirrors the command line ``onnx-slice``::
 
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-Method = Literal["slicegpt"]
+Method = Literal["slicegpt", "neurons", "combined"]
 Basis = Literal["global", "block", "point"]
 Orientation = Literal["pca", "random-basis", "identity"]
 Ep = Literal["cpu", "cuda", "auto"]
@@ -104,7 +104,7 @@ class Totals(TypedDict):
 
 
 class Report(TypedDict, total=False):
-    """What :func:`slice` did: the command line's ``--report`` JSON (``schema_version`` 1)."""
+    """What :func:`slice` did: the command line's ``--report`` JSON (``schema_version`` 2)."""
 
     schema_version: int
     tool: str
@@ -112,6 +112,8 @@ class Report(TypedDict, total=False):
     input_sha256: str
     input_files: List[Dict[str, Any]]
     output: str
+    #: The method that compressed the model: ``"slicegpt"``, ``"neurons"`` or ``"combined"``.
+    method: str
     external_data: Optional[str]
     external_data_bytes: Optional[int]
     ratio: float
@@ -127,6 +129,8 @@ class Report(TypedDict, total=False):
     #: k at every stream point (embeddings first, the head's input last).
     widths: List[int]
     blocks: int
+    #: Every block's MLP width after the rewrite, when the method changed them (neurons, combined).
+    mlp_widths: Optional[List[int]]
     parameters_before: int
     parameters_after: int
     shortcut_parameters: int
@@ -155,6 +159,11 @@ class DryRun(TypedDict):
     basis: Optional[str]
     shortcuts: int
     shortcut_parameters: int
+    #: Every block's MLP width before and after (None when the method keeps the MLPs).
+    mlp_widths_before: Optional[List[int]]
+    mlp_widths: Optional[List[int]]
+    #: The MLP widths are allocated per block at calibration, under the same total.
+    mlp_widths_allocated: bool
     #: The text ``--dry-run`` prints.
     summary: str
 
@@ -166,7 +175,7 @@ def slice(
     ratio: Optional[float] = None,
     target_size: Union[str, int, None] = None,
     target_params: Optional[int] = None,
-    method: Method = "slicegpt",
+    method: Optional[Method] = None,
     basis: Optional[Basis] = None,
     orientation: Optional[Orientation] = None,
     seed: Optional[int] = None,
@@ -174,6 +183,8 @@ def slice(
     slice_head: Optional[bool] = None,
     center_embeddings: Optional[bool] = None,
     save_rotations: Optional[PathLike] = None,
+    stream_ratio: Optional[float] = None,
+    uniform_widths: Optional[bool] = None,
     round_to: Optional[int] = None,
     calib: Union[PathLike, Sequence[PathLike], None] = None,
     calib_ids: Any = None,
@@ -196,14 +207,19 @@ def slice(
             onnxruntime-genai export folder.
         output: a new ``.onnx`` file (its folder must exist); for an export folder, a new folder
             that the same client loads as it is.
-        ratio: fraction of the residual stream WIDTH to remove (0 <= ratio < 1); not of the size.
-            One of ``ratio``, ``target_size`` and ``target_params`` is required.
-        target_size: the largest output's weight bytes: a number of bytes, or a share of the
-            input's such as ``"80%"``. The widest slicing that fits is chosen; none fitting raises
-            :class:`TargetUnreachableError` and writes nothing.
+        ratio: SliceGPT: the fraction of the residual stream WIDTH to remove (0 <= ratio < 1);
+            not of the size. One of ``ratio``, ``target_size`` and ``target_params`` is required.
+        target_size: the largest output's weight bytes: a number of bytes (an int, or a string
+            such as ``"200MB"``), or a share of the input's such as ``"80%"``. The method's best
+            result that fits is chosen; none fitting raises :class:`TargetUnreachableError` and
+            writes nothing.
         target_params: the largest number of output parameters, instead.
-        method: the compression method; its own keywords follow (``"slicegpt"``: ``basis`` to
-            ``save_rotations``).
+        method: ``"neurons"`` (the stream keeps its width; every MLP keeps its most needed
+            neurons and its down projection is refit; a target only), ``"slicegpt"`` (the
+            residual stream rotated and cut; a ratio or a target; its own keywords are ``basis``
+            to ``save_rotations``) or ``"combined"`` (SliceGPT on ``stream_ratio`` of the stream,
+            then neurons; a target only). Default, as the command line's: ``"slicegpt"`` with
+            ``ratio`` or any of SliceGPT's own keywords, else ``"neurons"`` (a target alone).
         basis: which stream points share a basis: ``"global"`` (default), ``"block"``, ``"point"``.
         orientation: ``"pca"`` (default, calibrated), ``"random-basis"`` or ``"identity"`` (no
             calibration: a model of the sliced shape for checking a deployment).
@@ -212,6 +228,11 @@ def slice(
         slice_head: slice the head's input too (changes the head's width).
         center_embeddings: subtract every embedding row's mean first, as the reference does.
         save_rotations: write every basis and its eigenvalues to this ``.safetensors`` file.
+        stream_ratio: with ``method="combined"``: the share of the stream's width SliceGPT
+            removes before the MLPs lose neurons for the rest of the target (default 0.05).
+        uniform_widths: with ``"neurons"`` or ``"combined"``: one MLP width in every block,
+            instead of widths allocated per block from the unsliced model's errors (within 25 % of
+            the mean; one more calibration pass).
         round_to: round sliced widths down to a multiple of this (default 8).
         calib: calibration text file(s) (UTF-8, documents separated by blank lines); default: the
             built-in English Wikipedia sample.
@@ -245,6 +266,7 @@ def slice(
         KeyboardInterrupt: Ctrl-C stopped the work; nothing was written.
     """
     kwargs = _kwargs(locals(), ("model", "output", "method", "progress"))
+    _check_method(method)
     if ort_lib is None and not os.environ.get("ORT_DYLIB_PATH"):
         library = _runtime_library(needed=orientation in (None, "pca"))
         if library is not None:
@@ -268,10 +290,12 @@ def plan(
     ratio: Optional[float] = None,
     target_size: Union[str, int, None] = None,
     target_params: Optional[int] = None,
-    method: Method = "slicegpt",
+    method: Optional[Method] = None,
     basis: Optional[Basis] = None,
     orientation: Optional[Orientation] = None,
     slice_head: Optional[bool] = None,
+    stream_ratio: Optional[float] = None,
+    uniform_widths: Optional[bool] = None,
     round_to: Optional[int] = None,
     tokenizer: Optional[PathLike] = None,
 ) -> DryRun:
@@ -281,6 +305,7 @@ def plan(
     without a tokenizer.json beside it needs ``tokenizer``, or an ``orientation`` that does not
     calibrate, as there); raises the same errors."""
     kwargs = _kwargs(locals(), ("model", "method"))
+    _check_method(method)
     try:
         return _unpacked(_native.plan(os.fspath(model), method, json.dumps(kwargs)))
     except _native.NativeError as error:
@@ -314,6 +339,14 @@ def onnxruntime_library() -> _ort.Library:
 # The implementation.
 
 _T = TypeVar("_T")
+
+
+def _check_method(method: Any) -> None:
+    """``method`` is a name (or None): what the native side takes."""
+    if method is not None and not isinstance(method, str):
+        raise UsageError(
+            f"invalid value '{method}' for '--method': expected {', '.join(_native.METHODS)}"
+        )
 
 
 def _kwargs(arguments: Dict[str, Any], positional: Sequence[str]) -> Dict[str, Any]:

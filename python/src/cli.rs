@@ -5,17 +5,26 @@
 //! checks.rs reads its flags from the binary's `SliceArgs` and `EvalArgs` (clap structs in
 //! src/cli.rs, which this crate cannot compile); [`SliceArgs`] and [`eval::EvalArgs`] below have
 //! the fields it reads. A check that reads a new flag makes this crate fail to compile until the
-//! field is added here, and filled in `options::slice_args`.
+//! field is added here, and filled in `options::slice_options`.
 use std::path::PathBuf;
+
+use onnx_slice::pipeline::MethodOptions;
 
 #[path = "../../src/cli/checks.rs"]
 #[allow(dead_code)]
 pub mod checks;
 
-/// The paths and switches of a slicing command that checks.rs reads.
+/// The flags of a slicing command that checks.rs reads: the method and its size, the paths.
 #[derive(Default)]
 pub struct SliceArgs {
+    pub method: Option<MethodArg>,
+    pub ratio: Option<f64>,
+    pub target_size: Option<onnx_slice::Budget>,
+    pub target_params: Option<u64>,
     pub allocate_widths: bool,
+    pub uniform_widths: bool,
+    pub slice_head: bool,
+    pub center_embeddings: bool,
     pub dry_run: bool,
     pub calib: Vec<PathBuf>,
     pub calib_ids: Option<PathBuf>,
@@ -23,6 +32,49 @@ pub struct SliceArgs {
     pub ort_lib: Option<PathBuf>,
     pub report: Option<PathBuf>,
     pub save_rotations: Option<PathBuf>,
+    /// SliceGPT's keywords with defaults (`basis`, `orientation`, `seed`) given by the caller.
+    pub slicegpt_flags_given: bool,
+}
+
+/// `method=`: the command line's `--method` values.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MethodArg {
+    Slicegpt,
+    Neurons,
+    Combined,
+}
+
+impl MethodArg {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "slicegpt" => Some(MethodArg::Slicegpt),
+            "neurons" => Some(MethodArg::Neurons),
+            "combined" => Some(MethodArg::Combined),
+            _ => None,
+        }
+    }
+}
+
+impl SliceArgs {
+    /// `method=`, or the command line's default (src/cli.rs `SliceArgs::method`): SliceGPT for a
+    /// ratio or when any of its own keywords is given, else the library's method for size
+    /// targets ([`MethodOptions::for_target`]).
+    pub fn method(&self) -> MethodArg {
+        let slicegpt = self.ratio.is_some()
+            || self.slicegpt_flags_given
+            || self.slice_head
+            || self.center_embeddings
+            || self.save_rotations.is_some();
+        match self.method {
+            Some(method) => method,
+            None if slicegpt => MethodArg::Slicegpt,
+            None => match MethodOptions::for_target() {
+                MethodOptions::SliceGpt(_) => MethodArg::Slicegpt,
+                MethodOptions::Neurons(_) => MethodArg::Neurons,
+                MethodOptions::Combined(_) => MethodArg::Combined,
+            },
+        }
+    }
 }
 
 /// `eval` is not in the Python API; checks.rs's eval_command needs the type to compile.
@@ -40,6 +92,11 @@ pub mod eval {
         pub seqlen: usize,
         pub max_windows: Option<usize>,
     }
+}
+
+/// checks.rs's `method_flags`: a ratio or a target, and only the keywords of the method that runs.
+pub fn method_flags(args: &SliceArgs) -> checks::Checked {
+    checks::method_flags(args)
 }
 
 /// checks.rs's `slice_command` (visible to this module only, as to the binary's cli module).

@@ -26,26 +26,28 @@ pyo3::create_exception!(
 );
 
 /// Slices `model` into `output` as `onnx-slice MODEL -o OUTPUT` with the options in `kwargs` (a
-/// JSON object of keyword arguments, python/src/options.rs). Returns JSON: `{"result": report,
+/// JSON object of keyword arguments, python/src/options.rs); `method`: `--method`, or `None` for
+/// the command line's choice. Returns JSON: `{"result": report,
 /// "notices": [lines]}`.
 #[pyfunction]
 fn slice(
     py: Python<'_>,
     model: PathBuf,
     output: PathBuf,
-    method: String,
+    method: Option<String>,
     kwargs: &str,
     progress: bool,
 ) -> PyResult<String> {
     let kwargs = parse_kwargs(kwargs)?;
-    py.detach(move || run_slice(&model, Some(&output), &method, kwargs, progress)).map_err(to_py)
+    py.detach(move || run_slice(&model, Some(&output), method.as_deref(), kwargs, progress))
+        .map_err(to_py)
 }
 
 /// What `onnx-slice MODEL --dry-run` says: `{"result": dry_run, "notices": [...]}`.
 #[pyfunction]
-fn plan(py: Python<'_>, model: PathBuf, method: String, kwargs: &str) -> PyResult<String> {
+fn plan(py: Python<'_>, model: PathBuf, method: Option<String>, kwargs: &str) -> PyResult<String> {
     let kwargs = parse_kwargs(kwargs)?;
-    py.detach(move || run_slice(&model, None, &method, kwargs, false)).map_err(to_py)
+    py.detach(move || run_slice(&model, None, method.as_deref(), kwargs, false)).map_err(to_py)
 }
 
 /// What `onnx-slice inspect MODEL --json [--explain]` prints.
@@ -101,12 +103,13 @@ fn to_py(error: anyhow::Error) -> PyErr {
 fn run_slice(
     input: &Path,
     output: Option<&Path>,
-    method: &str,
+    method: Option<&str>,
     kwargs: serde_json::Map<String, Value>,
     progress: bool,
 ) -> anyhow::Result<String> {
     let request = options::slice_options(method, kwargs, output.is_none(), progress)?;
     let source = export::resolve_input(input).map_err(|e| cli::flagged("MODEL", e))?;
+    cli::method_flags(&request.args)?;
     let options = &request.options;
     options.check().map_err(cli::flag_error)?;
     let output_file = output.filter(|_| source.folder.is_none());
@@ -145,6 +148,9 @@ fn dry_run_json(plan: &pipeline::DryRun) -> Value {
         "basis": plan.basis.map(|b| b.to_string()),
         "shortcuts": plan.shortcuts,
         "shortcut_parameters": plan.shortcut_parameters,
+        "mlp_widths_before": plan.mlp_widths.as_ref().map(|(before, _)| before),
+        "mlp_widths": plan.mlp_widths.as_ref().map(|(_, after)| after),
+        "mlp_widths_allocated": plan.allocated,
         "summary": plan.to_string(),
     })
 }

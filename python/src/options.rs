@@ -6,25 +6,25 @@
 //! A keyword is its flag's name with `_` for `-` (`calib_samples` is `--calib-samples`), and a
 //! wrong value is refused with the command line's message, naming the flag.
 //!
-//! Adding an option: one line in [`slice_options`] (or in its method's arm of [`method_options`]),
-//! and the keyword in python/onnx_slice/__init__.py (`slice` and `plan`, with its docstring line).
-//! Adding a method: one arm in [`method_options`] that reads its keywords into its
-//! `MethodOptions` variant, its name in [`METHODS`], and its keywords in the Python signatures.
+//! Adding an option: one line in [`slice_options`], and the keyword in
+//! python/onnx_slice/__init__.py (`slice` and `plan`, with its docstring line). Adding a method:
+//! its name in [`METHODS`] and [`MethodArg`], one arm where [`slice_options`] builds its
+//! `MethodOptions` variant, and its keywords in the Python signatures.
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use onnx_slice::pipeline::{CalibrationData, MethodOptions, Notice, Options};
 use onnx_slice::slicegpt::{BasisMode, Orientation, SliceGpt};
-use onnx_slice::{Budget, Ep, LogLevel, Storage};
+use onnx_slice::{Budget, Combined, Ep, LogLevel, Neurons, Storage};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::cli::checks::{usage, UsageError};
-use crate::cli::SliceArgs;
+use crate::cli::{MethodArg, SliceArgs};
 
-/// The methods `method=` names.
-pub const METHODS: &[&str] = &["slicegpt"];
+/// The methods `method=` names (the command line's `--method` values).
+pub const METHODS: &[&str] = &["slicegpt", "neurons", "combined"];
 
 /// A slicing request: the library's options, what the command line's checks read, and where the
 /// JSON report goes.
@@ -36,10 +36,13 @@ pub struct Request {
     pub notices: Arc<Mutex<Vec<String>>>,
 }
 
-/// Every keyword argument onto [`Options`] and the checks' [`SliceArgs`]; an unknown keyword, or
-/// one that does not fit the method, is a usage error.
+/// Every keyword argument onto [`Options`] and the checks' [`SliceArgs`]; an unknown keyword, or a
+/// value that does not parse, is a usage error (as clap's are). `method`: `method=`, or `None` for
+/// the command line's default (a ratio or SliceGPT's keywords: SliceGPT; a target alone:
+/// [`MethodOptions::for_target`]). Which keywords fit the method is checked afterwards by the
+/// command line's own `method_flags` (python/src/lib.rs), in the command line's order.
 pub fn slice_options(
-    method: &str,
+    method: Option<&str>,
     kwargs: Map<String, Value>,
     dry_run: bool,
     show_progress: bool,
@@ -47,14 +50,56 @@ pub fn slice_options(
     let mut kw = Kwargs(kwargs);
     let mut o = Options::default();
     let mut args = SliceArgs { dry_run, ..SliceArgs::default() };
+    args.method = method
+        .map(|name| {
+            MethodArg::parse(name).ok_or_else(|| {
+                usage(format!(
+                    "invalid value '{name}' for '--method': expected {}",
+                    METHODS.join(", ")
+                ))
+            })
+        })
+        .transpose()?;
 
-    // The size target (the method's best result that fits), else the method's own setting.
-    let target_size = kw.parsed("target_size", Budget::parse_size)?;
-    let target_params = kw.get::<u64>("target_params")?;
-    conflict(target_size.is_some(), "target_size", target_params.is_some(), "target_params")?;
-    let target_key = target_size.map(|_| "target_size").or(target_params.map(|_| "target_params"));
-    o.target = target_size.or(target_params.map(Budget::Parameters));
-    o.method = method_options(method, &mut kw, target_key, &mut args)?;
+    // The size: a ratio (SliceGPT) or a target (the method's best result that fits).
+    args.ratio = kw.get::<f64>("ratio")?;
+    args.target_size = kw.parsed("target_size", Budget::parse_size)?;
+    args.target_params = kw.get::<u64>("target_params")?;
+    conflict(args.ratio.is_some(), "ratio", args.target_size.is_some(), "target_size")?;
+    conflict(args.ratio.is_some(), "ratio", args.target_params.is_some(), "target_params")?;
+    conflict(
+        args.target_size.is_some(),
+        "target_size",
+        args.target_params.is_some(),
+        "target_params",
+    )?;
+    o.target = args.target_size.or(args.target_params.map(Budget::Parameters));
+    // SliceGPT's own keywords (any of them given chooses SliceGPT when method= is not).
+    let mut slicegpt = SliceGpt { ratio: args.ratio.unwrap_or(0.0), ..SliceGpt::default() };
+    let basis = kw.parsed("basis", str::parse::<BasisMode>)?;
+    let seed = kw.get::<u64>("seed")?;
+    let orientation = kw.parsed("orientation", |s| orientation(s, seed.unwrap_or(0)))?;
+    args.slicegpt_flags_given = basis.is_some() || seed.is_some() || orientation.is_some();
+    slicegpt.basis = basis.unwrap_or(slicegpt.basis);
+    slicegpt.orientation = orientation.unwrap_or(slicegpt.orientation);
+    kw.set("allocate_widths", &mut slicegpt.allocate_widths)?;
+    kw.set("slice_head", &mut slicegpt.slice_head)?;
+    kw.set("center_embeddings", &mut slicegpt.center_embeddings)?;
+    slicegpt.save_rotations = kw.path("save_rotations")?;
+    args.allocate_widths = slicegpt.allocate_widths;
+    args.slice_head = slicegpt.slice_head;
+    args.center_embeddings = slicegpt.center_embeddings;
+    args.save_rotations = slicegpt.save_rotations.clone();
+    // neurons' and combined's.
+    let stream_ratio = kw.get::<f64>("stream_ratio")?.unwrap_or(Combined::default().stream_ratio);
+    kw.set("uniform_widths", &mut args.uniform_widths)?;
+    conflict(args.uniform_widths, "uniform_widths", args.allocate_widths, "allocate_widths")?;
+    let allocate_widths = !args.uniform_widths;
+    o.method = match args.method() {
+        MethodArg::Slicegpt => MethodOptions::SliceGpt(slicegpt),
+        MethodArg::Neurons => MethodOptions::Neurons(Neurons { allocate_widths }),
+        MethodArg::Combined => MethodOptions::Combined(Combined { stream_ratio, allocate_widths }),
+    };
     kw.set("round_to", &mut o.round_to)?;
     // Calibration: text files (calib), token ids (calib_ids), else the built-in sample.
     args.calib = kw.paths("calib")?;
@@ -80,50 +125,12 @@ pub fn slice_options(
     args.report = kw.path("report")?;
 
     if let Some(key) = kw.0.keys().next() {
-        return Err(usage(format!("unexpected argument '{}' for method {method}", flag(key))));
+        return Err(usage(format!("unexpected argument '{}'", flag(key))));
     }
     let notices = Arc::new(Mutex::new(Vec::new()));
     o.progress = progress_bar(show_progress);
     o.notices = Some(notice_hook(notices.clone(), verbose > 0));
     Ok(Request { options: o, report: args.report.clone(), args, notices })
-}
-
-/// The method's own keywords onto its [`MethodOptions`]. `target`: the size target's keyword,
-/// when one was given.
-fn method_options(
-    method: &str,
-    kw: &mut Kwargs,
-    target: Option<&str>,
-    args: &mut SliceArgs,
-) -> Result<MethodOptions, UsageError> {
-    match method {
-        "slicegpt" => {
-            let mut m = SliceGpt::default();
-            let ratio = kw.get::<f64>("ratio")?;
-            conflict(ratio.is_some(), "ratio", target.is_some(), target.unwrap_or_default())?;
-            if ratio.is_none() && target.is_none() {
-                return Err(usage(
-                    "the following required arguments were not provided: --ratio (or --target-size, \
-                     --target-params)",
-                ));
-            }
-            m.ratio = ratio.unwrap_or(m.ratio);
-            kw.set_parsed("basis", &mut m.basis, str::parse::<BasisMode>)?;
-            let seed = kw.get::<u64>("seed")?.unwrap_or(0);
-            kw.set_parsed("orientation", &mut m.orientation, |s| orientation(s, seed))?;
-            kw.set("allocate_widths", &mut m.allocate_widths)?;
-            kw.set("slice_head", &mut m.slice_head)?;
-            kw.set("center_embeddings", &mut m.center_embeddings)?;
-            m.save_rotations = kw.path("save_rotations")?;
-            args.allocate_widths = m.allocate_widths;
-            args.save_rotations = m.save_rotations.clone();
-            Ok(MethodOptions::SliceGpt(m))
-        }
-        other => Err(usage(format!(
-            "invalid value '{other}' for 'method': expected {}",
-            METHODS.join(", ")
-        ))),
-    }
 }
 
 fn orientation(text: &str, seed: u64) -> Result<Orientation, String> {

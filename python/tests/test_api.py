@@ -150,6 +150,15 @@ def test_usage_errors_are_the_command_lines():
                 MODEL, "-o", scratch("u.onnx"), "--ratio", "0.2", "--calib", FIXTURES / "nope.txt")
     same_as_cli(onnx_slice.UsageError, lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, orientation="identity", center_embeddings=True),
                 MODEL, "-o", scratch("u.onnx"), "--ratio", "0.2", "--orientation", "identity", "--center-embeddings")
+    existing = scratch("existing.onnx")
+    existing.write_bytes(b"an earlier result")
+    same_as_cli(onnx_slice.UsageError, lambda: onnx_slice.slice(MODEL, existing, ratio=0.2),
+                MODEL, "-o", existing, "--ratio", "0.2")
+    assert existing.read_bytes() == b"an earlier result"
+    ids = scratch("big-ids.npy")
+    numpy.save(ids, numpy.full((2, 16), 4000, dtype=numpy.int64))
+    same_as_cli(onnx_slice.UsageError, lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, calib_ids=ids),
+                MODEL, "-o", scratch("u.onnx"), "--ratio", "0.2", "--calib-ids", ids)
     # Values the command line's parser refuses: the same words, without clap's usage lines.
     for call, words in [
         (lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, basis="all"), "invalid value 'all' for '--basis'"),
@@ -158,7 +167,7 @@ def test_usage_errors_are_the_command_lines():
         (lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, target_size="50%"), "cannot be used with"),
         (lambda: onnx_slice.slice(MODEL, scratch("u.onnx")), "--ratio"),
         (lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, calib=TEXT, calib_ids=scratch("ids.npy")), "cannot be used with"),
-        (lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, method="nope"), "expected slicegpt"),
+        (lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio=0.2, method="nope"), "expected slicegpt, neurons, combined"),
         (lambda: onnx_slice.slice(MODEL, scratch("u.onnx"), ratio="a lot"), "'--ratio'"),
     ]:
         error = raises(onnx_slice.UsageError, call)
@@ -196,13 +205,67 @@ def test_failed_work_is_a_slice_error():
 
 
 def test_plan_is_the_dry_run():
+    for keywords, flags in [({"target_size": "80%"}, ["--target-size", "80%"]),
+                            ({"target_size": "80%", "method": "combined", "stream_ratio": 0.1},
+                             ["--target-size", "80%", "--method", "combined", "--stream-ratio", "0.1"]),
+                            ({"ratio": 0.5, "basis": "point"}, ["--ratio", "0.5", "--basis", "point"])]:
+        dry = onnx_slice.plan(FOLDER, **keywords)
+        done = cli(FOLDER, "--dry-run", *flags)
+        assert done.returncode == 0 and dry["summary"] == done.stdout, (dry["summary"], done.stdout)
     dry = onnx_slice.plan(FOLDER, target_size="80%")
-    done = cli(FOLDER, "--dry-run", "--target-size", "80%")
-    assert done.returncode == 0 and dry["summary"] == done.stdout, (dry["summary"], done.stdout)
-    report = onnx_slice.slice(MODEL, scratch("planned.onnx"), target_size="80%", calib=TEXT)
+    assert dry["method"] == "neurons" and dry["basis"] is None and dry["mlp_widths"], dry
+    dry = onnx_slice.plan(FOLDER, target_size="80%", method="slicegpt")
+    report = onnx_slice.slice(MODEL, scratch("planned.onnx"), target_size="80%", method="slicegpt", calib=TEXT)
     assert dry["widths"] == report["widths"] and dry["after"]["bytes"] == report["weight_bytes_after"]
     assert dry["method"] == "slicegpt" and dry["basis"] == "global"
     assert onnx_slice.plan(MODEL, ratio=0.5, basis="point")["shortcuts"] > 0
+
+
+# The methods, chosen as the command line chooses them.
+
+
+def test_methods_write_what_the_command_line_writes():
+    short = ("--calib", TEXT, "--calib-samples", "8", "--calib-seqlen", "32")
+    for name, keywords, flags, method in [
+        ("alone", {"target_size": "80%"}, ["--target-size", "80%"], "neurons"),  # a target alone
+        ("uniform", {"target_size": "75%", "uniform_widths": True},
+         ["--target-size", "75%", "--uniform-widths"], "neurons"),
+        ("combined", {"target_params": 190000, "method": "combined", "stream_ratio": 0.125},
+         ["--target-params", "190000", "--method", "combined", "--stream-ratio", "0.125"], "combined"),
+        ("basis", {"target_size": "80%", "basis": "block"}, ["--target-size", "80%", "--basis", "block"], "slicegpt"),
+        ("ratio", {"ratio": 0.25}, ["--ratio", "0.25"], "slicegpt"),
+    ]:
+        api, command = scratch(f"m-{name}.onnx"), scratch(f"m-{name}-cli.onnx")
+        report = onnx_slice.slice(MODEL, api, calib=TEXT, calib_samples=8, calib_seqlen=32, **keywords)
+        done = cli(MODEL, "-o", command, *flags, *short, "-q")
+        assert done.returncode == 0, done.stderr
+        assert report["method"] == method, (name, report["method"])
+        assert api.read_bytes() == command.read_bytes(), f"{name}: the API and the command line differ"
+        if method == "slicegpt":
+            assert report["mlp_widths"] is None
+        else:
+            assert report["mlp_widths"] and report["weight_bytes_after"] < report["weight_bytes_before"]
+        if name == "uniform":
+            assert len(set(report["mlp_widths"])) == 1, report["mlp_widths"]
+
+
+def test_method_mistakes_are_the_command_lines():
+    for keywords, flags in [
+        ({"method": "neurons", "ratio": 0.2}, ["--method", "neurons", "--ratio", "0.2"]),
+        ({"method": "neurons", "target_size": "80%", "basis": "block"},
+         ["--method", "neurons", "--target-size", "80%", "--basis", "block"]),
+        ({"method": "combined"}, ["--method", "combined"]),
+        ({"ratio": 0.2, "uniform_widths": True}, ["--ratio", "0.2", "--uniform-widths"]),
+        ({"target_size": "80"}, ["--target-size", "80"]),
+    ]:
+        out = scratch("method-mistake.onnx")
+        error = raises(onnx_slice.UsageError, lambda: onnx_slice.slice(MODEL, out, **keywords))
+        code, message = cli_error(MODEL, "-o", out, *flags)
+        assert error.exit_code == code == 2, (keywords, code)
+        if keywords != {"target_size": "80"}:
+            assert str(error) == message, f"\napi: {error}\ncli: {message}"
+        else:  # clap words its own parse errors; the reason is the same
+            assert "did you mean 80%?" in str(error) and "did you mean 80%?" in message, (error, message)
 
 
 def test_inspect_is_inspect_json():
