@@ -81,9 +81,10 @@ Examples:
 #[command(
     name = "onnx-slice",
     version,
-    about = "Compress exported ONNX transformer language models with SliceGPT",
-    long_about = "Compress exported ONNX transformer language models with SliceGPT.\n\n\
-                  onnx-slice MODEL -o OUT --ratio R   removes the fraction R of the residual stream width.",
+    about = "Compress exported ONNX transformer language models (MLP neurons, SliceGPT)",
+    long_about = "Compress exported ONNX transformer language models to a size you name.\n\n\
+                  onnx-slice MODEL -o OUT --target-size 80%   removes MLP neurons (--method neurons) until the weights fit.\n\
+                  onnx-slice MODEL -o OUT --ratio R           SliceGPT: removes the fraction R of the residual stream width.",
     after_help = SLICE_EXAMPLES,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -102,7 +103,8 @@ struct SliceArgs {
     #[arg(required = true)]
     model: Option<PathBuf>,
     /// Where to write the sliced model: a new file (its folder must exist), or for an export folder a
-    /// new folder that its client loads as it is. Not needed with --dry-run.
+    /// new (or empty) folder that its client loads as it is. An output that exists is refused, never
+    /// replaced. Not needed with --dry-run.
     #[arg(short, long, value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
     /// Fraction of the residual stream WIDTH to remove (0 ≤ R < 1); not of the size (see
@@ -303,7 +305,8 @@ struct ConvertArgs {
     /// The model to rewrite (.onnx), or an export folder.
     input: PathBuf,
     /// Where to write it (a new file; its folder must exist; external data goes to OUT.data), or for
-    /// an export folder a new folder (external data named as the folder's client expects).
+    /// an export folder a new (or empty) folder (external data named as the folder's client
+    /// expects). An output that exists is refused, never replaced.
     #[arg(short, long, value_name = "OUT")]
     output: PathBuf,
     /// Store tensors in OUTPUT.data beside the model.
@@ -342,6 +345,8 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `onnx-slice inspect MODEL | head -1`: the reader has what it wanted.
+        Err(e) if stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
@@ -350,6 +355,37 @@ pub fn main() -> ExitCode {
             ExitCode::from(checks::exit_code(&e))
         }
     }
+}
+
+/// Writes `text` to stdout. Not `print!`, which panics when the reader has closed the pipe: that
+/// is [`StdoutClosed`], which ends the program quietly.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            anyhow::Error::new(StdoutClosed)
+        } else {
+            anyhow::Error::new(e).context("writing to stdout")
+        }
+    })
+}
+
+/// stdout is a pipe whose reader has gone (`onnx-slice inspect MODEL | head -1`): the reader has
+/// what it wanted, so the command ends quietly, with exit code 0.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+fn stdout_closed(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<StdoutClosed>().is_some()
 }
 
 /// Ctrl-C, `kill` or a closed terminal end the process without running destructors; the handler
@@ -375,12 +411,10 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let layout = inspect::describe_layout(&model, args.explain);
     if args.json {
         let json = serde_json::json!({ "model": summary, "transformer": layout });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        print_out(&(serde_json::to_string_pretty(&json)? + "\n"))
     } else {
-        print!("{summary}");
-        print!("{layout}");
+        print_out(&format!("{summary}{layout}"))
     }
-    Ok(())
 }
 
 fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
@@ -413,8 +447,7 @@ fn run_slice(args: SliceArgs) -> anyhow::Result<()> {
         }
     }
     if args.dry_run {
-        print!("{}", pipeline::plan(&input, &options).map_err(flag_error)?);
-        return Ok(());
+        return print_out(&pipeline::plan(&input, &options).map_err(flag_error)?.to_string());
     }
     let Some(output) = args.output.clone() else {
         return Err(usage("-o OUTPUT is required (or --dry-run)").into());
@@ -548,6 +581,7 @@ fn run_convert(args: ConvertArgs) -> anyhow::Result<()> {
     checks::input_file("INPUT", input)?;
     if source.folder.is_none() {
         checks::output_files(&[("-o", &args.output)], &[input])?;
+        checks::new_output(&args.output)?;
     }
     let destination = export::plan_output(&source, &args.output).map_err(|e| flagged("-o", e))?;
     let storage = storage_of(args.external_data, args.inline);

@@ -27,6 +27,7 @@ use crate::report::{InputFile, Report};
 use crate::runtime::{self, Ep, EpChoice, LogLevel, SessionConfig};
 use crate::size::{Budget, Plan, Totals};
 use crate::slicegpt::{BasisMode, SliceGpt};
+use crate::structure::EmbeddingRole;
 
 /// Which method compresses the model, with its own options.
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +376,8 @@ fn rewrite_and_save<M: Method>(
         if let Some(level) = options.ort_log_level {
             runtime::set_log_level(level)?;
         }
-        Some(calibration_set(input, &model, options, &mut warnings)?)
+        let vocabulary = vocabulary(&model, &analysis);
+        Some(calibration_set(input, &model, vocabulary, options, &mut warnings)?)
     } else {
         None
     };
@@ -471,9 +473,30 @@ fn calibration_settings(input: &Path, options: &Options) -> Settings {
 /// How a tokenizer-less model is told to give token ids instead (the command line's flag).
 const IDS_HINT: &str = "--calib-ids FILE.npy";
 
+/// The token embedding table's rows: the token ids the model reads (`None` when the table is not
+/// an initializer of known shape).
+fn vocabulary(model: &Model, analysis: &Analysis) -> Option<usize> {
+    let token = analysis.layout.embeddings.iter().find(|e| e.role == EmbeddingRole::Token)?;
+    let table = model.graph.initializer(&token.table)?;
+    let axis = usize::from(token.through_transpose.is_some());
+    usize::try_from(*table.dims.get(axis)?).ok()
+}
+
+/// The first token id of `set` outside `0..vocabulary`, with its row and column.
+fn outside_vocabulary(set: &CalibrationSet, vocabulary: usize) -> Option<(i64, usize, usize)> {
+    set.ids.iter().enumerate().find_map(|(row, ids)| {
+        let column =
+            ids.iter().position(|&id| usize::try_from(id).map_or(true, |i| i >= vocabulary))?;
+        Some((ids[column], row, column))
+    })
+}
+
+/// `vocabulary`: the model's (see [`vocabulary`]); ids outside it are refused here, before any
+/// calibration run, instead of failing inside ONNX Runtime's Gather.
 fn calibration_set(
     input: &Path,
     model: &Model,
+    vocabulary: Option<usize>,
     options: &Options,
     warnings: &mut Vec<String>,
 ) -> Result<CalibrationSet> {
@@ -487,6 +510,18 @@ fn calibration_set(
     let texts: Vec<String> = match &options.calibration {
         CalibrationData::Ids(ids) => {
             let set = CalibrationSet::from_npy(ids, Some(samples))?;
+            if let Some((id, row, column)) = vocabulary.and_then(|v| outside_vocabulary(&set, v)) {
+                return Err(invalid(
+                    "calib_ids",
+                    format!(
+                        "{}: token id {id} (row {row}, column {column}) is outside the model's vocabulary \
+                         of {} (ids 0 to {}): were these ids made with this model's tokenizer?",
+                        ids.display(),
+                        vocabulary.unwrap_or_default(),
+                        vocabulary.unwrap_or_default().saturating_sub(1)
+                    ),
+                ));
+            }
             if let Some(message) = shortfall(&set, samples, "rows in the file") {
                 warn(message);
             }
@@ -506,6 +541,17 @@ fn calibration_set(
         crate::interface::find_tokenizer(input, options.tokenizer.as_deref(), IDS_HINT)?;
     let tokenizer = crate::interface::load_tokenizer(&tokenizer_path)?;
     let set = CalibrationSet::from_texts(&texts, &tokenizer, samples, seqlen, options.calib_seed)?;
+    if let Some((id, _, _)) = vocabulary.and_then(|v| outside_vocabulary(&set, v)) {
+        return Err(invalid(
+            "tokenizer",
+            format!(
+                "the tokenizer {} gives token id {id}, outside the model's vocabulary of {}: it is not \
+                 this model's tokenizer (give the model's with --tokenizer FILE)",
+                tokenizer_path.display(),
+                vocabulary.unwrap_or_default()
+            ),
+        ));
+    }
     if let Some(message) =
         shortfall(&set, samples, "windows in the text; give more text with --calib")
     {

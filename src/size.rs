@@ -35,6 +35,10 @@ fn is_float(dtype: DataType) -> bool {
     matches!(dtype, DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double)
 }
 
+/// A `--target-size` without a unit up to this many bytes is refused as a percentage missing its
+/// `%` (no model's weights fit in it).
+const PERCENT_LOOKALIKE: u64 = 100;
+
 /// A size budget: weight bytes or parameters of the output.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,9 +59,17 @@ impl Budget {
                 _ => Err(format!("expected a percentage in (0, 100], got '{text}'")),
             };
         }
-        text.parse::<u64>().map(Budget::Bytes).map_err(|_| {
+        let bytes = text.parse::<u64>().map_err(|_| {
             format!("expected a number of bytes or a percentage like 80%, got '{text}'")
-        })
+        })?;
+        // No model's weights fit in 100 bytes: a bare number this small is a share without its %.
+        if bytes <= PERCENT_LOOKALIKE {
+            return Err(format!(
+                "{bytes} would mean {bytes} bytes; did you mean {bytes}%? (a size in bytes is a larger \
+                 number, such as 200000000)"
+            ));
+        }
+        Ok(Budget::Bytes(bytes))
     }
 
     /// The limit in the budget's unit, for a model of `before`.

@@ -329,7 +329,8 @@ fn a_model_without_a_transformer_exits_with_3() {
 #[test]
 fn calibration_short_of_what_was_asked_or_unknown_to_the_tokenizer_is_warned_about() {
     let dir = scratch();
-    let out = dir.path().join("out.onnx");
+    // Each run writes a new output: an existing one is refused.
+    let out = |n: u32| dir.path().join(format!("out{n}.onnx"));
     let short = dir.path().join("short.txt");
     std::fs::write(
         &short,
@@ -339,7 +340,7 @@ fn calibration_short_of_what_was_asked_or_unknown_to_the_tokenizer_is_warned_abo
     let run = onnx_slice(args(&[
         &model(),
         &"-o",
-        &out,
+        &out(1),
         &"--ratio",
         &"0.25",
         &"--calib",
@@ -357,7 +358,7 @@ fn calibration_short_of_what_was_asked_or_unknown_to_the_tokenizer_is_warned_abo
     let run = onnx_slice(args(&[
         &model(),
         &"-o",
-        &out,
+        &out(2),
         &"--ratio",
         &"0.25",
         &"--calib-samples",
@@ -375,7 +376,7 @@ fn calibration_short_of_what_was_asked_or_unknown_to_the_tokenizer_is_warned_abo
     let run = onnx_slice(args(&[
         &model(),
         &"-o",
-        &out,
+        &out(3),
         &"--ratio",
         &"0.25",
         &"--calib",
@@ -430,5 +431,89 @@ fn wait_for_the_staged_folder(folder: &Path, prefix: &str, run: &mut std::proces
         assert!(status.is_none(), "the run ended ({status:?}) before its output was staged");
         assert!(started.elapsed().as_secs() < 120, "no staged output after two minutes");
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// `onnx-slice inspect MODEL | head -1`: a reader that closes the pipe early ends the command
+/// quietly (exit 0), not with a panic ("failed printing to stdout").
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::process::{Command, Stdio};
+    let runs: [&[&dyn AsRef<std::ffi::OsStr>]; 3] = [
+        &[&"inspect", &model()],
+        &[&"inspect", &model(), &"--json"],
+        &[&model(), &"--dry-run", &"--ratio", &"0.25"],
+    ];
+    for run in runs {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-slice"))
+            .args(args(run))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes before the command has loaded the model, so every write fails.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.is_empty(), "{stderr}");
+    }
+}
+
+/// A first day's mistakes, each with a message that says what to do.
+#[test]
+fn a_new_users_first_mistakes_are_explained() {
+    let outputs = scratch();
+    let out = outputs.path().join("out.onnx");
+    // A size without its %: 80 bytes is no model's size.
+    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--target-size", &"80"]));
+    assert_usage_error(&run, "did you mean 80%?", outputs.path());
+    // No size at all: every way to give one is named.
+    let run = onnx_slice(args(&[&model(), &"-o", &out]));
+    assert_usage_error(&run, "--ratio", outputs.path());
+    assert!(run.stderr.contains("--target-size") && run.stderr.contains("--target-params"));
+    // Calibration ids the model has no embedding for: refused before any calibration run.
+    let ids = outputs.path().join("ids").join("ids.npy");
+    std::fs::create_dir(ids.parent().unwrap()).unwrap();
+    let data: Vec<u8> =
+        (0..4 * 16).map(|i| if i == 21 { 5000i64 } else { 7 }).flat_map(i64::to_le_bytes).collect();
+    write_npy(&ids, "<i8", &[4, 16], &data);
+    let run = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25", &"--calib-ids", &ids]));
+    assert_usage_error(
+        &run,
+        "token id 5000 (row 1, column 5) is outside the model's vocabulary of 1000",
+        outputs.path(),
+    );
+    assert!(!run.stderr.contains("Gather"), "{}", run.stderr);
+}
+
+/// One rule for an output that exists, file or folder, slicing or convert: it is refused (exit 2),
+/// never replaced, and --help says so.
+#[test]
+fn an_existing_output_is_refused_never_replaced() {
+    let outputs = scratch();
+    let out = outputs.path().join("out.onnx");
+    std::fs::write(&out, b"an earlier result").unwrap();
+    let before = snapshot(outputs.path());
+    let slicing = onnx_slice(args(&[&model(), &"-o", &out, &"--ratio", &"0.25"]));
+    let convert = onnx_slice(args(&[&"convert", &model(), &"-o", &out]));
+    for run in [slicing, convert] {
+        assert_eq!(run.code, Some(2), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("exists") && run.stderr.contains("never replaces"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(snapshot(outputs.path()), before);
+    }
+    let folder = outputs.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("model.onnx"), b"an earlier result").unwrap();
+    let run = onnx_slice(args(&[&fixture("llama/optimum"), &"-o", &folder, &"--ratio", &"0.25"]));
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("not empty"), "{}", run.stderr);
+    for command in [&["--help"][..], &["convert", "--help"]] {
+        let help = onnx_slice(command).stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(help.contains("An output that exists is refused, never replaced"), "{help}");
     }
 }

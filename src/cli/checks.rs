@@ -228,7 +228,22 @@ pub(super) fn slice_command(args: &SliceArgs, input: &Path, output: Option<&Path
     outputs.extend(args.report.iter().map(|p| ("--report", p.as_path())));
     outputs.extend(args.save_rotations.iter().map(|p| ("--save-rotations", p.as_path())));
     let read: Vec<&Path> = inputs.iter().map(|(_, p)| *p).chain(tokenizer.as_deref()).collect();
-    output_files(&outputs, &read)
+    output_files(&outputs, &read)?;
+    output.map_or(Ok(()), new_output)
+}
+
+/// The one rule for an existing output: `-o` never replaces anything. A model file must not exist
+/// yet; an output folder (for an export folder) must be new or empty (`export::plan_output`).
+/// `--report` and `--save-rotations` files are replaced.
+pub fn new_output(path: &Path) -> Checked {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+        return Err(usage(format!(
+            "-o {} exists; onnx-slice writes a new file and never replaces one: remove it first, or \
+             give a new name",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The files and counts of `eval`, and a tokenizer for its text.

@@ -1,6 +1,6 @@
 //! `onnx-slice eval`: the perplexity of a model on text or token ids, by the library's
 //! [`onnx_slice::eval`].
-use std::io::Write as _;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -98,7 +98,7 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
     let result = result?;
     let seconds = start.elapsed().as_secs_f64();
     let ep = session.ep().active.to_string();
-    let mut out = std::io::stdout().lock();
+    let mut out = String::new();
     if args.json {
         let json = serde_json::json!({
             "model": args.model.display().to_string(),
@@ -124,7 +124,7 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
         writeln!(out, "tokens      {} predicted{ignored}", result.tokens)?;
         writeln!(out, "time        {seconds:.1} s on {ep}")?;
     }
-    Ok(())
+    super::print_out(&out)
 }
 
 fn load_windows(args: &EvalArgs) -> anyhow::Result<(Vec<Vec<i64>>, String)> {
