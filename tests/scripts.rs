@@ -1,6 +1,6 @@
 //! The set-up scripts say what they do: the first build is announced and shows cargo's progress
-//! (later runs are quiet); fetching ONNX Runtime's library and making the clients' venv are announced
-//! before they start.
+//! (later runs show what cargo says while it works, but not its "Finished" line); fetching ONNX
+//! Runtime's library and making the clients' venv are announced before they start.
 //! `cargo` and `python3` are stand-ins on PATH that record how they were called, so nothing is
 //! built or downloaded here.
 mod common;
@@ -47,27 +47,50 @@ fn run(command: &mut Command) -> (String, String) {
     )
 }
 
+/// A stand-in `cargo` that says what a real one says while it waits for another build and when it
+/// is done (on stderr), prints how it was called (on stdout), and "builds" a binary that prints
+/// its arguments.
+fn building_cargo(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    let script = r#"#!/bin/sh
+echo "cargo $*"
+echo "    Blocking waiting for file lock on build directory" >&2
+mkdir -p "$CARGO_TARGET_DIR/release"
+printf '#!/bin/sh\necho "onnx-slice $*"\n' > "$CARGO_TARGET_DIR/release/onnx-slice"
+chmod +x "$CARGO_TARGET_DIR/release/onnx-slice"
+echo "    Finished \`release\` profile [optimized] target(s) in 0.20s" >&2
+"#;
+    write_executable(&bin.join("cargo"), script);
+    write_executable(&bin.join("python3"), "#!/bin/sh\nexit 1\n");
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// The first build is announced and shows cargo's progress; later runs show what cargo says while
+/// it works (waiting for another build's lock: a minute of silence otherwise), but not its
+/// "Finished" line.
 #[test]
-fn the_first_build_is_announced_and_shows_cargos_progress() {
+fn the_first_build_is_announced_and_cargo_is_heard_when_it_waits() {
     let dir = scratch();
-    let path = stand_ins(dir.path());
+    let path = building_cargo(dir.path());
     let target = dir.path().join("target");
-    let onnx_slice = |target: &Path| {
+    let onnx_slice = || {
         run(Command::new(script("onnx-slice"))
             .arg("--version")
             .env("PATH", &path)
-            .env("CARGO_TARGET_DIR", target)
+            .env("CARGO_TARGET_DIR", &target)
             .env("ONNX_SLICE_HOME", ort_home(dir.path())))
     };
 
-    let (cargo, stderr) = onnx_slice(&target);
+    let (stdout, stderr) = onnx_slice();
     assert!(stderr.contains("first build") && stderr.contains("several minutes"), "{stderr}");
-    assert!(cargo.starts_with("cargo run --release") && !cargo.contains("--quiet"), "{cargo}");
+    assert!(stderr.contains("Finished"), "the first build shows all of cargo's output: {stderr}");
+    assert!(stdout.starts_with("cargo build --release") && !stdout.contains("--quiet"), "{stdout}");
+    assert!(stdout.ends_with("onnx-slice --version\n"), "{stdout}");
 
-    write_executable(&target.join("release").join("onnx-slice"), "#!/bin/sh\n");
-    let (cargo, stderr) = onnx_slice(&target);
-    assert!(stderr.is_empty(), "{stderr}");
-    assert!(cargo.starts_with("cargo run --quiet --release"), "{cargo}");
+    let (stdout, stderr) = onnx_slice();
+    assert_eq!(stderr, "    Blocking waiting for file lock on build directory\n");
+    assert!(stdout.starts_with("cargo build --release") && !stdout.contains("--quiet"), "{stdout}");
+    assert!(stdout.ends_with("onnx-slice --version\n"), "{stdout}");
 }
 
 #[test]
