@@ -74,6 +74,7 @@ for target in "${targets[@]}"; do
     for basis in "${bases[@]}"; do
       name="$basis-$width-${target%\%}"
       sliced="$out/budget-$name.onnx"
+      rm -f "$sliced" "$sliced.data"  # onnx-slice never replaces an existing output
       allocate=(); [ "$width" = allocated ] && allocate=(--allocate-widths)
       start=$(date +%s.%N)
       python3 bench/peak_memory.py --json "$out/memory-$name.json" -- \

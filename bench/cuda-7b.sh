@@ -29,6 +29,7 @@ slice)
   bin=${3:?missing BINARY} ids=${4:?missing IDS.npy} out=${5:?missing OUT}
   shift 5
   mkdir -p "$out" "$work/sliced"
+  rm -f "$work/sliced/model.onnx" "$work/sliced/model.onnx.data"  # never replaced by onnx-slice
   while [ ! -f "$work/generated" ]; do sleep 2; done
   tail -2 "$work/generate.log"
   nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 500 \

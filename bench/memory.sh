@@ -12,6 +12,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 model=$1 ids=$2 out=$3
 shift 3
 mkdir -p "$out"
+rm -f "$out/model.onnx" "$out/model.onnx.data"  # onnx-slice never replaces an existing output
 (cd "$here" && cargo build --release --locked --quiet)
 python3 "$here/bench/peak_memory.py" --json "$out/memory.json" -- \
   "$here/target/release/onnx-slice" "$model" -o "$out/model.onnx" --ratio 0.25 \

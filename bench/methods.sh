@@ -51,6 +51,7 @@ for target in "${targets[@]}"; do
   for config in "${configs[@]}"; do
     name="$config-${target%\%}"
     sliced="$out/methods-$name.onnx"
+    rm -f "$sliced" "$sliced.data"  # onnx-slice never replaces an existing output
     read -r -a these <<< "${flags[$config]}"
     python3 bench/peak_memory.py --json "$out/memory-$name.json" -- \
       "$bin" "$model" -o "$sliced" --target-size "$target" "${these[@]}" \

@@ -19,6 +19,7 @@ dense=$(evaluate "$model")
 rows+=("dense|$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["perplexity"])' "$dense")|||||")
 for ratio in 0 0.1 0.2 0.25 0.3; do
   sliced="$out/smollm2-$ratio.onnx"
+  rm -f "$sliced" "$sliced.data"  # onnx-slice never replaces an existing output
   /usr/bin/time -f "%e %M" -o "$out/time-$ratio.txt" \
     "$bin" "$model" -o "$sliced" --ratio "$ratio" --basis point --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
     --report "$out/report-$ratio.json" --quiet ${slice_flags[@]+"${slice_flags[@]}"}
