@@ -205,8 +205,9 @@ def slice(
     Args:
         model: an exported ``.onnx`` file (external data found beside it), or an optimum or
             onnxruntime-genai export folder.
-        output: a new ``.onnx`` file (its folder must exist); for an export folder, a new folder
-            that the same client loads as it is.
+        output: a new ``.onnx`` file (its folder must exist); for an export folder, a new (or
+            empty) folder that the same client loads as it is. An output that exists is refused
+            (:class:`UsageError`), never replaced.
         ratio: SliceGPT: the fraction of the residual stream WIDTH to remove (0 <= ratio < 1);
             not of the size. One of ``ratio``, ``target_size`` and ``target_params`` is required.
         target_size: the largest output's weight bytes: a number of bytes (an int, or a string
