@@ -134,6 +134,9 @@ class Report(TypedDict, total=False):
     parameters_before: int
     parameters_after: int
     shortcut_parameters: int
+    #: The MatMuls to leave in float when quantizing the output (a quantizer's
+    #: ``nodes_to_exclude``): ``{"node": name, "reason": why}`` each; also in the model's metadata.
+    quantize_exclude: List[Dict[str, str]]
     weight_bytes_before: int
     weight_bytes_after: int
     file_bytes_after: int

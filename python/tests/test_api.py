@@ -82,7 +82,8 @@ def test_keywords_reach_the_library_as_their_flags_do():
 
 def test_report_fields():
     report = onnx_slice.slice(FOLDER, scratch("fields"), target_size="80%", calib=[TEXT], calib_samples=16)
-    for key in ("schema_version", "tool", "input_sha256", "stream_width", "widths", "parameters_before",
+    for key in ("schema_version", "tool", "input_sha256", "stream_width", "widths", "parameters_before", "method",
+                "mlp_widths", "quantize_exclude",
                 "parameters_after", "weight_bytes_before", "weight_bytes_after", "calibration_tokens",
                 "onnx_runtime", "execution_provider", "warnings", "seconds"):
         assert key in report, key
