@@ -227,23 +227,9 @@ struct SliceArgs {
 }
 
 impl SliceArgs {
-    /// `--method`, or the default: SliceGPT for a ratio or when any of its own flags is given,
-    /// else the library's method for size targets.
+    /// `--method`, or the default ([`checks::chosen_method`]).
     fn method(&self) -> MethodArg {
-        let slicegpt = self.ratio.is_some()
-            || self.slicegpt_flags_given
-            || self.slice_head
-            || self.center_embeddings
-            || self.save_rotations.is_some();
-        match self.method {
-            Some(method) => method,
-            None if slicegpt => MethodArg::Slicegpt,
-            None => match MethodOptions::for_target() {
-                MethodOptions::SliceGpt(_) => MethodArg::Slicegpt,
-                MethodOptions::Neurons(_) => MethodArg::Neurons,
-                MethodOptions::Combined(_) => MethodArg::Combined,
-            },
-        }
+        checks::chosen_method(self)
     }
 }
 

@@ -8,8 +8,6 @@
 //! field is added here, and filled in `options::slice_options`.
 use std::path::PathBuf;
 
-use onnx_slice::pipeline::MethodOptions;
-
 #[path = "../../src/cli/checks.rs"]
 #[allow(dead_code)]
 pub mod checks;
@@ -56,24 +54,9 @@ impl MethodArg {
 }
 
 impl SliceArgs {
-    /// `method=`, or the command line's default (src/cli.rs `SliceArgs::method`): SliceGPT for a
-    /// ratio or when any of its own keywords is given, else the library's method for size
-    /// targets ([`MethodOptions::for_target`]).
+    /// `--method`, or the default ([`checks::chosen_method`]).
     pub fn method(&self) -> MethodArg {
-        let slicegpt = self.ratio.is_some()
-            || self.slicegpt_flags_given
-            || self.slice_head
-            || self.center_embeddings
-            || self.save_rotations.is_some();
-        match self.method {
-            Some(method) => method,
-            None if slicegpt => MethodArg::Slicegpt,
-            None => match MethodOptions::for_target() {
-                MethodOptions::SliceGpt(_) => MethodArg::Slicegpt,
-                MethodOptions::Neurons(_) => MethodArg::Neurons,
-                MethodOptions::Combined(_) => MethodArg::Combined,
-            },
-        }
+        checks::chosen_method(self)
     }
 }
 

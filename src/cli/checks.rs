@@ -3,7 +3,29 @@
 //! which flag, which path, and what is wrong with it, and exits with [`EXIT_USAGE`].
 use std::path::{Path, PathBuf};
 
-use super::SliceArgs;
+use onnx_slice::pipeline::MethodOptions;
+
+use super::{MethodArg, SliceArgs};
+
+/// The method of a slicing command (`--method`, `method=`), or the default: SliceGPT for a ratio
+/// or when any of its own flags is given (earlier command lines do what they did), else the
+/// library's method for size targets ([`MethodOptions::for_target`]).
+pub fn chosen_method(args: &SliceArgs) -> MethodArg {
+    let slicegpt = args.ratio.is_some()
+        || args.slicegpt_flags_given
+        || args.slice_head
+        || args.center_embeddings
+        || args.save_rotations.is_some();
+    match args.method {
+        Some(method) => method,
+        None if slicegpt => MethodArg::Slicegpt,
+        None => match MethodOptions::for_target() {
+            MethodOptions::SliceGpt(_) => MethodArg::Slicegpt,
+            MethodOptions::Neurons(_) => MethodArg::Neurons,
+            MethodOptions::Combined(_) => MethodArg::Combined,
+        },
+    }
+}
 
 /// The command line cannot work as given (a flag's value, a path); nothing was read or written.
 /// The same code as clap's own usage errors.
