@@ -181,13 +181,23 @@ pub fn remove_neurons(
     let batches = calibrate::batches(set, settings.batch)?;
     let shell = Model { graph: Default::default(), ..model.clone() };
     let graph = &mut model.graph;
-    let mut run =
-        Runner::new(&shell, graph, layout, settings, &batches, progress, (&mut timings, &mut ep))?;
     let widths = if plan.allocate {
+        let sample = &batches[..allocation_batches(batches.len())];
+        let mut run = Runner::new(
+            &shell,
+            graph,
+            layout,
+            settings,
+            sample,
+            progress,
+            (&mut timings, &mut ep),
+        )?;
         allocated_widths(&mut run, graph, &mlps, stream, &plan.widths, plan.round)?
     } else {
         plan.widths.clone()
     };
+    let mut run =
+        Runner::new(&shell, graph, layout, settings, &batches, progress, (&mut timings, &mut ep))?;
     let errors = prune(&mut run, graph, &mlps, stream, &widths, finished)?;
     graph.forget_constant_shapes();
     crate::graph::cleanup(graph);
@@ -357,6 +367,12 @@ pub fn down_projection(graph: &Graph, layout: &Layout, mlp: &Mlp) -> Result<(Mat
         None => vec![0.0; w.ncols()],
     };
     Ok((w, bias))
+}
+
+/// The calibration batches the allocation's pass reads: the first quarter (at least one). The
+/// curves only rank the blocks against each other; the fit itself uses every batch.
+fn allocation_batches(batches: usize) -> usize {
+    batches.div_ceil(4).max(1).min(batches)
 }
 
 /// One pass over the unsliced model: every MLP's error curve (neurons in leverage order) and the
