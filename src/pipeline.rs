@@ -510,15 +510,16 @@ fn calibration_set(
     let texts: Vec<String> = match &options.calibration {
         CalibrationData::Ids(ids) => {
             let set = CalibrationSet::from_npy(ids, Some(samples))?;
-            if let Some((id, row, column)) = vocabulary.and_then(|v| outside_vocabulary(&set, v)) {
+            if let Some((v, (id, row, column))) =
+                vocabulary.and_then(|v| outside_vocabulary(&set, v).map(|o| (v, o)))
+            {
                 return Err(invalid(
                     "calib_ids",
                     format!(
                         "{}: token id {id} (row {row}, column {column}) is outside the model's vocabulary \
-                         of {} (ids 0 to {}): were these ids made with this model's tokenizer?",
+                         of {v} (ids 0 to {}): were these ids made with this model's tokenizer?",
                         ids.display(),
-                        vocabulary.unwrap_or_default(),
-                        vocabulary.unwrap_or_default().saturating_sub(1)
+                        v.saturating_sub(1)
                     ),
                 ));
             }
@@ -541,14 +542,15 @@ fn calibration_set(
         crate::interface::find_tokenizer(input, options.tokenizer.as_deref(), IDS_HINT)?;
     let tokenizer = crate::interface::load_tokenizer(&tokenizer_path)?;
     let set = CalibrationSet::from_texts(&texts, &tokenizer, samples, seqlen, options.calib_seed)?;
-    if let Some((id, _, _)) = vocabulary.and_then(|v| outside_vocabulary(&set, v)) {
+    if let Some((v, (id, _, _))) =
+        vocabulary.and_then(|v| outside_vocabulary(&set, v).map(|o| (v, o)))
+    {
         return Err(invalid(
             "tokenizer",
             format!(
-                "the tokenizer {} gives token id {id}, outside the model's vocabulary of {}: it is not \
+                "the tokenizer {} gives token id {id}, outside the model's vocabulary of {v}: it is not \
                  this model's tokenizer (give the model's with --tokenizer FILE)",
                 tokenizer_path.display(),
-                vocabulary.unwrap_or_default()
             ),
         ));
     }

@@ -215,7 +215,7 @@ impl Plan {
                 added.push((reader.out_features as u64, dtype));
             }
         }
-        let skips = SkipForm::for_opset(model.opset_version(""));
+        let skips = SkipForm::for_model(model);
         Ok(Plan { layout, tied, before, kept, unfused_only, added, created, skips })
     }
 
@@ -307,12 +307,17 @@ impl Plan {
                     None => {}
                 }
             }
-            let padded = i + 1 == last
-                && extends_last_basis(layout.width, &groups, &widths)
-                && (self.skips == SkipForm::Pad || widths[i] == layout.width);
-            if groups[i] != groups[i + 1] && !padded {
-                shortcuts += 1;
-                shortcut_parameters += k(i) * k(i + 1);
+            if groups[i] != groups[i + 1] {
+                let parameters =
+                    if i + 1 == last && extends_last_basis(layout.width, &groups, &widths) {
+                        self.skips.extension_parameters(widths[i], layout.width)
+                    } else {
+                        k(i) * k(i + 1)
+                    };
+                if parameters > 0 {
+                    shortcuts += 1;
+                    shortcut_parameters += parameters;
+                }
             }
         }
         for (name, width) in &mlp_of.constants {

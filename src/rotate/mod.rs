@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 
-use faer::MatRef;
+use faer::{Mat, MatRef};
 
 use crate::algebra;
 use crate::error::{Error, Result};
 use crate::fuse;
-use crate::graph::{cleanup, toposort, DataType, Graph, Namer, Node, Tensor, TensorSink};
+use crate::graph::{cleanup, toposort, DataType, Graph, Model, Namer, Node, Tensor, TensorSink};
 use crate::pattern::GraphIndex;
 use crate::structure::{Bias, Branch, Layout, StreamReshape};
 
@@ -19,6 +19,8 @@ const PASS: &str = "rotate";
 /// Rotates (and, where a basis has fewer than D columns, slices) a fused model. `groups[p]` names
 /// the basis of point p: consecutive points of one group have the same basis, and the skip between
 /// them stays a plain Add. Every rotated tensor and shortcut matrix goes to `finished` as it is made.
+/// Returns the basis the last point got instead of `bases`' last when it extends the one before
+/// ([`extends_last_basis`]).
 pub fn rotate_and_slice(
     graph: &mut Graph,
     layout: &Layout,
@@ -26,7 +28,7 @@ pub fn rotate_and_slice(
     groups: &[usize],
     skips: SkipForm,
     finished: &mut dyn TensorSink,
-) -> Result<()> {
+) -> Result<Option<Mat<f64>>> {
     let points = layout.stream_points().len();
     if groups.len() != points
         || bases.len() != points
@@ -67,7 +69,8 @@ pub fn rotate_and_slice(
             editor.set_point_width(point, q.ncols())?;
         }
     }
-    editor.finish()
+    editor.finish()?;
+    Ok(extended)
 }
 
 fn bases_widths(bases: &[MatRef<'_, f64>]) -> Vec<usize> {
@@ -94,12 +97,21 @@ pub enum SkipForm {
 }
 
 impl SkipForm {
-    /// The form a model of this default-domain opset can hold.
-    pub fn for_opset(opset: Option<i64>) -> SkipForm {
-        if opset.is_some_and(|v| v >= 18) {
+    /// The form `model`'s default-domain opset can hold.
+    pub fn for_model(model: &Model) -> SkipForm {
+        if model.opset_version("").is_some_and(|v| v >= 18) {
             SkipForm::Pad
         } else {
             SkipForm::MatMul
+        }
+    }
+
+    /// Parameters of the zero-extending skip from width `k_from` into `d` written in this form
+    /// ([`StreamEditor::set_final_extension`]): none as a Pad, or when nothing was sliced.
+    pub fn extension_parameters(self, k_from: usize, d: usize) -> u64 {
+        match self {
+            SkipForm::MatMul if k_from < d => (k_from * d) as u64,
+            _ => 0,
         }
     }
 }
@@ -238,7 +250,7 @@ impl<'a> StreamEditor<'a> {
             return self.clear_shortcut(segment);
         }
         if self.skips == SkipForm::MatMul {
-            let s = faer::Mat::<f64>::from_fn(k_from, d, |i, j| if i == j { 1.0 } else { 0.0 });
+            let s = Mat::<f64>::from_fn(k_from, d, |i, j| if i == j { 1.0 } else { 0.0 });
             return self.set_final_shortcut(segment, s.as_ref());
         }
         // A shortcut MatMul set while calibrating goes: the Pad reads the skip itself.

@@ -134,7 +134,7 @@ fn sequential_bases(
     let points = widths.len();
     run.progress.set_length((run.batches.len() * (points + lookahead_runs(groups))) as u64);
     let (mut cov, mut full) = run.segment(&model.graph, None, None, widths)?;
-    let skips = SkipForm::for_opset(model.opset_version(""));
+    let skips = SkipForm::for_model(model);
     let extends_last = extends_last_basis(d, groups, widths);
     let mut editor =
         StreamEditor::new(&mut model.graph, layout).with_skips(skips).streaming_to(finished);
@@ -164,15 +164,15 @@ fn sequential_bases(
             }
         };
         let step = Instant::now();
-        let extension = match &q_in {
-            Some(q_in) if extends_last && p + 1 == points => Some(complete_basis(q_in.as_ref())),
-            _ => None,
+        // The saved last basis is the one the model gets, with its own covariance's spectrum.
+        let basis = match &q_in {
+            Some(q_in) if extends_last && p + 1 == points => Arc::new(Basis {
+                q: complete_basis(q_in.as_ref()),
+                eigenvalues: basis.eigenvalues.clone(),
+            }),
+            _ => basis,
         };
-        let q_out = extension.clone().unwrap_or_else(|| basis.columns(widths[p]));
-        let basis = match extension {
-            Some(q) => Arc::new(Basis { q, eigenvalues: basis.eigenvalues.clone() }),
-            None => basis,
-        };
+        let q_out = basis.columns(widths[p]);
         match &q_in {
             None => editor.rotate_embeddings(q_out.as_ref())?,
             Some(q_in) => {
@@ -237,19 +237,22 @@ fn global_bases(
     let step = Instant::now();
     let columns = GroupBases::new(groups, |group| Ok(bases[group].columns(widths[group])))?;
     let per_point = columns.per_point();
-    let skips = SkipForm::for_opset(model.opset_version(""));
-    crate::rotate::rotate_and_slice(&mut model.graph, layout, &per_point, groups, skips, finished)?;
+    let skips = SkipForm::for_model(model);
+    let extension = crate::rotate::rotate_and_slice(
+        &mut model.graph,
+        layout,
+        &per_point,
+        groups,
+        skips,
+        finished,
+    )?;
     run.timings.rotate_seconds += step.elapsed().as_secs_f64();
     if !keep_bases {
         return Ok(Vec::new());
     }
-    // The saved last basis is the one the model has (rotate_and_slice's rule), with the spectrum
-    // of the point's own covariance.
-    if let ([.., before, _], [.., last]) = (per_point.as_slice(), bases.as_mut_slice()) {
-        if extends_last_basis(layout.width, groups, widths) {
-            let eigenvalues = last.eigenvalues.clone();
-            *last = Arc::new(Basis { q: complete_basis(*before), eigenvalues });
-        }
+    // The saved last basis is the one the model got, with its own covariance's spectrum.
+    if let (Some(q), Some(last)) = (extension, bases.last_mut()) {
+        *last = Arc::new(Basis { q, eigenvalues: last.eigenvalues.clone() });
     }
     Ok(bases)
 }

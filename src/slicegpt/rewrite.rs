@@ -114,7 +114,7 @@ pub fn rotate_analysed(
     let groups = basis_groups(&rewritten.layout, dims.basis, &widths);
     let bases = bases(&rewritten.layout, orientation, &widths, &groups)?;
     let per_point = bases.per_point();
-    let skips = rotate::SkipForm::for_opset(model.opset_version(""));
+    let skips = rotate::SkipForm::for_model(model);
     rotate::rotate_and_slice(
         &mut model.graph,
         &rewritten.layout,
