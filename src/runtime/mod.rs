@@ -30,5 +30,7 @@ pub use library::{
     choose_library, default_library_path, init_runtime, loaded_library, loaded_version,
     locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LogLevel, ORT_VERSION,
 };
-pub use session::{save_optimized, ModelSession, RunOutputs, SessionConfig};
-pub use tensor::{Dim, ElementType, TensorInfo, TensorValue};
+pub use session::{
+    save_optimized, BoundOutputs, Feed, ModelSession, Placement, RunOutputs, SessionConfig,
+};
+pub use tensor::{DeviceTensor, Dim, ElementType, TensorInfo, TensorValue};

@@ -10,16 +10,18 @@ use std::borrow::Cow;
 use std::ffi::CString;
 use std::path::Path;
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{
     HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs,
 };
 use ort::AsPointer;
 
-use super::ep::{cuda_provider, Ep, EpChoice};
+use super::ep::{cuda_provider, ActiveEp, Ep, EpChoice};
 use super::library::environment;
 use super::tensor::{
-    output_tensor, session_input, tensor_info, OutputError, TensorInfo, TensorValue,
+    out_of_arena, output_tensor, owned_input, session_input, tensor_info, DeviceTensor,
+    OutputError, TensorInfo, TensorValue,
 };
 use crate::error::{RuntimeError, SessionStep};
 
@@ -83,6 +85,30 @@ impl RunOutputs {
     pub fn into_vec(self) -> Vec<(String, TensorValue)> {
         self.entries
     }
+}
+
+/// An input of [`ModelSession::run_bound`]: a host tensor, or one an earlier run kept where it ran.
+#[derive(Clone, Copy)]
+pub enum Feed<'a> {
+    Host(&'a TensorValue),
+    Kept(&'a DeviceTensor),
+}
+
+/// Where [`ModelSession::run_bound`] leaves an output.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Placement {
+    /// Copied to the host, as a [`TensorValue`].
+    Host,
+    /// Kept where the session ran (the GPU's memory under CUDA), as a [`DeviceTensor`].
+    Device,
+    /// Kept in host memory as a [`DeviceTensor`], for the host to read without another copy.
+    HostKept,
+}
+
+/// What [`ModelSession::run_bound`] returns: the host outputs by name, the kept ones in order.
+pub struct BoundOutputs {
+    pub host: RunOutputs,
+    pub kept: Vec<DeviceTensor>,
 }
 
 impl ModelSession {
@@ -156,9 +182,88 @@ impl ModelSession {
             .map_err(|error| run_error(label, inputs, &error))?;
         wanted
             .iter()
-            .map(|name| owned_output(label, &outputs, name).map(|tensor| (name.clone(), tensor)))
+            .map(|name| output_by_name(label, &outputs, name).map(|tensor| (name.clone(), tensor)))
             .collect::<Result<_, _>>()
             .map(|entries| RunOutputs { entries })
+    }
+
+    /// Runs the model through an I/O binding: inputs may be tensors an earlier run kept on the
+    /// device, and each wanted output is copied to the host or kept where `placement` says, so a
+    /// chain of runs passes its tensors along without a host round trip.
+    pub fn run_bound(
+        &mut self,
+        inputs: &[(&str, Feed<'_>)],
+        outputs: &[(&str, Placement)],
+    ) -> Result<BoundOutputs, RuntimeError> {
+        let known = |name: &str| self.inputs.iter().any(|input| input.name == name);
+        if let Some((name, _)) = inputs.iter().find(|(name, _)| !known(name)) {
+            return Err(RuntimeError::UnknownInput {
+                model: self.label.clone(),
+                name: name.to_string(),
+                expected: self.inputs.iter().map(|input| input.name.clone()).collect(),
+            });
+        }
+        let wanted: Vec<String> = outputs.iter().map(|(name, _)| name.to_string()).collect();
+        self.check_output_names(&wanted)?;
+        let bind_error =
+            |error: ort::Error| self.error(SessionStep::PrepareInputs, error.to_string());
+        let mut binding = self.session.create_binding().map_err(bind_error)?;
+        for &(name, feed) in inputs {
+            match feed {
+                Feed::Host(value) => {
+                    let owned = owned_input(value).map_err(bind_error)?;
+                    binding.bind_input(name, &owned)
+                }
+                Feed::Kept(tensor) => binding.bind_input(name, &tensor.value),
+            }
+            .map_err(bind_error)?;
+        }
+        let host = host_memory().map_err(bind_error)?;
+        let device = match self.ep.active {
+            ActiveEp::Cpu => host.clone(),
+            ActiveEp::Cuda => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )
+            .map_err(bind_error)?,
+        };
+        for &(name, placement) in outputs {
+            let memory = if placement == Placement::Device { &device } else { &host };
+            binding.bind_output_to_device(name, memory).map_err(bind_error)?;
+        }
+        let label = &self.label;
+        let mut values = self
+            .session
+            .run_binding(&binding)
+            .map_err(|error| session_error(label, SessionStep::Run, error.to_string()))?;
+        let mut result =
+            BoundOutputs { host: RunOutputs { entries: Vec::new() }, kept: Vec::new() };
+        for &(name, placement) in outputs {
+            let value = values.remove(name).ok_or_else(|| {
+                session_error(
+                    label,
+                    SessionStep::ReadOutputs,
+                    format!("ONNX Runtime returned no `{name}`"),
+                )
+            })?;
+            if placement == Placement::Host {
+                let tensor = owned_output(label, &value, name)?;
+                result.host.entries.push((name.to_string(), tensor));
+            } else if self.ep.active == ActiveEp::Cpu {
+                // A tensor from the session's arena keeps the whole arena (every buffer the run
+                // used) alive after the session is gone: copied out, the arena goes with it
+                // (SmolLM2 calibration: 100 MB more peak memory otherwise).
+                let copy = out_of_arena(&value).map_err(|error| {
+                    session_error(label, SessionStep::ReadOutputs, format!("`{name}`: {error}"))
+                })?;
+                result.kept.push(DeviceTensor { value: copy });
+            } else {
+                result.kept.push(DeviceTensor { value });
+            }
+        }
+        Ok(result)
     }
 
     fn check_input_names(&self, inputs: &[(&str, &TensorValue)]) -> Result<(), RuntimeError> {
@@ -360,7 +465,11 @@ fn set_config_entry(
     unsafe { ort::Error::result_from_status(status) }.map_err(|error| error.to_string())
 }
 
-fn owned_output(
+fn host_memory() -> ort::Result<MemoryInfo<'static>> {
+    MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+}
+
+fn output_by_name(
     label: &str,
     outputs: &SessionOutputs<'_>,
     name: &str,
@@ -368,6 +477,14 @@ fn owned_output(
     let value = outputs.get(name).ok_or_else(|| {
         session_error(label, SessionStep::ReadOutputs, format!("ONNX Runtime returned no `{name}`"))
     })?;
+    owned_output(label, value, name)
+}
+
+fn owned_output(
+    label: &str,
+    value: &ort::value::DynValue,
+    name: &str,
+) -> Result<TensorValue, RuntimeError> {
     output_tensor(value).map_err(|error| match error {
         OutputError::Unsupported(element_type) => RuntimeError::UnsupportedOutputType {
             model: label.to_string(),

@@ -20,6 +20,7 @@ use crate::error::RuntimeError;
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorValue {
     F32(ArrayD<f32>),
+    F64(ArrayD<f64>),
     F16(ArrayD<f16>),
     I64(ArrayD<i64>),
     I32(ArrayD<i32>),
@@ -90,6 +91,7 @@ macro_rules! tensor_accessors {
 
 tensor_accessors! {
     F32, f32, as_f32, into_f32;
+    F64, f64, as_f64, into_f64;
     F16, f16, as_f16, into_f16;
     I64, i64, as_i64, into_i64;
     I32, i32, as_i32, into_i32;
@@ -100,6 +102,7 @@ impl TensorValue {
     pub fn element_type(&self) -> ElementType {
         match self {
             Self::F32(_) => ElementType::F32,
+            Self::F64(_) => ElementType::F64,
             Self::F16(_) => ElementType::F16,
             Self::I64(_) => ElementType::I64,
             Self::I32(_) => ElementType::I32,
@@ -110,6 +113,7 @@ impl TensorValue {
     pub fn shape(&self) -> &[usize] {
         match self {
             Self::F32(array) => array.shape(),
+            Self::F64(array) => array.shape(),
             Self::F16(array) => array.shape(),
             Self::I64(array) => array.shape(),
             Self::I32(array) => array.shape(),
@@ -223,6 +227,7 @@ fn element_type_of(ty: TensorElementType) -> ElementType {
 pub(crate) fn session_input(value: &TensorValue) -> ort::Result<SessionInputValue<'_>> {
     match value {
         TensorValue::F32(array) => array_input(array),
+        TensorValue::F64(array) => array_input(array),
         TensorValue::F16(array) => f16_input(array).map(SessionInputValue::from),
         TensorValue::I64(array) => array_input(array),
         TensorValue::I32(array) => array_input(array),
@@ -271,6 +276,9 @@ pub(crate) fn output_tensor(value: &DynValue) -> Result<TensorValue, OutputError
         TensorElementType::Float32 => {
             value.try_extract_array::<f32>().map(|a| TensorValue::F32(a.to_owned()))
         }
+        TensorElementType::Float64 => {
+            value.try_extract_array::<f64>().map(|a| TensorValue::F64(a.to_owned()))
+        }
         TensorElementType::Int64 => {
             value.try_extract_array::<i64>().map(|a| TensorValue::I64(a.to_owned()))
         }
@@ -309,4 +317,85 @@ fn f16_output(value: &DynValue) -> ort::Result<ArrayD<f16>> {
         unsafe { std::slice::from_raw_parts(source, len) }.to_vec()
     };
     ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|error| ort::Error::new(error.to_string()))
+}
+
+/// A tensor that ONNX Runtime allocated where the session ran (the GPU's memory under CUDA),
+/// passed from one run to the next without a copy to the host and in its own element type.
+#[derive(Debug)]
+pub struct DeviceTensor {
+    pub(crate) value: DynValue,
+}
+
+impl DeviceTensor {
+    pub fn shape(&self) -> Vec<usize> {
+        match self.value.dtype() {
+            ValueType::Tensor { shape, .. } => {
+                shape.iter().map(|&size| usize::try_from(size).unwrap_or(0)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A copy on the host; only for tensors in memory the CPU can read.
+    pub fn to_host(&self) -> Result<TensorValue, RuntimeError> {
+        let readable = self
+            .value
+            .view()
+            .downcast::<DynTensorValueType>()
+            .is_ok_and(|tensor| tensor.memory_info().is_cpu_accessible());
+        if !readable {
+            return Err(RuntimeError::Session {
+                model: "(a kept tensor)".into(),
+                step: crate::error::SessionStep::ReadOutputs,
+                reason: "the tensor is in device memory the host cannot read".into(),
+            });
+        }
+        output_tensor(&self.value).map_err(|error| RuntimeError::Session {
+            model: "(a kept tensor)".into(),
+            step: crate::error::SessionStep::ReadOutputs,
+            reason: match error {
+                OutputError::Unsupported(ty) => format!("element type {ty}"),
+                OutputError::Ort(reason) => reason,
+            },
+        })
+    }
+}
+
+/// An owned ONNX Runtime tensor holding a copy of `value` (for an I/O binding, which keeps its
+/// inputs alive itself).
+pub(crate) fn owned_input(value: &TensorValue) -> ort::Result<DynValue> {
+    fn owned<T>(array: &ArrayD<T>) -> ort::Result<DynValue>
+    where
+        T: PrimitiveTensorElementType + fmt::Debug + Clone + 'static,
+    {
+        Ok(ort::value::Tensor::from_array(array.as_standard_layout().into_owned())?.into_dyn())
+    }
+    match value {
+        TensorValue::F32(array) => owned(array),
+        TensorValue::F64(array) => owned(array),
+        TensorValue::F16(array) => f16_input(array).map(DynTensor::into_dyn),
+        TensorValue::I64(array) => owned(array),
+        TensorValue::I32(array) => owned(array),
+        TensorValue::Bool(array) => owned(array),
+    }
+}
+
+/// A copy of a CPU tensor in memory of ONNX Runtime's default allocator, which is no session's.
+pub(crate) fn out_of_arena(value: &DynValue) -> ort::Result<DynValue> {
+    let tensor = value.view().downcast::<DynTensorValueType>()?;
+    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+        return Err(ort::Error::new("not a tensor"));
+    };
+    let elements = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).product::<usize>();
+    let bytes = ty
+        .byte_size(elements)
+        .ok_or_else(|| ort::Error::new(format!("no fixed size for {ty} elements")))?;
+    let mut copy = DynTensor::new(&Allocator::default(), *ty, shape.to_vec())?;
+    let (source, destination) = (tensor.data_ptr().cast::<u8>(), copy.data_ptr_mut().cast::<u8>());
+    if bytes > 0 && !source.is_null() && !destination.is_null() {
+        // SAFETY: both are CPU tensors of the same element type and shape, so `bytes` long;
+        // `copy` was just allocated and does not overlap `value`.
+        unsafe { std::ptr::copy_nonoverlapping(source, destination, bytes) };
+    }
+    Ok(copy.into_dyn())
 }
