@@ -167,6 +167,25 @@ impl Covariance {
         self.filled = 0;
     }
 
+    /// Adds `G = Σ xᵀx` of `tokens` rows computed elsewhere (row-major `d × d`, float32 or f64,
+    /// symmetric up to rounding: its lower triangle is taken), in f64.
+    ///
+    /// # Panics
+    /// If `gram` does not have `d × d` values.
+    pub fn add_gram<T: Copy + Into<f64>>(&mut self, gram: &[T], tokens: u64) {
+        let d = self.d;
+        assert_eq!(gram.len(), d * d, "Covariance::add_gram: {} values for width {d}", gram.len());
+        for j in 0..d {
+            // Row j of G from column j on is column j of its lower triangle (G is symmetric).
+            let src = &gram[j * d + j..(j + 1) * d];
+            let dst = &mut self.h.col_as_slice_mut(j)[j..];
+            for (a, &b) in dst.iter_mut().zip(src) {
+                *a += b.into();
+            }
+        }
+        self.tokens += tokens;
+    }
+
     /// Adds another accumulator's sums (e.g. one filled on another thread).
     ///
     /// # Panics
@@ -190,7 +209,7 @@ impl Covariance {
     /// If the widths differ.
     pub fn merge_normalized(&mut self, other: &Covariance) {
         assert_eq!(self.d, other.d, "Covariance::merge_normalized: widths differ");
-        let trace: f64 = (0..self.d).map(|i| other.h[(i, i)]).sum();
+        let trace = other.trace();
         let scale = if trace > 0.0 { 1.0 / trace } else { 0.0 };
         for j in 0..self.d {
             let dst = &mut self.h.col_as_slice_mut(j)[j..];
@@ -200,6 +219,11 @@ impl Covariance {
             }
         }
         self.tokens += other.tokens;
+    }
+
+    /// `tr H`: the sum of the rows' squared norms.
+    pub fn trace(&self) -> f64 {
+        (0..self.d).map(|i| self.h[(i, i)]).sum()
     }
 
     /// The full symmetric `H` (d × d).

@@ -467,6 +467,7 @@ fn calibration_settings(input: &Path, options: &Options) -> Settings {
             Arc::new(move |choice: &EpChoice| hook(Notice::ExecutionProvider(choice)))
                 as crate::calibrate::EpHook
         }),
+        statistics: crate::calibrate::Statistics::InGraph,
     }
 }
 

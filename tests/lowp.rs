@@ -188,6 +188,7 @@ fn pca(path: &Path, arch: &str, ratio: f64) -> onnx_slice::error::Result<Model> 
             session: cpu(),
             model_path: Some(path.to_path_buf()),
             on_execution_provider: None,
+            statistics: Default::default(),
         },
         center_embeddings: false,
         allocation: None,

@@ -6,19 +6,25 @@
 //! and what to change between runs.
 pub mod data;
 mod segment;
+pub mod statistics;
+
+use statistics::MomentsRequest;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use faer::{Mat, MatRef};
 use indicatif::ProgressBar;
 use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::algebra;
 use crate::error::{Error, Result};
-use crate::graph::{DataType, Graph, Model, ValueInfo};
+use crate::graph::{toposort, DataType, Graph, Model, ValueInfo};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
-use crate::runtime::{EpChoice, ModelSession, RunOutputs, SessionConfig, TensorValue};
+use crate::runtime::{
+    DeviceTensor, EpChoice, Feed, ModelSession, Placement, RunOutputs, SessionConfig, TensorValue,
+};
 use crate::structure::Layout;
 use data::CalibrationSet;
 
@@ -35,6 +41,20 @@ pub struct Settings {
     pub model_path: Option<PathBuf>,
     /// Told the execution provider of the first session, and of any later one that got another.
     pub on_execution_provider: Option<EpHook>,
+    /// Where the statistics a method observes are computed.
+    pub statistics: Statistics,
+}
+
+/// Where a segment's statistics (Gram matrices, sums) are computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Statistics {
+    /// In the segment model, in the execution provider's float32 GEMM; the host adds each batch's
+    /// `d × d` result into an f64 sum. The stream stays where the segment ran.
+    #[default]
+    InGraph,
+    /// On the host in f64 from the rows themselves (the stream is read back after every run): the
+    /// reference the in-graph statistics are tested against.
+    Host,
 }
 
 /// Receives the execution provider ONNX Runtime gave a calibration session.
@@ -88,6 +108,57 @@ impl Moments {
             }
         }
         self.gram.add_rows(rows, Some(mask));
+    }
+
+    fn add_gram(&mut self, gram: &[f64], sum: &[f64], tokens: u64) {
+        for (s, &x) in self.sum.iter_mut().zip(sum) {
+            *s += x;
+        }
+        self.gram.add_gram(gram, tokens);
+    }
+}
+
+/// The calibration stream after a segment: one tensor per batch, in the model's element type,
+/// where the segment ran; and the projection SliceGPT gave it since, applied by the segment that
+/// reads it next.
+pub struct Stream {
+    batches: Vec<DeviceTensor>,
+    projection: Option<Mat<f64>>,
+}
+
+impl Stream {
+    /// `y ← y Q` for every batch, as the next segment reads it.
+    pub fn project(&mut self, q: MatRef<'_, f64>) -> Result<()> {
+        let width = match &self.projection {
+            Some(p) => p.ncols(),
+            None => self.batches.first().and_then(|b| b.shape().last().copied()).unwrap_or(0),
+        };
+        if width != q.nrows() {
+            return Err(Error::Pass {
+                pass: PASS,
+                node: "(stream)".into(),
+                message: format!("stream of width {width}, basis of {} rows", q.nrows()),
+            });
+        }
+        self.projection = Some(match self.projection.take() {
+            Some(p) => &p * q,
+            None => q.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Every batch on the host, in float32, with its pending projection applied.
+    pub fn to_host(&self) -> Result<Vec<ArrayD<f32>>> {
+        self.batches
+            .iter()
+            .map(|batch| {
+                let y = stream_as_f32(batch.to_host()?).ok_or_else(not_float)?;
+                match &self.projection {
+                    Some(q) => project_rows(&y, q.as_ref()),
+                    None => Ok(y),
+                }
+            })
+            .collect()
     }
 }
 
@@ -177,9 +248,9 @@ impl<'a> Runner<'a> {
         &mut self,
         graph: &Graph,
         point: Option<usize>,
-        stream: Option<&[ArrayD<f32>]>,
+        stream: Option<&Stream>,
         widths: &[usize],
-    ) -> Result<(Covariance, Vec<ArrayD<f32>>)> {
+    ) -> Result<(Covariance, Stream)> {
         let mut cov = Covariance::new(self.layout.width);
         let outputs = self.run(graph, point, stream, widths, Some(&mut cov), &mut [])?;
         Ok((cov, outputs))
@@ -192,48 +263,39 @@ impl<'a> Runner<'a> {
         &mut self,
         graph: &Graph,
         point: Option<usize>,
-        stream: Option<&[ArrayD<f32>]>,
+        stream: Option<&Stream>,
         widths: &[usize],
         mut covariance: Option<&mut Covariance>,
         observe: &mut [Moments],
-    ) -> Result<Vec<ArrayD<f32>>> {
+    ) -> Result<Stream> {
         let started = Instant::now();
-        let model = Model { graph: graph.clone(), ..self.shell.clone() };
-        let mut sub =
-            segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
-        for moments in observe.iter() {
-            let declared = ValueInfo::tensor_of_rank_unknown(&moments.value, self.cuts[0].dtype);
-            sub.graph.outputs.push(declared);
-        }
-        let mut session = session_for(&sub, self.settings)?;
+        let segment =
+            self.segment_model(graph, point, stream, widths, covariance.is_some(), observe)?;
+        let mut session = session_for(&segment.model, self.settings)?;
         self.note_execution_provider(session.ep());
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
-        let input_name = point.map(|p| self.cuts[p].value.clone());
-        let output_name = sub.graph.outputs[0].name.clone();
-        let observed: Vec<String> = observe.iter().map(|m| m.value.clone()).collect();
-        let mut wanted: Vec<&str> = vec![output_name.as_str()];
-        wanted.extend(observed.iter().map(String::as_str));
+        let in_graph = self.settings.statistics == Statistics::InGraph;
+        let kept = if in_graph { Placement::Device } else { Placement::HostKept };
+        let mut wanted = vec![(segment.output.as_str(), kept)];
+        wanted.extend(segment.host_outputs.iter().map(|name| (name.as_str(), Placement::Host)));
         let mut outputs = Vec::with_capacity(self.batches.len());
         let mut pca_time = Duration::ZERO;
         for (b, batch) in self.batches.iter().enumerate() {
             crate::files::check_stop()?;
-            let feeds = self.feeds(&sub, batch, input_name.as_deref(), stream.map(|s| &s[b]))?;
-            let named: Vec<(&str, &TensorValue)> =
-                feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
-            let mut result = session.run_for(&named, &wanted)?;
-            let y = float_output(&mut result, &output_name)?;
-            self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.ndim());
+            let own = self.plan.feed(&batch.ids, Some(&batch.mask))?;
+            let real_rows = segment.masked.then(|| real_rows(batch));
+            let input = stream.map(|s| &s.batches[b]);
+            let feeds = segment_feeds(&segment, &own, input, real_rows.as_ref())?;
+            let mut result = session.run_bound(&feeds, &wanted)?;
+            let y = result.kept.pop().ok_or_else(not_float)?;
+            self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.shape().len());
             let pca_started = Instant::now();
-            if let Some(cov) = covariance.as_deref_mut() {
-                let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &output_name)?;
-                cov.add_rows(rows.as_slice().unwrap_or(&[]), Some(&batch.rows));
-            }
-            for moments in observe.iter_mut() {
-                let h = float_output(&mut result, &moments.value)?;
-                let width = moments.sum.len();
-                let rows = standard_rows(&h, width, batch.rows.len(), &moments.value)?;
-                moments.add(rows.as_slice().unwrap_or(&[]), &batch.rows);
+            let cov = covariance.as_deref_mut();
+            if in_graph {
+                self.add_in_graph(&mut result.host, &segment, cov, observe, batch)?;
+            } else {
+                self.add_on_host(&mut result.host, &y, &segment, cov, observe, batch)?;
             }
             pca_time += pca_started.elapsed();
             outputs.push(y);
@@ -241,39 +303,130 @@ impl<'a> Runner<'a> {
         }
         self.timings.pca_seconds += pca_time.as_secs_f64();
         self.timings.runtime_seconds += (started.elapsed() - pca_time - setup).as_secs_f64();
-        Ok(outputs)
+        Ok(Stream { batches: outputs, projection: None })
     }
 
-    /// The inputs a segment model declares: the model's own, filled by the plan, and the stream.
-    fn feeds(
+    /// The segment model with what this run observes: the Gram outputs (in graph), or the observed
+    /// values themselves (on the host); and the input stream's pending projection.
+    fn segment_model(
         &self,
-        model: &Model,
-        batch: &Batch,
-        stream_input: Option<&str>,
-        stream: Option<&ArrayD<f32>>,
-    ) -> Result<Vec<(String, TensorValue)>> {
-        let mut own = self.plan.feed(&batch.ids, Some(&batch.mask))?;
-        let mut feeds = Vec::new();
-        for input in &model.graph.inputs {
-            if Some(input.name.as_str()) == stream_input {
-                let stream = stream.cloned().unwrap_or_default();
-                let value = match self.cuts[0].dtype {
-                    DataType::Float16 => TensorValue::F16(stream.mapv(half::f16::from_f32)),
-                    _ => TensorValue::F32(stream),
-                };
-                feeds.push((input.name.clone(), value));
-                continue;
-            }
-            let Some(i) = own.iter().position(|(name, _)| *name == input.name) else {
-                return Err(Error::Pass {
-                    pass: PASS,
-                    node: input.name.clone(),
-                    message: "the model has an input onnx-slice does not know how to fill for calibration".into(),
-                });
-            };
-            feeds.push(own.swap_remove(i));
+        graph: &Graph,
+        point: Option<usize>,
+        stream: Option<&Stream>,
+        widths: &[usize],
+        covariance: bool,
+        observe: &[Moments],
+    ) -> Result<SegmentModel> {
+        let model = Model { graph: graph.clone(), ..self.shell.clone() };
+        let mut sub =
+            segment::segment_model(model, self.layout, point, widths, &self.cuts, self.unpadded)?;
+        let opset = sub.opset_version("").unwrap_or(1);
+        let dtype = self.cuts[0].dtype;
+        let output = sub.graph.outputs[0].name.clone();
+        let mut stream_input = point.map(|p| self.cuts[p].value.clone());
+        if let (Some(cut), Some(q)) = (&stream_input, stream.and_then(|s| s.projection.as_ref())) {
+            let cut = cut.clone();
+            stream_input = Some(statistics::project_input(&mut sub.graph, &cut, q.as_ref(), dtype));
         }
-        Ok(feeds)
+        let in_graph = self.settings.statistics == Statistics::InGraph;
+        let masked = in_graph && !self.unpadded && (covariance || !observe.is_empty());
+        let mut host_outputs = Vec::new();
+        let mut observed = Vec::new();
+        if in_graph {
+            if covariance {
+                let request = MomentsRequest {
+                    value: &output,
+                    width: self.layout.width,
+                    dtype,
+                    precision: DataType::Float,
+                    masked,
+                    with_sum: false,
+                };
+                host_outputs.push(statistics::emit_moments(&mut sub.graph, &request, opset).gram);
+            }
+            for moments in observe {
+                let request = MomentsRequest {
+                    value: &moments.value,
+                    width: moments.sum.len(),
+                    dtype,
+                    precision: DataType::Double,
+                    masked,
+                    with_sum: true,
+                };
+                let emitted = statistics::emit_moments(&mut sub.graph, &request, opset);
+                host_outputs.push(emitted.gram.clone());
+                host_outputs.extend(emitted.sum.clone());
+                observed.push(emitted);
+            }
+        } else {
+            for moments in observe {
+                sub.graph.outputs.push(ValueInfo::tensor_of_rank_unknown(&moments.value, dtype));
+                host_outputs.push(moments.value.clone());
+            }
+        }
+        toposort(&mut sub.graph)?;
+        Ok(SegmentModel {
+            model: sub,
+            output,
+            stream_input,
+            host_outputs,
+            observed,
+            masked,
+            covariance,
+        })
+    }
+
+    /// Adds a batch's in-graph Gram matrices (and sums) into the f64 accumulators.
+    fn add_in_graph(
+        &self,
+        result: &mut RunOutputs,
+        segment: &SegmentModel,
+        covariance: Option<&mut Covariance>,
+        observe: &mut [Moments],
+        batch: &Batch,
+    ) -> Result<()> {
+        let tokens = batch.real_tokens();
+        if let (Some(cov), true) = (covariance, segment.covariance) {
+            let name = &segment.host_outputs[0];
+            let gram = float_output(result, name)?;
+            cov.add_gram(square(&gram, cov.d(), name)?, tokens);
+        }
+        for (moments, emitted) in observe.iter_mut().zip(&segment.observed) {
+            let width = moments.sum.len();
+            let gram = double_output(result, &emitted.gram)?;
+            let sum_name = emitted.sum.as_deref().unwrap_or_default();
+            let sum = double_output(result, sum_name)?;
+            if sum.len() != width {
+                return Err(wrong_shape(sum_name, sum.shape(), width));
+            }
+            let sum = sum.as_slice().unwrap_or(&[]);
+            moments.add_gram(square(&gram, width, &emitted.gram)?, sum, tokens);
+        }
+        Ok(())
+    }
+
+    /// Adds a batch's statistics from its rows, in f64 on the host.
+    fn add_on_host(
+        &self,
+        result: &mut RunOutputs,
+        y: &DeviceTensor,
+        segment: &SegmentModel,
+        covariance: Option<&mut Covariance>,
+        observe: &mut [Moments],
+        batch: &Batch,
+    ) -> Result<()> {
+        if let Some(cov) = covariance {
+            let y = stream_as_f32(y.to_host()?).ok_or_else(not_float)?;
+            let rows = standard_rows(&y, self.layout.width, batch.rows.len(), &segment.output)?;
+            cov.add_rows(rows.as_slice().unwrap_or(&[]), Some(&batch.rows));
+        }
+        for moments in observe.iter_mut() {
+            let h = float_output(result, &moments.value)?;
+            let width = moments.sum.len();
+            let rows = standard_rows(&h, width, batch.rows.len(), &moments.value)?;
+            moments.add(rows.as_slice().unwrap_or(&[]), &batch.rows);
+        }
+        Ok(())
     }
 
     fn note_execution_provider(&mut self, choice: &EpChoice) {
@@ -299,8 +452,20 @@ fn float_output(result: &mut RunOutputs, name: &str) -> Result<ArrayD<f32>> {
     result.remove(name).and_then(stream_as_f32).ok_or_else(|| Error::Pass {
         pass: PASS,
         node: name.to_string(),
-        message: "the stream is not a float32 or float16 tensor".into(),
+        message: "the value is not a float32 or float16 tensor".into(),
     })
+}
+
+/// A run's double output.
+fn double_output(result: &mut RunOutputs, name: &str) -> Result<ArrayD<f64>> {
+    match result.remove(name) {
+        Some(TensorValue::F64(values)) => Ok(values),
+        _ => Err(Error::Pass {
+            pass: PASS,
+            node: name.to_string(),
+            message: "the value is not a double tensor".into(),
+        }),
+    }
 }
 
 /// The stream's element type, when calibration can run it: float32, or float16 (ONNX Runtime's
@@ -355,4 +520,114 @@ fn standard_rows<'y>(
         });
     }
     Ok(y.as_standard_layout())
+}
+
+/// A segment model as one run uses it.
+struct SegmentModel {
+    model: Model,
+    /// Its output stream.
+    output: String,
+    /// The input that takes the stream, when the segment has one.
+    stream_input: Option<String>,
+    /// The outputs copied to the host after every batch: the covariance's Gram matrix first (when
+    /// `covariance`), then each observed value's Gram and sum (in graph) or the value itself.
+    host_outputs: Vec<String>,
+    observed: Vec<statistics::EmittedMoments>,
+    /// Takes [`statistics::REAL_ROWS`].
+    masked: bool,
+    covariance: bool,
+}
+
+/// The feeds of one batch: the model's own inputs, filled by the plan, the stream and the rows'
+/// weights.
+fn segment_feeds<'f>(
+    segment: &'f SegmentModel,
+    own: &'f [(String, TensorValue)],
+    stream: Option<&'f DeviceTensor>,
+    real_rows: Option<&'f TensorValue>,
+) -> Result<Vec<(&'f str, Feed<'f>)>> {
+    let mut feeds = Vec::new();
+    for input in &segment.model.graph.inputs {
+        let name = input.name.as_str();
+        let feed = if Some(name) == segment.stream_input.as_deref() {
+            stream.map(Feed::Kept)
+        } else if name == statistics::REAL_ROWS {
+            real_rows.map(Feed::Host)
+        } else {
+            own.iter().find(|(n, _)| n == name).map(|(_, v)| Feed::Host(v))
+        };
+        let Some(feed) = feed else {
+            return Err(Error::Pass {
+                pass: PASS,
+                node: input.name.clone(),
+                message:
+                    "the model has an input onnx-slice does not know how to fill for calibration"
+                        .into(),
+            });
+        };
+        feeds.push((name, feed));
+    }
+    Ok(feeds)
+}
+
+/// `[rows, 1]`: 1 for a real token, 0 for padding.
+fn real_rows(batch: &Batch) -> TensorValue {
+    let weights: Vec<f32> = batch.rows.iter().map(|&real| if real { 1.0 } else { 0.0 }).collect();
+    let rows = weights.len();
+    TensorValue::F32(ArrayD::from_shape_vec(IxDyn(&[rows, 1]), weights).unwrap_or_default())
+}
+
+/// A `width × width` Gram matrix's values, row-major.
+fn square<'a, T>(gram: &'a ArrayD<T>, width: usize, name: &str) -> Result<&'a [T]> {
+    match gram.as_slice() {
+        Some(values) if gram.shape() == [width, width] => Ok(values),
+        _ => Err(wrong_shape(name, gram.shape(), width)),
+    }
+}
+
+fn wrong_shape(name: &str, shape: &[usize], width: usize) -> Error {
+    Error::Pass {
+        pass: PASS,
+        node: name.into(),
+        message: format!("a statistic of shape {shape:?}, expected width {width}"),
+    }
+}
+
+fn not_float() -> Error {
+    Error::Pass {
+        pass: PASS,
+        node: "(stream)".into(),
+        message: "the stream is not a float32 or float16 tensor".into(),
+    }
+}
+
+/// `y Q` over the last axis, in f32.
+pub fn project_rows(y: &ArrayD<f32>, q: MatRef<'_, f64>) -> Result<ArrayD<f32>> {
+    let d = y.shape().last().copied().unwrap_or(0);
+    if d != q.nrows() {
+        return Err(wrong_shape("(stream)", y.shape(), q.nrows()));
+    }
+    let q32: Mat<f32> = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f32);
+    let k = q.ncols();
+    let rows = y.len() / d.max(1);
+    let input = y.as_standard_layout();
+    let data = input.as_slice().unwrap_or(&[]);
+    let mut out = vec![0f32; rows * k];
+    faer::linalg::matmul::matmul(
+        faer::MatMut::from_row_major_slice_mut(&mut out, rows, k),
+        faer::Accum::Replace,
+        faer::MatRef::from_row_major_slice(data, rows, d),
+        q32.as_ref(),
+        1.0,
+        faer::get_global_parallelism(),
+    );
+    let mut shape = y.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = k;
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Pass {
+        pass: PASS,
+        node: "(stream)".into(),
+        message: format!("projecting the stream: {e}"),
+    })
 }

@@ -17,13 +17,13 @@ pub mod fit;
 use std::time::Instant;
 
 use faer::Mat;
-use ndarray::ArrayD;
 
 use crate::analysis::Analysis;
 use crate::calibrate::{self, Batch, CalibrationRun, Moments, Runner, Timings};
 use crate::error::{DetectError, Error, Result};
 use crate::graph::{Graph, Model};
 use crate::method::{Applied, Method, Work};
+use crate::pca::Covariance;
 use crate::size::{Budget, Plan, Prediction, Shape};
 use crate::structure::{Bias, Layout, Mlp};
 
@@ -395,7 +395,8 @@ fn allocated_widths(
             continue;
         };
         let mut moments = [Moments::new(&mlp.activation, mlp.width)];
-        stream = run.run(graph, Some(s), Some(&stream), full, None, &mut moments)?;
+        let mut written = Covariance::new(layout.width);
+        stream = run.run(graph, Some(s), Some(&stream), full, Some(&mut written), &mut moments)?;
         let started = Instant::now();
         let [moments] = moments;
         let stats = statistics(moments);
@@ -403,26 +404,11 @@ fn allocated_widths(
         let order = fit::order(&fit::leverage(&stats, what)?);
         let (w, b) = down_projection(graph, layout, mlp)?;
         let error = fit::error_curve(stats, w.as_ref(), &b, &order, what)?;
-        let scale = stream_energy(&stream, run.batches);
+        // The energy of the stream the MLP writes to: Σ ‖y_t‖² over the real tokens.
+        let scale = written.trace();
         curves.push(allocate::Curve { error, scale });
         run.timings.pca_seconds += started.elapsed().as_secs_f64();
     }
     run.progress.reset();
     Ok(allocate::allocate(&curves, uniform.iter().sum(), round, allocate::BAND))
-}
-
-/// `Σ ‖y_t‖²` over the real tokens of the stream.
-fn stream_energy(stream: &[ArrayD<f32>], batches: &[Batch]) -> f64 {
-    let mut energy = 0.0;
-    for (y, batch) in stream.iter().zip(batches) {
-        let width = y.shape().last().copied().unwrap_or(1).max(1);
-        let rows = y.as_standard_layout();
-        let values = rows.as_slice().unwrap_or(&[]);
-        for (row, &real) in values.chunks_exact(width).zip(batch.rows()) {
-            if real {
-                energy += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
-            }
-        }
-    }
-    energy
 }

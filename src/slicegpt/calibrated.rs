@@ -5,23 +5,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use faer::{Mat, MatRef};
+use faer::Mat;
 use indicatif::ProgressBar;
-use ndarray::{ArrayD, IxDyn};
 
 use crate::algebra::{self, complete_basis};
 use crate::analysis::Analysis;
 use crate::calibrate::data::CalibrationSet;
-use crate::calibrate::{self, CalibrationRun, Runner, Settings, Timings};
-use crate::error::{Error, Result};
+use crate::calibrate::{self, CalibrationRun, Runner, Settings, Stream, Timings};
+use crate::error::Result;
 use crate::graph::{KeepInGraph, Model, TensorSink};
 use crate::pca::{Basis, Covariance};
 use crate::rotate::{extends_last_basis, SkipForm, StreamEditor};
 
 use super::dims::{basis_groups, BasisMode, Dimensions};
 use super::rewrite::{self, GroupBases, Rewritten};
-
-const PASS: &str = "calibrate";
 
 /// How SliceGPT calibrates.
 pub struct PcaOptions {
@@ -147,14 +144,14 @@ fn sequential_bases(
             _ => {
                 let mut group = Covariance::new(d);
                 group.merge_normalized(&cov);
-                let mut ahead: Option<Vec<ArrayD<f32>>> = None;
+                let mut ahead: Option<Stream> = None;
                 for q in (p + 1..points).take_while(|&q| groups[q] == groups[p]) {
                     let mut current = widths.to_vec();
                     current[q - 1..].fill(d);
                     let (next_cov, next) = run.segment(
                         editor.graph(),
                         Some(q - 1),
-                        Some(ahead.as_deref().unwrap_or(&full)),
+                        Some(ahead.as_ref().unwrap_or(&full)),
                         &current,
                     )?;
                     group.merge_normalized(&next_cov);
@@ -190,7 +187,7 @@ fn sequential_bases(
             }
         }
         editor.set_point_width(p, widths[p])?;
-        project(&mut full, q_out.as_ref())?;
+        full.project(q_out.as_ref())?;
         editor.rotate_readers(p, q_out.as_ref())?;
         if keep_bases {
             kept.push(basis.clone());
@@ -298,42 +295,4 @@ fn allocated_widths(
     run.progress.reset();
     let spectra: Vec<Vec<f64>> = bases.iter().map(|b| b.eigenvalues.clone()).collect();
     super::widths::allocate(&allocation.plan, dims, &allocation.budget, &spectra)
-}
-
-/// `y ← y Q` over the last axis, for every cached batch.
-fn project(stream: &mut [ArrayD<f32>], q: MatRef<'_, f64>) -> Result<()> {
-    let q32: Mat<f32> = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f32);
-    let k = q.ncols();
-    for y in stream.iter_mut() {
-        let mut shape = y.shape().to_vec();
-        let d = shape.last().copied().unwrap_or(0);
-        if d != q.nrows() {
-            return Err(Error::Pass {
-                pass: PASS,
-                node: "(stream)".into(),
-                message: format!("stream of width {d}, basis of {} rows", q.nrows()),
-            });
-        }
-        let rows = y.len() / d.max(1);
-        let input = y.as_standard_layout();
-        let data = input.as_slice().unwrap_or(&[]);
-        let mut out = vec![0f32; rows * k];
-        faer::linalg::matmul::matmul(
-            faer::MatMut::from_row_major_slice_mut(&mut out, rows, k),
-            faer::Accum::Replace,
-            faer::MatRef::from_row_major_slice(data, rows, d),
-            q32.as_ref(),
-            1.0,
-            faer::get_global_parallelism(),
-        );
-        if let Some(last) = shape.last_mut() {
-            *last = k;
-        }
-        *y = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Pass {
-            pass: PASS,
-            node: "(stream)".into(),
-            message: format!("projecting the stream: {e}"),
-        })?;
-    }
-    Ok(())
 }
