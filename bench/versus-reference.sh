@@ -7,7 +7,9 @@
 #
 # Usage: bench/versus-reference.sh [MODEL.onnx] [TOOLS_DIR]   (as bench/smollm2.sh)
 # Environment: RATIO (default 0.25), ROUNDS (default 2), REFERENCE (the reference's run.sh,
-# default ../shared/tools/reference/run.sh, set up once with its setup.sh).
+# default ../shared/tools/reference/run.sh, set up once with its setup.sh), BEFORE (another
+# onnx-slice binary, e.g. one built from an earlier commit: its point and global runs join every
+# round, as "point (before)" and "global (before)", for a before/after in the same run).
 # Writes bench/out/versus-reference.md.
 set -euo pipefail
 default_table=versus-reference
@@ -18,14 +20,16 @@ reference="${REFERENCE:-../shared/tools/reference/run.sh}"
 rows="$out/$table.rows"
 : > "$rows"
 
-onnx_slice_seconds() { # name flags… → appends a row
-  local name="$1" sliced="$out/versus-$1.onnx"
+onnx_slice_seconds() { # [--binary B] name flags… → appends a row
+  local binary="$bin"
+  if [ "$1" = --binary ]; then binary="$2"; shift 2; fi
+  local name="$1" sliced="$out/versus-${1// /-}.onnx"
   shift
   rm -f "$sliced" "$sliced.data"
-  python3 bench/peak_memory.py --json "$out/versus-$name.json" -- "$bin" "$model" -o "$sliced" \
+  python3 bench/peak_memory.py --json "$out/versus-${name// /-}.json" -- "$binary" "$model" -o "$sliced" \
     --ratio "$ratio" "$@" --calib-ids "$tools/calib_ids_n32.npy" --calib-batch 8 \
-    --report "$out/versus-$name.report.json" --quiet
-  python3 - "$out/versus-$name.json" "$out/versus-$name.report.json" "$round" "$name" >> "$rows" <<'PY'
+    --report "$out/versus-${name// /-}.report.json" --quiet
+  python3 - "$out/versus-${name// /-}.json" "$out/versus-${name// /-}.report.json" "$round" "$name" >> "$rows" <<'PY'
 import json, sys
 memory, report, round_, name = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3], sys.argv[4]
 phases = " / ".join(f"{v:.1f}" for k, v in report["seconds"].items() if k not in ("total_seconds",))
@@ -49,6 +53,10 @@ for round in $(seq 1 "$rounds"); do
   reference_seconds
   onnx_slice_seconds point --basis point
   onnx_slice_seconds global
+  if [ -n "${BEFORE:-}" ]; then
+    onnx_slice_seconds --binary "$BEFORE" "point (before)" --basis point
+    onnx_slice_seconds --binary "$BEFORE" "global (before)"
+  fi
 done
 
 python3 - "$rows" "$ratio" > "$out/$table.md" <<'PY'
