@@ -290,7 +290,8 @@ fn logits(
     ep: Ep,
     input: &ReferenceInput,
 ) -> anyhow::Result<(ArrayD<f32>, String)> {
-    let mut session = ModelSession::from_file(model, &SessionConfig { ep, intra_threads: None })?;
+    let mut session =
+        ModelSession::from_file(model, &SessionConfig { ep, ..SessionConfig::default() })?;
     let plan = InputPlan::for_session(&session, Some(original))?;
     let logits = plan.logits(&mut session, &input.ids, Some(&input.mask))?;
     Ok((logits, session.ep().to_string()))

@@ -461,7 +461,7 @@ fn calibration_settings(input: &Path, options: &Options) -> Settings {
     let notices = options.notices.clone();
     Settings {
         batch: options.calib_batch,
-        session: SessionConfig { ep: options.ep, intra_threads: None },
+        session: SessionConfig { ep: options.ep, intra_threads: None, shared_arena: false },
         model_path: Some(input.to_path_buf()),
         on_execution_provider: notices.map(|hook| {
             Arc::new(move |choice: &EpChoice| hook(Notice::ExecutionProvider(choice)))

@@ -93,7 +93,7 @@ fn session_describes_inputs_and_outputs() {
 
 #[test]
 fn intra_op_threads_are_configurable() {
-    let config = SessionConfig { ep: Ep::Cpu, intra_threads: Some(1) };
+    let config = SessionConfig { ep: Ep::Cpu, intra_threads: Some(1), shared_arena: false };
     assert!(logits_diff_to_reference("gpt2", "ts14", &config) <= LOGITS_TOLERANCE);
 }
 
@@ -108,7 +108,7 @@ fn cuda_ep_is_an_error_when_cuda_cannot_be_used() {
     runtime();
     let result = ModelSession::from_file(
         &fixture("gpt2/ts14/model.onnx"),
-        &SessionConfig { ep: Ep::Cuda, intra_threads: None },
+        &SessionConfig { ep: Ep::Cuda, intra_threads: None, shared_arena: false },
     );
     match result {
         Ok(session) => {
@@ -132,7 +132,7 @@ fn cuda_ep_is_an_error_when_cuda_cannot_be_used() {
 
 #[test]
 fn auto_ep_falls_back_to_cpu_and_says_why() {
-    let config = SessionConfig { ep: Ep::Auto, intra_threads: None };
+    let config = SessionConfig { ep: Ep::Auto, intra_threads: None, shared_arena: false };
     let session = open(&fixture("gpt2/ts14/model.onnx"), &config);
     let choice = session.ep();
     if !cuda_provider_library_present() {

@@ -23,7 +23,8 @@ use crate::graph::{toposort, DataType, Graph, Model, ValueInfo};
 use crate::interface::InputPlan;
 use crate::pca::{principal_basis, Basis, Covariance};
 use crate::runtime::{
-    DeviceTensor, EpChoice, Feed, ModelSession, Placement, RunOutputs, SessionConfig, TensorValue,
+    BoundOutputs, DeviceTensor, EpChoice, Feed, ModelSession, Placement, RunOutputs, SessionConfig,
+    SharedArena, TensorValue,
 };
 use crate::structure::Layout;
 use data::CalibrationSet;
@@ -213,6 +214,9 @@ pub struct Runner<'a> {
     cuts: Vec<segment::Cut>,
     /// No calibration token is padding.
     unpadded: bool,
+    /// The sessions' CPU memory: one arena for all of them, kept warm from segment to segment.
+    _arena: SharedArena,
+    session: SessionConfig,
 }
 
 impl<'a> Runner<'a> {
@@ -239,7 +243,21 @@ impl<'a> Runner<'a> {
             .map(|value| segment::Cut { value, rank: None, dtype })
             .collect();
         let unpadded = batches.iter().all(|b| b.rows.iter().all(|&real| real));
-        Ok(Runner { shell, layout, settings, batches, progress, timings, ep, plan, cuts, unpadded })
+        let session = SessionConfig { shared_arena: true, ..settings.session.clone() };
+        Ok(Runner {
+            shell,
+            layout,
+            settings,
+            batches,
+            progress,
+            timings,
+            ep,
+            plan,
+            cuts,
+            unpadded,
+            _arena: SharedArena::acquire()?,
+            session,
+        })
     }
 
     /// Runs segment `point` → `point + 1` (or the embeddings, for `None`) over every batch; returns
@@ -271,31 +289,59 @@ impl<'a> Runner<'a> {
         let started = Instant::now();
         let segment =
             self.segment_model(graph, point, stream, widths, covariance.is_some(), observe)?;
-        let mut session = session_for(&segment.model, self.settings)?;
+        let mut session = session_for(&segment.model, self.settings, &self.session)?;
         self.note_execution_provider(session.ep());
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
-        let in_graph = self.settings.statistics == Statistics::InGraph;
-        let kept = if in_graph { Placement::Device } else { Placement::HostKept };
-        let mut wanted = vec![(segment.output.as_str(), kept)];
-        wanted.extend(segment.host_outputs.iter().map(|name| (name.as_str(), Placement::Host)));
+        let kept = match self.settings.statistics {
+            Statistics::InGraph => Placement::Device,
+            Statistics::Host => Placement::HostKept,
+        };
+        let sums = segment.running_sums();
+        let first_zeros: Vec<TensorValue> =
+            sums.iter().map(|s| TensorValue::F64(ArrayD::zeros(IxDyn(&vec![1; s.rank])))).collect();
+        let mut carried: Vec<DeviceTensor> = Vec::new();
         let mut outputs = Vec::with_capacity(self.batches.len());
         let mut pca_time = Duration::ZERO;
         for (b, batch) in self.batches.iter().enumerate() {
             crate::files::check_stop()?;
-            let own = self.plan.feed(&batch.ids, Some(&batch.mask))?;
-            let real_rows = segment.masked.then(|| real_rows(batch));
-            let input = stream.map(|s| &s.batches[b]);
-            let feeds = segment_feeds(&segment, &own, input, real_rows.as_ref())?;
-            let mut result = session.run_bound(&feeds, &wanted)?;
-            let y = result.kept.pop().ok_or_else(not_float)?;
+            // The sums stay where the segment runs until the last batch brings them back.
+            let last = b + 1 == self.batches.len();
+            let sum_placement = if last { Placement::Host } else { Placement::Device };
+            let mut wanted = vec![(segment.output.as_str(), kept)];
+            wanted.extend(sums.iter().map(|s| (s.output.as_str(), sum_placement)));
+            wanted.extend(segment.host_values.iter().map(|v| (v.as_str(), Placement::Host)));
+            let result = {
+                let own = self.plan.feed(&batch.ids, Some(&batch.mask))?;
+                let real_rows = segment.masked.then(|| real_rows(batch));
+                let before: Vec<(&str, Feed<'_>)> = sums
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let feed = carried.get(i).map_or(Feed::Host(&first_zeros[i]), Feed::Kept);
+                        (s.input.as_str(), feed)
+                    })
+                    .collect();
+                let input = stream.map(|s| &s.batches[b]);
+                let feeds = segment_feeds(&segment, &own, input, real_rows.as_ref(), &before)?;
+                session.run_bound(&feeds, &wanted)?
+            };
+            let BoundOutputs { host: mut values, kept } = result;
+            let mut kept = kept.into_iter();
+            let y = kept.next().ok_or_else(not_float)?;
+            carried = kept.collect();
             self.cuts[point.map_or(0, |p| p + 1)].rank = Some(y.shape().len());
             let pca_started = Instant::now();
             let cov = covariance.as_deref_mut();
-            if in_graph {
-                self.add_in_graph(&mut result.host, &segment, cov, observe, batch)?;
-            } else {
-                self.add_on_host(&mut result.host, &y, &segment, cov, observe, batch)?;
+            match self.settings.statistics {
+                Statistics::InGraph if last => {
+                    let tokens = self.batches.iter().map(Batch::real_tokens).sum();
+                    add_sums(&mut values, &segment, cov, observe, tokens)?;
+                }
+                Statistics::InGraph => {}
+                Statistics::Host => {
+                    self.add_on_host(&mut values, &y, &segment, cov, observe, batch)?
+                }
             }
             pca_time += pca_started.elapsed();
             outputs.push(y);
@@ -306,7 +352,7 @@ impl<'a> Runner<'a> {
         Ok(Stream { batches: outputs, projection: None })
     }
 
-    /// The segment model with what this run observes: the Gram outputs (in graph), or the observed
+    /// The segment model with what this run observes: the running sums (in graph), or the observed
     /// values themselves (on the host); and the input stream's pending projection.
     fn segment_model(
         &self,
@@ -330,8 +376,9 @@ impl<'a> Runner<'a> {
         }
         let in_graph = self.settings.statistics == Statistics::InGraph;
         let masked = in_graph && !self.unpadded && (covariance || !observe.is_empty());
-        let mut host_outputs = Vec::new();
+        let mut covariance_sum = None;
         let mut observed = Vec::new();
+        let mut host_values = Vec::new();
         if in_graph {
             if covariance {
                 let request = MomentsRequest {
@@ -342,7 +389,8 @@ impl<'a> Runner<'a> {
                     masked,
                     with_sum: false,
                 };
-                host_outputs.push(statistics::emit_moments(&mut sub.graph, &request, opset).gram);
+                covariance_sum =
+                    Some(statistics::emit_moments(&mut sub.graph, &request, opset).gram);
             }
             for moments in observe {
                 let request = MomentsRequest {
@@ -353,15 +401,12 @@ impl<'a> Runner<'a> {
                     masked,
                     with_sum: true,
                 };
-                let emitted = statistics::emit_moments(&mut sub.graph, &request, opset);
-                host_outputs.push(emitted.gram.clone());
-                host_outputs.extend(emitted.sum.clone());
-                observed.push(emitted);
+                observed.push(statistics::emit_moments(&mut sub.graph, &request, opset));
             }
         } else {
             for moments in observe {
                 sub.graph.outputs.push(ValueInfo::tensor_of_rank_unknown(&moments.value, dtype));
-                host_outputs.push(moments.value.clone());
+                host_values.push(moments.value.clone());
             }
         }
         toposort(&mut sub.graph)?;
@@ -369,40 +414,11 @@ impl<'a> Runner<'a> {
             model: sub,
             output,
             stream_input,
-            host_outputs,
+            covariance: covariance_sum,
             observed,
+            host_values,
             masked,
-            covariance,
         })
-    }
-
-    /// Adds a batch's in-graph Gram matrices (and sums) into the f64 accumulators.
-    fn add_in_graph(
-        &self,
-        result: &mut RunOutputs,
-        segment: &SegmentModel,
-        covariance: Option<&mut Covariance>,
-        observe: &mut [Moments],
-        batch: &Batch,
-    ) -> Result<()> {
-        let tokens = batch.real_tokens();
-        if let (Some(cov), true) = (covariance, segment.covariance) {
-            let name = &segment.host_outputs[0];
-            let gram = float_output(result, name)?;
-            cov.add_gram(square(&gram, cov.d(), name)?, tokens);
-        }
-        for (moments, emitted) in observe.iter_mut().zip(&segment.observed) {
-            let width = moments.sum.len();
-            let gram = double_output(result, &emitted.gram)?;
-            let sum_name = emitted.sum.as_deref().unwrap_or_default();
-            let sum = double_output(result, sum_name)?;
-            if sum.len() != width {
-                return Err(wrong_shape(sum_name, sum.shape(), width));
-            }
-            let sum = sum.as_slice().unwrap_or(&[]);
-            moments.add_gram(square(&gram, width, &emitted.gram)?, sum, tokens);
-        }
-        Ok(())
     }
 
     /// Adds a batch's statistics from its rows, in f64 on the host.
@@ -436,6 +452,12 @@ impl<'a> Runner<'a> {
             }
             *self.ep = Some(choice.clone());
         }
+    }
+
+    /// Ends the runs: the sessions' arena goes once the streams from it have gone too. Returns the
+    /// timings, for the work that follows.
+    pub fn finish(self) -> &'a mut Timings {
+        self.timings
     }
 
     /// The principal basis of a covariance (its time counted as PCA).
@@ -496,10 +518,10 @@ fn stream_as_f32(value: TensorValue) -> Option<ArrayD<f32>> {
     }
 }
 
-fn session_for(model: &Model, settings: &Settings) -> Result<ModelSession> {
+fn session_for(model: &Model, settings: &Settings, config: &SessionConfig) -> Result<ModelSession> {
     let bytes = crate::onnx::to_bytes(model)?;
     let dir = settings.model_path.as_deref().and_then(Path::parent);
-    Ok(ModelSession::from_bytes(&bytes, dir, &settings.session)?)
+    Ok(ModelSession::from_bytes(&bytes, dir, config)?)
 }
 
 /// A value as contiguous rows of `width`, one per token of the batch.
@@ -529,22 +551,59 @@ struct SegmentModel {
     output: String,
     /// The input that takes the stream, when the segment has one.
     stream_input: Option<String>,
-    /// The outputs copied to the host after every batch: the covariance's Gram matrix first (when
-    /// `covariance`), then each observed value's Gram and sum (in graph) or the value itself.
-    host_outputs: Vec<String>,
+    /// The running Gram matrix of the output stream (in graph).
+    covariance: Option<statistics::RunningSum>,
+    /// The running moments of each observed value (in graph).
     observed: Vec<statistics::EmittedMoments>,
+    /// The observed values themselves, copied to the host after every batch (host statistics).
+    host_values: Vec<String>,
     /// Takes [`statistics::REAL_ROWS`].
     masked: bool,
-    covariance: bool,
 }
 
-/// The feeds of one batch: the model's own inputs, filled by the plan, the stream and the rows'
-/// weights.
+impl SegmentModel {
+    /// Every running sum, in the order the runs carry them: the covariance's, then each observed
+    /// value's Gram matrix and sum.
+    fn running_sums(&self) -> Vec<&statistics::RunningSum> {
+        let observed = self.observed.iter().flat_map(|m| std::iter::once(&m.gram).chain(&m.sum));
+        self.covariance.iter().chain(observed).collect()
+    }
+}
+
+/// Adds the sums the last batch brought back into the f64 accumulators.
+fn add_sums(
+    values: &mut RunOutputs,
+    segment: &SegmentModel,
+    covariance: Option<&mut Covariance>,
+    observe: &mut [Moments],
+    tokens: u64,
+) -> Result<()> {
+    if let (Some(cov), Some(sum)) = (covariance, &segment.covariance) {
+        let gram = double_output(values, &sum.output)?;
+        cov.add_gram(square(&gram, cov.d(), &sum.output)?, tokens);
+    }
+    for (moments, emitted) in observe.iter_mut().zip(&segment.observed) {
+        let width = moments.sum.len();
+        let gram = double_output(values, &emitted.gram.output)?;
+        let sum_name = emitted.sum.as_ref().map_or("", |s| s.output.as_str());
+        let sum = double_output(values, sum_name)?;
+        if sum.len() != width {
+            return Err(wrong_shape(sum_name, sum.shape(), width));
+        }
+        let sum = sum.as_slice().unwrap_or(&[]);
+        moments.add_gram(square(&gram, width, &emitted.gram.output)?, sum, tokens);
+    }
+    Ok(())
+}
+
+/// The feeds of one batch: the model's own inputs, filled by the plan, the stream, the rows'
+/// weights and the running sums so far.
 fn segment_feeds<'f>(
     segment: &'f SegmentModel,
     own: &'f [(String, TensorValue)],
     stream: Option<&'f DeviceTensor>,
     real_rows: Option<&'f TensorValue>,
+    sums: &[(&'f str, Feed<'f>)],
 ) -> Result<Vec<(&'f str, Feed<'f>)>> {
     let mut feeds = Vec::new();
     for input in &segment.model.graph.inputs {
@@ -553,6 +612,8 @@ fn segment_feeds<'f>(
             stream.map(Feed::Kept)
         } else if name == statistics::REAL_ROWS {
             real_rows.map(Feed::Host)
+        } else if let Some(&(_, feed)) = sums.iter().find(|(n, _)| *n == name) {
+            Some(feed)
         } else {
             own.iter().find(|(n, _)| n == name).map(|(_, v)| Feed::Host(v))
         };

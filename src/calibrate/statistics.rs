@@ -1,9 +1,11 @@
 //! What a segment model computes besides its output stream, so that the work that grows with the
-//! calibration tokens runs where the segment runs (the GPU under CUDA) and only small results come
-//! back: the Gram matrix `XᵀX` of a value's rows and their sum, in the execution provider's GEMM
-//! (float32 for the stream's covariance, double for an MLP's activations; the host adds each
-//! batch's `d × d` result into its f64 sum), and the projection `y ← yQ` of an input stream that
-//! SliceGPT sliced on the host side of the cut.
+//! calibration tokens runs where the segment runs (the GPU under CUDA) and only the sums come back,
+//! once per segment:
+//! - the Gram matrix `XᵀX` of a value's rows (and their sum), in the execution provider's GEMM
+//!   (float32 for the stream's covariance, double for an MLP's activations), added in double to the
+//!   sums of the batches before, which the graph takes as inputs and returns (they stay on the
+//!   device from one batch to the next);
+//! - the projection `y ← yQ` of an input stream that SliceGPT sliced between two segments.
 use faer::MatRef;
 
 use crate::graph::{AttrValue, DataType, Graph, Namer, Node, Tensor, ValueInfo};
@@ -12,12 +14,22 @@ use crate::graph::{AttrValue, DataType, Graph, Namer, Node, Tensor, ValueInfo};
 /// (`[rows, 1]`, float32). Present only when some calibration token is padding.
 pub const REAL_ROWS: &str = "onnx_slice.calibration.real_rows";
 
-/// The outputs [`emit_moments`] added.
+/// The running sums [`emit_moments`] added: each a graph input (the sum over the batches before,
+/// double; a `[1, 1]` or `[1]` zero broadcasts for the first batch) and the graph output that adds
+/// this batch to it.
 pub struct EmittedMoments {
-    /// `Σ xᵀx` over the batch's real rows, `[width, width]`, in the precision asked for.
-    pub gram: String,
-    /// `Σ x` over the batch's real rows, `[width]`, when asked for.
-    pub sum: Option<String>,
+    /// `Σ xᵀx` over the real rows, `[width, width]`.
+    pub gram: RunningSum,
+    /// `Σ x` over the real rows, `[width]`, when asked for.
+    pub sum: Option<RunningSum>,
+}
+
+/// A sum carried from batch to batch: `output = input + this batch's part`.
+pub struct RunningSum {
+    pub input: String,
+    pub output: String,
+    /// The rank of the sum (the first batch's zero has this rank, every size 1).
+    pub rank: usize,
 }
 
 /// What [`emit_moments`] computes, and how.
@@ -27,30 +39,24 @@ pub struct MomentsRequest<'a> {
     pub width: usize,
     /// The value's element type.
     pub dtype: DataType,
-    /// The element type of the products and sums: float32 (SliceGPT's covariance: float32 GEMMs
-    /// lose nothing measurable there) or double (a refit's Gram matrix, whose centring cancels
-    /// its leading digits).
+    /// The element type of a batch's products: float32 (SliceGPT's covariance: a batch's float32
+    /// GEMM loses nothing measurable there) or double (a refit's Gram matrix, whose centring
+    /// cancels its leading digits). Sums over batches are double either way.
     pub precision: DataType,
     /// Padding rows are left out through [`REAL_ROWS`].
     pub masked: bool,
     pub with_sum: bool,
 }
 
-/// Adds to `graph` outputs with the moments of a value's rows; `opset` is the model's
-/// default-domain opset.
+/// Adds to `graph` the running moments of a value's rows; `opset` is the model's default-domain
+/// opset.
 pub fn emit_moments(graph: &mut Graph, request: &MomentsRequest<'_>, opset: i64) -> EmittedMoments {
     let MomentsRequest { value, width, dtype, precision, masked, with_sum } = *request;
     let mut namer = Namer::new(graph);
     let mut fresh = |base: &str| namer.fresh(&format!("onnx_slice/calibration/{value}/{base}"));
-    let (shape, rows, wide, kept, transposed, gram) = (
-        fresh("shape"),
-        fresh("rows"),
-        fresh("rows_f32"),
-        fresh("real"),
-        fresh("rows_t"),
-        fresh("gram"),
-    );
+    let shape = fresh("shape");
     graph.initializers.push(Tensor::from_i64(shape.clone(), vec![2], &[-1, width as i64]));
+    let rows = fresh("rows");
     graph.nodes.push(Node::new(
         "Reshape",
         fresh("Reshape"),
@@ -59,37 +65,36 @@ pub fn emit_moments(graph: &mut Graph, request: &MomentsRequest<'_>, opset: i64)
     ));
     let mut x = rows;
     if dtype != precision {
-        let mut cast = Node::new("Cast", fresh("Cast"), vec![x], vec![wide.clone()]);
-        cast.set_attr("to", AttrValue::Int(precision.code() as i64));
-        graph.nodes.push(cast);
+        let wide = fresh("rows_wide");
+        graph.nodes.push(cast(x, wide.clone(), precision, fresh("Cast")));
         x = wide;
     }
     if masked {
         let mut weights = REAL_ROWS.to_string();
         if precision != DataType::Float {
             weights = fresh("real_rows");
-            let mut cast =
-                Node::new("Cast", fresh("CastRows"), vec![REAL_ROWS.into()], vec![weights.clone()]);
-            cast.set_attr("to", AttrValue::Int(precision.code() as i64));
-            graph.nodes.push(cast);
+            graph.nodes.push(cast(REAL_ROWS.into(), weights.clone(), precision, fresh("CastRows")));
         }
+        let kept = fresh("real");
         graph.nodes.push(Node::new("Mul", fresh("Mask"), vec![x, weights], vec![kept.clone()]));
         x = kept;
         if !graph.inputs.iter().any(|i| i.name == REAL_ROWS) {
             graph.inputs.push(ValueInfo::tensor_of_rank_unknown(REAL_ROWS, DataType::Float));
         }
     }
+    let transposed = fresh("rows_t");
     let mut transpose =
         Node::new("Transpose", fresh("Transpose"), vec![x.clone()], vec![transposed.clone()]);
     transpose.set_attr("perm", AttrValue::Ints(vec![1, 0]));
     graph.nodes.push(transpose);
+    let gram = fresh("gram");
     graph.nodes.push(Node::new(
         "MatMul",
         fresh("Gram"),
         vec![transposed, x.clone()],
         vec![gram.clone()],
     ));
-    graph.outputs.push(ValueInfo::tensor_of_rank_unknown(&gram, precision));
+    let gram = running_sum(graph, &mut fresh, gram, precision, 2, "gram");
     let sum = with_sum.then(|| {
         let sum = fresh("sum");
         let mut reduce = Node::new("ReduceSum", fresh("Sum"), vec![x], vec![sum.clone()]);
@@ -103,10 +108,42 @@ pub fn emit_moments(graph: &mut Graph, request: &MomentsRequest<'_>, opset: i64)
             reduce.set_attr("axes", AttrValue::Ints(vec![0]));
         }
         graph.nodes.push(reduce);
-        graph.outputs.push(ValueInfo::tensor_of_rank_unknown(&sum, precision));
-        sum
+        running_sum(graph, &mut fresh, sum, precision, 1, "sum")
     });
     EmittedMoments { gram, sum }
+}
+
+/// `output = input + part` in double, with `input` and `output` declared as the graph's.
+fn running_sum(
+    graph: &mut Graph,
+    fresh: &mut impl FnMut(&str) -> String,
+    part: String,
+    precision: DataType,
+    rank: usize,
+    name: &str,
+) -> RunningSum {
+    let mut part = part;
+    if precision != DataType::Double {
+        let wide = fresh(&format!("{name}_double"));
+        graph.nodes.push(cast(part, wide.clone(), DataType::Double, fresh("Widen")));
+        part = wide;
+    }
+    let (input, output) = (fresh(&format!("{name}_before")), fresh(&format!("{name}_after")));
+    graph.nodes.push(Node::new(
+        "Add",
+        fresh("Accumulate"),
+        vec![input.clone(), part],
+        vec![output.clone()],
+    ));
+    graph.inputs.push(ValueInfo::tensor_of_rank_unknown(&input, DataType::Double));
+    graph.outputs.push(ValueInfo::tensor_of_rank_unknown(&output, DataType::Double));
+    RunningSum { input, output, rank }
+}
+
+fn cast(from: String, to: String, dtype: DataType, name: String) -> Node {
+    let mut node = Node::new("Cast", name, vec![from], vec![to]);
+    node.set_attr("to", AttrValue::Int(dtype.code() as i64));
+    node
 }
 
 /// Makes the graph input `input` (a stream of `q.nrows()` features) `input·Q` before anything reads
@@ -132,11 +169,6 @@ pub fn project_input(
     for declared in graph.inputs.iter_mut().filter(|i| i.name == input) {
         declared.name = unprojected.clone();
     }
-    let cast = |from: String, to: String, dtype: DataType, name: String| {
-        let mut node = Node::new("Cast", name, vec![from], vec![to]);
-        node.set_attr("to", AttrValue::Int(dtype.code() as i64));
-        node
-    };
     if dtype == DataType::Float {
         graph.nodes.push(Node::new(
             "MatMul",

@@ -79,7 +79,7 @@ pub fn run_eval_command(args: &EvalArgs) -> anyhow::Result<()> {
     if let Some(level) = onnx_slice::runtime::LogLevel::for_verbosity(args.verbose) {
         onnx_slice::runtime::set_log_level(level)?;
     }
-    let config = SessionConfig { ep: args.ep, intra_threads: None };
+    let config = SessionConfig { ep: args.ep, intra_threads: None, shared_arena: false };
     let mut session = ModelSession::from_file(&args.model, &config)?;
     if let Some(line) = session.ep().notice(args.verbose > 0) {
         eprintln!("{line}");

@@ -5,7 +5,7 @@
 //! use onnx_slice::runtime::{init_runtime, Ep, ModelSession, SessionConfig, TensorValue};
 //! # fn main() -> Result<(), onnx_slice::runtime::RuntimeError> {
 //! init_runtime(None)?; // --ort-lib, else ORT_DYLIB_PATH, else the setup-ort.sh location
-//! let config = SessionConfig { ep: Ep::Auto, intra_threads: None };
+//! let config = SessionConfig { ep: Ep::Auto, ..SessionConfig::default() };
 //! let mut session = ModelSession::from_file("model.onnx".as_ref(), &config)?;
 //! if session.ep().fell_back() {
 //!     eprintln!("{}", session.ep()); // "CUDA unavailable (reason), using CPU"
@@ -28,7 +28,8 @@ pub use crate::error::{LibrarySource, RuntimeError, SessionStep};
 pub use ep::{ActiveEp, Ep, EpChoice};
 pub use library::{
     choose_library, default_library_path, init_runtime, loaded_library, loaded_version,
-    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LogLevel, ORT_VERSION,
+    locate_library, set_log_level, LibraryLocation, LibrarySearchEnv, LogLevel, SharedArena,
+    ORT_VERSION,
 };
 pub use session::{
     save_optimized, BoundOutputs, Feed, ModelSession, Placement, RunOutputs, SessionConfig,

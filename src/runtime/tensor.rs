@@ -379,23 +379,3 @@ pub(crate) fn owned_input(value: &TensorValue) -> ort::Result<DynValue> {
         TensorValue::Bool(array) => owned(array),
     }
 }
-
-/// A copy of a CPU tensor in memory of ONNX Runtime's default allocator, which is no session's.
-pub(crate) fn out_of_arena(value: &DynValue) -> ort::Result<DynValue> {
-    let tensor = value.view().downcast::<DynTensorValueType>()?;
-    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
-        return Err(ort::Error::new("not a tensor"));
-    };
-    let elements = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).product::<usize>();
-    let bytes = ty
-        .byte_size(elements)
-        .ok_or_else(|| ort::Error::new(format!("no fixed size for {ty} elements")))?;
-    let mut copy = DynTensor::new(&Allocator::default(), *ty, shape.to_vec())?;
-    let (source, destination) = (tensor.data_ptr().cast::<u8>(), copy.data_ptr_mut().cast::<u8>());
-    if bytes > 0 && !source.is_null() && !destination.is_null() {
-        // SAFETY: both are CPU tensors of the same element type and shape, so `bytes` long;
-        // `copy` was just allocated and does not overlap `value`.
-        unsafe { std::ptr::copy_nonoverlapping(source, destination, bytes) };
-    }
-    Ok(copy.into_dyn())
-}

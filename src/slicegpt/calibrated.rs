@@ -207,9 +207,12 @@ fn sequential_bases(
         }
         q_in = Some(q_out);
     }
+    // The stream and the sessions' arena are not needed for the last writes.
+    drop(full);
+    let timings = run.finish();
     let step = Instant::now();
     editor.finish()?;
-    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+    timings.rotate_seconds += step.elapsed().as_secs_f64();
     Ok(kept)
 }
 
@@ -231,6 +234,7 @@ fn global_bases(
     let layout = run.layout;
     run.progress.set_length((run.batches.len() * widths.len()) as u64);
     let mut bases = unsliced_group_bases(&mut run, &model.graph, groups)?;
+    let timings = run.finish();
     let step = Instant::now();
     let columns = GroupBases::new(groups, |group| Ok(bases[group].columns(widths[group])))?;
     let per_point = columns.per_point();
@@ -243,7 +247,7 @@ fn global_bases(
         skips,
         finished,
     )?;
-    run.timings.rotate_seconds += step.elapsed().as_secs_f64();
+    timings.rotate_seconds += step.elapsed().as_secs_f64();
     if !keep_bases {
         return Ok(Vec::new());
     }

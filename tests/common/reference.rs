@@ -17,7 +17,7 @@ pub fn runtime() {
 }
 
 pub fn cpu() -> SessionConfig {
-    SessionConfig { ep: Ep::Cpu, intra_threads: None }
+    SessionConfig { ep: Ep::Cpu, intra_threads: None, shared_arena: false }
 }
 
 pub fn open(path: &Path, config: &SessionConfig) -> ModelSession {
