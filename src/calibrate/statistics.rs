@@ -82,18 +82,26 @@ pub fn emit_moments(graph: &mut Graph, request: &MomentsRequest<'_>, opset: i64)
             graph.inputs.push(ValueInfo::tensor_of_rank_unknown(REAL_ROWS, DataType::Float));
         }
     }
-    let transposed = fresh("rows_t");
-    let mut transpose =
-        Node::new("Transpose", fresh("Transpose"), vec![x.clone()], vec![transposed.clone()]);
-    transpose.set_attr("perm", AttrValue::Ints(vec![1, 0]));
-    graph.nodes.push(transpose);
     let gram = fresh("gram");
-    graph.nodes.push(Node::new(
-        "MatMul",
-        fresh("Gram"),
-        vec![transposed, x.clone()],
-        vec![gram.clone()],
-    ));
+    // Gemm reads its first operand transposed in place; before opset 11 it needs a third input.
+    if opset >= 11 {
+        let mut product =
+            Node::new("Gemm", fresh("Gram"), vec![x.clone(), x.clone()], vec![gram.clone()]);
+        product.set_attr("transA", AttrValue::Int(1));
+        graph.nodes.push(product);
+    } else {
+        let transposed = fresh("rows_t");
+        let mut transpose =
+            Node::new("Transpose", fresh("Transpose"), vec![x.clone()], vec![transposed.clone()]);
+        transpose.set_attr("perm", AttrValue::Ints(vec![1, 0]));
+        graph.nodes.push(transpose);
+        graph.nodes.push(Node::new(
+            "MatMul",
+            fresh("Gram"),
+            vec![transposed, x.clone()],
+            vec![gram.clone()],
+        ));
+    }
     let gram = running_sum(graph, &mut fresh, gram, precision, 2, "gram");
     let sum = with_sum.then(|| {
         let sum = fresh("sum");
