@@ -147,20 +147,6 @@ impl Stream {
         });
         Ok(())
     }
-
-    /// Every batch on the host, in float32, with its pending projection applied.
-    pub fn to_host(&self) -> Result<Vec<ArrayD<f32>>> {
-        self.batches
-            .iter()
-            .map(|batch| {
-                let y = stream_as_f32(batch.to_host()?).ok_or_else(not_float)?;
-                match &self.projection {
-                    Some(q) => project_rows(&y, q.as_ref()),
-                    None => Ok(y),
-                }
-            })
-            .collect()
-    }
 }
 
 /// One calibration batch: token ids `[b, L]`, their attention mask, and which tokens are real.
@@ -293,7 +279,7 @@ impl<'a> Runner<'a> {
         self.note_execution_provider(session.ep());
         let setup = started.elapsed();
         self.timings.session_seconds += setup.as_secs_f64();
-        let kept = match self.settings.statistics {
+        let stream_placement = match self.settings.statistics {
             Statistics::InGraph => Placement::Device,
             Statistics::Host => Placement::HostKept,
         };
@@ -308,7 +294,7 @@ impl<'a> Runner<'a> {
             // The sums stay where the segment runs until the last batch brings them back.
             let last = b + 1 == self.batches.len();
             let sum_placement = if last { Placement::Host } else { Placement::Device };
-            let mut wanted = vec![(segment.output.as_str(), kept)];
+            let mut wanted = vec![(segment.output.as_str(), stream_placement)];
             wanted.extend(sums.iter().map(|s| (s.output.as_str(), sum_placement)));
             wanted.extend(segment.host_values.iter().map(|v| (v.as_str(), Placement::Host)));
             let result = {
@@ -660,35 +646,4 @@ fn not_float() -> Error {
         node: "(stream)".into(),
         message: "the stream is not a float32 or float16 tensor".into(),
     }
-}
-
-/// `y Q` over the last axis, in f32.
-pub fn project_rows(y: &ArrayD<f32>, q: MatRef<'_, f64>) -> Result<ArrayD<f32>> {
-    let d = y.shape().last().copied().unwrap_or(0);
-    if d != q.nrows() {
-        return Err(wrong_shape("(stream)", y.shape(), q.nrows()));
-    }
-    let q32: Mat<f32> = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f32);
-    let k = q.ncols();
-    let rows = y.len() / d.max(1);
-    let input = y.as_standard_layout();
-    let data = input.as_slice().unwrap_or(&[]);
-    let mut out = vec![0f32; rows * k];
-    faer::linalg::matmul::matmul(
-        faer::MatMut::from_row_major_slice_mut(&mut out, rows, k),
-        faer::Accum::Replace,
-        faer::MatRef::from_row_major_slice(data, rows, d),
-        q32.as_ref(),
-        1.0,
-        faer::get_global_parallelism(),
-    );
-    let mut shape = y.shape().to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = k;
-    }
-    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Pass {
-        pass: PASS,
-        node: "(stream)".into(),
-        message: format!("projecting the stream: {e}"),
-    })
 }
