@@ -291,9 +291,10 @@ impl<'a> Runner<'a> {
         let mut pca_time = Duration::ZERO;
         for (b, batch) in self.batches.iter().enumerate() {
             crate::files::check_stop()?;
-            // The sums stay where the segment runs until the last batch brings them back.
+            // The sums stay where the segment runs until the last batch brings them back (to be
+            // read in place: a 7B model's is 134 MB).
             let last = b + 1 == self.batches.len();
-            let sum_placement = if last { Placement::Host } else { Placement::Device };
+            let sum_placement = if last { Placement::HostKept } else { Placement::Device };
             let mut wanted = vec![(segment.output.as_str(), stream_placement)];
             wanted.extend(sums.iter().map(|s| (s.output.as_str(), sum_placement)));
             wanted.extend(segment.host_values.iter().map(|v| (v.as_str(), Placement::Host)));
@@ -322,7 +323,7 @@ impl<'a> Runner<'a> {
             match self.settings.statistics {
                 Statistics::InGraph if last => {
                     let tokens = self.batches.iter().map(Batch::real_tokens).sum();
-                    add_sums(&mut values, &segment, cov, observe, tokens)?;
+                    add_sums(&carried, &segment, cov, observe, tokens)?;
                 }
                 Statistics::InGraph => {}
                 Statistics::Host => {
@@ -464,18 +465,6 @@ fn float_output(result: &mut RunOutputs, name: &str) -> Result<ArrayD<f32>> {
     })
 }
 
-/// A run's double output.
-fn double_output(result: &mut RunOutputs, name: &str) -> Result<ArrayD<f64>> {
-    match result.remove(name) {
-        Some(TensorValue::F64(values)) => Ok(values),
-        _ => Err(Error::Pass {
-            pass: PASS,
-            node: name.to_string(),
-            message: "the value is not a double tensor".into(),
-        }),
-    }
-}
-
 /// The stream's element type, when calibration can run it: float32, or float16 (ONNX Runtime's
 /// CPU provider runs float16 graphs, casting up around the kernels it lacks). The activations are
 /// kept in float32 between segments, as the float16 model's own rounding leaves them.
@@ -556,28 +545,40 @@ impl SegmentModel {
     }
 }
 
-/// Adds the sums the last batch brought back into the f64 accumulators.
+/// Adds the sums the last batch brought back (`sums`, in [`SegmentModel::running_sums`]' order)
+/// into the f64 accumulators.
 fn add_sums(
-    values: &mut RunOutputs,
+    sums: &[DeviceTensor],
     segment: &SegmentModel,
     covariance: Option<&mut Covariance>,
     observe: &mut [Moments],
     tokens: u64,
 ) -> Result<()> {
-    if let (Some(cov), Some(sum)) = (covariance, &segment.covariance) {
-        let gram = double_output(values, &sum.output)?;
-        cov.add_gram(square(&gram, cov.d(), &sum.output)?, tokens);
-    }
-    for (moments, emitted) in observe.iter_mut().zip(&segment.observed) {
-        let width = moments.sum.len();
-        let gram = double_output(values, &emitted.gram.output)?;
-        let sum_name = emitted.sum.as_ref().map_or("", |s| s.output.as_str());
-        let sum = double_output(values, sum_name)?;
-        if sum.len() != width {
-            return Err(wrong_shape(sum_name, sum.shape(), width));
+    let names = segment.running_sums();
+    let value = |i: usize, width: usize, square: bool| -> Result<&[f64]> {
+        let name = names.get(i).map_or("(a running sum)", |s| s.output.as_str());
+        let values = sums.get(i).and_then(DeviceTensor::f64_values).ok_or_else(|| Error::Pass {
+            pass: PASS,
+            node: name.to_string(),
+            message: "the running sum is not a double tensor the host can read".into(),
+        })?;
+        let expected = if square { width * width } else { width };
+        if values.len() != expected {
+            let shape = sums.get(i).map(DeviceTensor::shape).unwrap_or_default();
+            return Err(wrong_shape(name, &shape, width));
         }
-        let sum = sum.as_slice().unwrap_or(&[]);
-        moments.add_gram(square(&gram, width, &emitted.gram.output)?, sum, tokens);
+        Ok(values)
+    };
+    let mut i = 0;
+    if let (Some(cov), Some(_)) = (covariance, &segment.covariance) {
+        cov.add_gram(value(i, cov.d(), true)?, tokens);
+        i += 1;
+    }
+    for moments in observe.iter_mut().take(segment.observed.len()) {
+        let width = moments.sum.len();
+        let (gram, sum) = (value(i, width, true)?, value(i + 1, width, false)?);
+        moments.add_gram(gram, sum, tokens);
+        i += 2;
     }
     Ok(())
 }
@@ -622,14 +623,6 @@ fn real_rows(batch: &Batch) -> TensorValue {
     let weights: Vec<f32> = batch.rows.iter().map(|&real| if real { 1.0 } else { 0.0 }).collect();
     let rows = weights.len();
     TensorValue::F32(ArrayD::from_shape_vec(IxDyn(&[rows, 1]), weights).unwrap_or_default())
-}
-
-/// A `width × width` Gram matrix's values, row-major.
-fn square<'a, T>(gram: &'a ArrayD<T>, width: usize, name: &str) -> Result<&'a [T]> {
-    match gram.as_slice() {
-        Some(values) if gram.shape() == [width, width] => Ok(values),
-        _ => Err(wrong_shape(name, gram.shape(), width)),
-    }
 }
 
 fn wrong_shape(name: &str, shape: &[usize], width: usize) -> Error {

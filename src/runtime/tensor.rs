@@ -336,6 +336,15 @@ impl DeviceTensor {
         }
     }
 
+    /// The values of a float64 tensor in memory the CPU can read, without a copy.
+    pub fn f64_values(&self) -> Option<&[f64]> {
+        let tensor = self.value.view().downcast::<DynTensorValueType>().ok()?;
+        if !tensor.memory_info().is_cpu_accessible() {
+            return None;
+        }
+        self.value.try_extract_tensor::<f64>().ok().map(|(_, values)| values)
+    }
+
     /// A copy on the host; only for tensors in memory the CPU can read.
     pub fn to_host(&self) -> Result<TensorValue, RuntimeError> {
         let readable = self
