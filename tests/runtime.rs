@@ -14,8 +14,8 @@ use onnx_slice::onnx;
 use onnx_slice::runtime::npy::Npz;
 use onnx_slice::runtime::{
     choose_library, default_library_path, init_runtime, loaded_library, locate_library, ActiveEp,
-    Dim, ElementType, Ep, LibrarySearchEnv, LibrarySource, ModelSession, RuntimeError,
-    SessionConfig, TensorValue,
+    Dim, ElementType, Ep, Feed, LibrarySearchEnv, LibrarySource, ModelSession, Placement,
+    RuntimeError, SessionConfig, SharedArena, TensorValue,
 };
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
@@ -360,4 +360,66 @@ fn a_second_library_is_refused_once_one_is_loaded() {
     assert!(matches!(error, Some(RuntimeError::AlreadyInitialised { .. })), "{error:?}");
     let loaded = loaded_library().map(Path::to_path_buf);
     assert_eq!(init_runtime(loaded.as_deref()).ok().map(Path::to_path_buf), loaded);
+}
+
+/// `y = x + x`, float16 or float32, `x` and `y` of shape `[n]`.
+fn doubling_model_bytes(dtype: DataType) -> Vec<u8> {
+    let mut graph = Graph::new("doubling");
+    let n = [GraphDim::Symbolic("n".into())];
+    graph.nodes.push(Node::new("Add", "double", vec!["x".into(), "x".into()], vec!["y".into()]));
+    graph.inputs.push(ValueInfo::tensor("x", dtype, &n));
+    graph.outputs.push(ValueInfo::tensor("y", dtype, &n));
+    onnx::to_bytes(&Model::new(&[("", 17)], graph)).unwrap_or_else(|error| panic!("{error}"))
+}
+
+#[test]
+fn bound_runs_pass_kept_tensors_from_session_to_session_in_their_own_type() {
+    runtime();
+    let _arena = SharedArena::acquire().unwrap_or_else(|error| panic!("{error}"));
+    let config = SessionConfig { shared_arena: true, ..cpu() };
+    for dtype in [DataType::Float, DataType::Float16] {
+        let bytes = doubling_model_bytes(dtype);
+        let mut first = ModelSession::from_bytes(&bytes, None, &config).unwrap();
+        let mut second = ModelSession::from_bytes(&bytes, None, &config).unwrap();
+        let x = match dtype {
+            DataType::Float => TensorValue::from(ndarray::arr1(&[1.5f32, -2.0])),
+            _ => TensorValue::from(ndarray::arr1(&[
+                half::f16::from_f32(1.5),
+                half::f16::from_f32(-2.0),
+            ])),
+        };
+        let kept = first
+            .run_bound(&[("x", Feed::Host(&x))], &[("y", Placement::Device)])
+            .unwrap_or_else(|error| panic!("{error}"));
+        assert!(kept.host.is_empty());
+        assert_eq!(kept.kept[0].shape(), [2]);
+        // Fed as it is, once more doubled, and brought back to the host in its own type.
+        let back = second
+            .run_bound(&[("x", Feed::Kept(&kept.kept[0]))], &[("y", Placement::Host)])
+            .unwrap_or_else(|error| panic!("{error}"));
+        let expected = match dtype {
+            DataType::Float => TensorValue::from(ndarray::arr1(&[6.0f32, -8.0])),
+            _ => TensorValue::from(ndarray::arr1(&[
+                half::f16::from_f32(6.0),
+                half::f16::from_f32(-8.0),
+            ])),
+        };
+        assert_eq!(back.host.get("y"), Some(&expected), "{dtype:?}");
+        // On the CPU the kept tensor is host memory: it reads back as the first run's output.
+        let doubled = kept.kept[0].to_host().unwrap_or_else(|error| panic!("{error}"));
+        let twice_x = first.run(&[("x", &x)]).unwrap().get("y").cloned();
+        assert_eq!(Some(doubled), twice_x);
+    }
+}
+
+#[test]
+fn bound_runs_report_unknown_names() {
+    runtime();
+    let mut session =
+        ModelSession::from_bytes(&doubling_model_bytes(DataType::Float), None, &cpu()).unwrap();
+    let x = TensorValue::from(ndarray::arr1(&[1.0f32]));
+    let error = session.run_bound(&[("ids", Feed::Host(&x))], &[("y", Placement::Host)]).err();
+    assert!(error.is_some_and(|e| e.to_string().contains("no input named `ids`")));
+    let error = session.run_bound(&[("x", Feed::Host(&x))], &[("logits", Placement::Device)]).err();
+    assert!(error.is_some_and(|e| e.to_string().contains("no output named `logits`")));
 }
