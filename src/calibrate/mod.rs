@@ -49,8 +49,9 @@ pub struct Settings {
 /// Where a segment's statistics (Gram matrices, sums) are computed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Statistics {
-    /// In the segment model, in the execution provider's float32 GEMM; the host adds each batch's
-    /// `d × d` result into an f64 sum. The stream stays where the segment ran.
+    /// In the segment model, in the execution provider's GEMM, summed over the batches in double
+    /// where the segment runs; the host adds the sums into its f64 accumulators once per segment.
+    /// The stream stays where the segment ran.
     #[default]
     InGraph,
     /// On the host in f64 from the rows themselves (the stream is read back after every run): the

@@ -66,14 +66,14 @@ pub fn emit_moments(graph: &mut Graph, request: &MomentsRequest<'_>, opset: i64)
     let mut x = rows;
     if dtype != precision {
         let wide = fresh("rows_wide");
-        graph.nodes.push(cast(x, wide.clone(), precision, fresh("Cast")));
+        graph.nodes.push(Node::cast(fresh("Cast"), &x, &wide, precision));
         x = wide;
     }
     if masked {
         let mut weights = REAL_ROWS.to_string();
         if precision != DataType::Float {
             weights = fresh("real_rows");
-            graph.nodes.push(cast(REAL_ROWS.into(), weights.clone(), precision, fresh("CastRows")));
+            graph.nodes.push(Node::cast(fresh("CastRows"), REAL_ROWS, &weights, precision));
         }
         let kept = fresh("real");
         graph.nodes.push(Node::new("Mul", fresh("Mask"), vec![x, weights], vec![kept.clone()]));
@@ -133,7 +133,7 @@ fn running_sum(
     let mut part = part;
     if precision != DataType::Double {
         let wide = fresh(&format!("{name}_double"));
-        graph.nodes.push(cast(part, wide.clone(), DataType::Double, fresh("Widen")));
+        graph.nodes.push(Node::cast(fresh("Widen"), &part, &wide, DataType::Double));
         part = wide;
     }
     let (input, output) = (fresh(&format!("{name}_before")), fresh(&format!("{name}_after")));
@@ -146,12 +146,6 @@ fn running_sum(
     graph.inputs.push(ValueInfo::tensor_of_rank_unknown(&input, DataType::Double));
     graph.outputs.push(ValueInfo::tensor_of_rank_unknown(&output, DataType::Double));
     RunningSum { input, output, rank }
-}
-
-fn cast(from: String, to: String, dtype: DataType, name: String) -> Node {
-    let mut node = Node::new("Cast", name, vec![from], vec![to]);
-    node.set_attr("to", AttrValue::Int(dtype.code() as i64));
-    node
 }
 
 /// Makes the graph input `input` (a stream of `q.nrows()` features) `input·Q` before anything reads
@@ -186,14 +180,14 @@ pub fn project_input(
         ));
     } else {
         let (wide, product) = (fresh("wide"), fresh("product"));
-        graph.nodes.push(cast(unprojected.clone(), wide.clone(), DataType::Float, fresh("Widen")));
+        graph.nodes.push(Node::cast(fresh("Widen"), &unprojected, &wide, DataType::Float));
         graph.nodes.push(Node::new(
             "MatMul",
             fresh("Project"),
             vec![wide, matrix],
             vec![product.clone()],
         ));
-        graph.nodes.push(cast(product, input.into(), dtype, fresh("Round")));
+        graph.nodes.push(Node::cast(fresh("Round"), &product, input, dtype));
     }
     unprojected
 }

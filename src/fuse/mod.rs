@@ -98,11 +98,8 @@ pub fn rms_norm(
     (accumulate, output): (DataType, DataType),
 ) -> Vec<Node> {
     let v = |s: &str| format!("{prefix}/{s}");
-    let cast = |name: &str, from: &str, to: &str, dtype: DataType| {
-        let mut node = Node::new("Cast", v(name), vec![from.into()], vec![to.into()]);
-        node.set_attr("to", AttrValue::Int(dtype.code() as i64));
-        node
-    };
+    let cast =
+        |name: &str, from: &str, to: &str, dtype: DataType| Node::cast(v(name), from, to, dtype);
     let mut nodes = Vec::new();
     let x = if accumulate == output {
         x.to_string()

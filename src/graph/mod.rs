@@ -258,6 +258,13 @@ impl Node {
         Node { name: name.into(), op_type: op_type.into(), inputs, outputs, ..Default::default() }
     }
 
+    /// `Cast(from) → to` of element type `dtype`.
+    pub fn cast(name: impl Into<String>, from: &str, to: &str, dtype: DataType) -> Self {
+        let mut node = Node::new("Cast", name, vec![from.into()], vec![to.into()]);
+        node.set_attr("to", AttrValue::Int(dtype.code() as i64));
+        node
+    }
+
     pub fn is(&self, op_type: &str) -> bool {
         self.op_type == op_type
     }

@@ -174,7 +174,7 @@ impl ModelSession {
         inputs: &[(&str, &TensorValue)],
         wanted: &[String],
     ) -> Result<RunOutputs, RuntimeError> {
-        self.check_input_names(inputs)?;
+        self.check_input_names(inputs.iter().map(|&(name, _)| name))?;
         self.check_output_names(wanted)?;
         let values = self.session_inputs(inputs)?;
         let options = self.run_options(wanted)?;
@@ -200,14 +200,7 @@ impl ModelSession {
         inputs: &[(&str, Feed<'_>)],
         outputs: &[(&str, Placement)],
     ) -> Result<BoundOutputs, RuntimeError> {
-        let known = |name: &str| self.inputs.iter().any(|input| input.name == name);
-        if let Some((name, _)) = inputs.iter().find(|(name, _)| !known(name)) {
-            return Err(RuntimeError::UnknownInput {
-                model: self.label.clone(),
-                name: name.to_string(),
-                expected: self.inputs.iter().map(|input| input.name.clone()).collect(),
-            });
-        }
+        self.check_input_names(inputs.iter().map(|&(name, _)| name))?;
         let wanted: Vec<String> = outputs.iter().map(|(name, _)| name.to_string()).collect();
         self.check_output_names(&wanted)?;
         let bind_error =
@@ -263,10 +256,13 @@ impl ModelSession {
         Ok(result)
     }
 
-    fn check_input_names(&self, inputs: &[(&str, &TensorValue)]) -> Result<(), RuntimeError> {
+    fn check_input_names<'n>(
+        &self,
+        mut names: impl Iterator<Item = &'n str>,
+    ) -> Result<(), RuntimeError> {
         let known = |name: &str| self.inputs.iter().any(|input| input.name == name);
-        match inputs.iter().find(|(name, _)| !known(name)) {
-            Some((name, _)) => Err(RuntimeError::UnknownInput {
+        match names.find(|name| !known(name)) {
+            Some(name) => Err(RuntimeError::UnknownInput {
                 model: self.label.clone(),
                 name: name.to_string(),
                 expected: self.inputs.iter().map(|input| input.name.clone()).collect(),
